@@ -1,0 +1,21 @@
+"""Shared fixtures: real data from ../shared/data, deterministic torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from DSDSegmentationLib.engine.data import find_shared_data
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hippocampus_dir() -> Path:
+    """MSD Task04 hippocampus folder (a clear error, not a skip, when the data is missing)."""
+    return find_shared_data() / "Task04_Hippocampus"
