@@ -113,3 +113,15 @@ def test_ds_weight_scales_decoder_gt_terms(target: torch.Tensor) -> None:
     dice_ce = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True)
     main = float(dice_ce(out.main, target))
     assert a - main == pytest.approx(2 * (b - main), rel=1e-5)
+
+
+def test_gt_terms_equal_monai_dicece_with_missing_classes() -> None:
+    from DSDSegmentationLib.engine.losses import dice_ce_per_output
+
+    logits = [torch.randn(*SHAPE) for _ in range(3)]
+    target = torch.zeros(SHAPE[0], 1, *SHAPE[2:], dtype=torch.long)
+    target[0, 0, 0, 0, 0] = 2  # class 1 absent everywhere, class 2 absent in sample 1
+    ref = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True)
+    got = dice_ce_per_output(logits, target)
+    for g, z in zip(got, logits):
+        assert float(g) == pytest.approx(float(ref(z, target)), rel=1e-5)

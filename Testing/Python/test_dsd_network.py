@@ -145,3 +145,19 @@ def test_share_heads_flag_overrides_backbone_default() -> None:
     assert len(make("unetr", 1, DSDConfig(share_heads=True)).heads) == 5
     # VNet's decoder stages are wider than its encoder stages at equal resolution: nothing can be shared
     assert len(make("vnet", 1, DSDConfig(share_heads=True)).heads) == 8
+
+
+@pytest.mark.parametrize("mode", ["deconv_shared", "deconv", "trilinear"])
+@pytest.mark.parametrize("scale", [(1, 1, 1), (2, 2, 2), (8, 8, 2), (16, 16, 16), (4, 4, 1)])
+def test_fast_head_path_equals_monai_modules(mode: str, scale: tuple) -> None:
+    from DSDSegmentationLib.engine.networks import DSDHead
+
+    head = DSDHead(8, 3, scale, mode)
+    x = torch.randn(2, 8, *[32 // s for s in scale], requires_grad=True)
+    fast, ref = head(x), head.forward_modules(x)
+    assert fast.shape == ref.shape == (2, 3, 32, 32, 32)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, *head.parameters()])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, *head.parameters()])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

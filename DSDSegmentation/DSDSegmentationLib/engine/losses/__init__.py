@@ -1,5 +1,5 @@
 """Losses of the engine."""
 
-from .dsd_loss import DSDLoss, pixelwise_kl
+from .dsd_loss import DSDLoss, dice_ce_per_output, kl_per_student, pixelwise_kl
 
-__all__ = ["DSDLoss", "pixelwise_kl"]
+__all__ = ["DSDLoss", "dice_ce_per_output", "kl_per_student", "pixelwise_kl"]
