@@ -15,6 +15,7 @@ import time
 import torch
 
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
+from DSDSegmentationLib.engine.runtime import tune_cpu_allocator
 
 # (backbone, patch, batch, options): hippocampus-sized patches for the CNNs, CPU-feasible sizes for the rest
 CONFIGS = {
@@ -89,9 +90,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tuned = tune_cpu_allocator()  # as the dsdseg worker does; applies to plain and DSD alike
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"K={K}, median of {args.reps} interleaved repetitions")
+          f"K={K}, median of {args.reps} interleaved repetitions, allocator tuned: {tuned}")
     print("| backbone | patch × batch | params plain | params DSD | overhead | step plain (s) | step DSD (s) | step ratio | eval plain (s) | eval DSD (s) | eval ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.backbones:

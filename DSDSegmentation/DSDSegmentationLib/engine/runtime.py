@@ -1,0 +1,34 @@
+"""Process-level runtime settings for training and inference workers."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
+    """Keep freed tensor memory in the process instead of returning it to the OS after every step.
+
+    With glibc's defaults each multi-MB tensor is a fresh ``mmap`` whose pages fault in again on every training
+    step; for full-resolution DSD head maps this costs more than the arithmetic (measured: DSD step ratio 1.24 →
+    1.12 for DynUNet at 48³ on a 2-core CPU). Only glibc on Linux; returns whether the settings were applied.
+    Call it in worker processes (the CLI does), not inside a host application such as Slicer.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    ok &= mallopt(_M_TOP_PAD, top_pad) == 1
+    return bool(ok)
