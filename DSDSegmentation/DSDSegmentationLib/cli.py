@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .engine.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         return int(args.func(args))
     except DSDError as e:
