@@ -77,6 +77,8 @@ def test_eval_is_bitwise_the_plain_backbone(key: str) -> None:
     assert sum(p.numel() for p in exported.parameters()) == n_plain
     assert set(exported.state_dict()) == set(plain.state_dict())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in exported.modules())
+    model.train()(x)  # hooks live only during a training forward
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.backbone.modules())
     counts = model.num_parameters()
     assert counts["backbone"] == n_plain and counts["heads"] > 0
 

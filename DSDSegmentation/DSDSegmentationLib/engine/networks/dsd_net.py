@@ -37,11 +37,11 @@ class DSDOutput(NamedTuple):
 
 
 class DSDNet(nn.Module):
-    """Wraps a plain MONAI backbone; heads read its stages through forward hooks.
+    """Wraps a plain MONAI backbone; heads read its stages through forward hooks during training.
 
-    In eval mode the hooks return at once and ``forward`` is exactly the backbone's forward, so output and
-    speed equal the plain network. In training mode ``forward`` returns :class:`DSDOutput` (or the plain
-    tensor when the DSD config needs no heads). :meth:`export_backbone` gives a head-free copy for inference.
+    In eval mode ``forward`` is exactly the backbone's forward (no hooks exist outside a training forward), so
+    output and speed equal the plain network. In training mode ``forward`` returns :class:`DSDOutput` (or the
+    plain tensor when the DSD config needs no heads). :meth:`export_backbone` gives a head-free copy for inference.
     """
 
     def __init__(self, net: NetworkConfig, dsd: DSDConfig | None = None):
@@ -66,23 +66,21 @@ class DSDNet(nn.Module):
             if key not in self.heads:
                 self.heads[key] = DSDHead(tap.channels, net.out_channels, tap.scale, self.dsd_config.upsample)
             self.head_of[tap.name] = key
-        self._features: dict[str, torch.Tensor] | None = None
-        self._hook_handles = [self._register(t) for t in (*enc, *dec)]
 
-    def _register(self, tap: Tap) -> Any:
-        module = self.backbone.get_submodule(tap.module)
-        name = tap.name
+    def _capture(self, features: dict[str, torch.Tensor]) -> list[Any]:
+        """Register one forward (pre-)hook per tap that stores its feature map in ``features``.
 
-        if tap.use_input:
-            def pre_hook(_m: nn.Module, args: tuple) -> None:
-                if self._features is not None:
-                    self._features[name] = args[0]
-            return module.register_forward_pre_hook(pre_hook)
-
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            if self._features is not None:
-                self._features[name] = out
-        return module.register_forward_hook(hook)
+        Hooks exist only during a training forward, so eval and exported models run the backbone untouched."""
+        handles = []
+        for tap in (*self.enc_taps, *self.dec_taps):
+            module = self.backbone.get_submodule(tap.module)
+            if tap.use_input:
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, name=tap.name: features.__setitem__(name, args[0])))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda _m, _args, out, name=tap.name: features.__setitem__(name, out)))
+        return handles
 
     @property
     def has_heads(self) -> bool:
@@ -107,12 +105,13 @@ class DSDNet(nn.Module):
         if not (self.training and self.has_heads):
             return self.backbone(x)
         self.check_input(x)
-        self._features = {}
+        feats: dict[str, torch.Tensor] = {}
+        handles = self._capture(feats)
         try:
             main = self.backbone(x)
-            feats = self._features
         finally:
-            self._features = None
+            for h in handles:
+                h.remove()
         size = tuple(x.shape[2:])
 
         def run(taps: tuple[Tap, ...]) -> tuple[torch.Tensor, ...]:
