@@ -1,14 +1,22 @@
-"""Locating datasets and listing MSD-style cases (the full dataset layer arrives with the pipeline)."""
+"""Datasets: locating them, listing cases (MSD, nnU-Net raw, plain lists), validating them, splitting by patient."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
 
 from .errors import InputError
 
 DATA_ENV = "DSDSEG_DATA"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
 
 
 def find_shared_data() -> Path:
@@ -29,21 +37,181 @@ def find_shared_data() -> Path:
     )
 
 
-def msd_cases(root: str | Path, limit: int | None = None) -> list[dict[str, str]]:
-    """Image/label pairs of an MSD-style ``dataset.json`` in ``root``, sorted by image name."""
-    root = Path(root)
-    meta = root / "dataset.json"
-    if not meta.is_file():
-        raise InputError(f"{root} has no dataset.json (expected an MSD-style dataset folder)")
-    with open(meta, encoding="utf-8") as f:
-        entries = json.load(f).get("training", [])
+@dataclass
+class Case:
+    """One training case: image file(s) — one per channel, or one 4D file — a label file and a patient key."""
+
+    id: str
+    images: list[str]
+    label: str | None
+    patient: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _strip_suffix(name: str) -> str:
+    for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return name[: -len(s)]
+    return Path(name).stem
+
+
+def _channel_files(stem_path: Path, n: int | None) -> list[Path]:
+    """``<stem>_0000.nii.gz``, ``<stem>_0001.nii.gz``, ... next to ``stem_path`` (nnU-Net naming)."""
+    stem = _strip_suffix(stem_path.name)
+    found = []
+    for i in range(n if n else 100):
+        hits = [stem_path.parent / f"{stem}_{i:04d}{s}" for s in IMAGE_SUFFIXES]
+        hit = next((h for h in hits if h.is_file()), None)
+        if hit is None:
+            break
+        found.append(hit)
+    return found
+
+
+def _msd_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
+    n_channels = len(meta.get("modality") or meta.get("channel_names") or {}) or None
     cases = []
-    for e in sorted(entries, key=lambda e: e["image"]):
-        image, label = root / e["image"], root / e["label"]
-        for p in (image, label):
-            if not p.is_file():
-                raise InputError(f"case {Path(e['image']).name}: file {p} listed in dataset.json is missing")
-        cases.append({"image": str(image), "label": str(label)})
+    for e in meta.get("training", []):
+        image = root / e["image"]
+        cid = _strip_suffix(image.name)
+        if image.is_file():
+            images = [image]
+        else:
+            images = _channel_files(image, n_channels)
+            if not images:
+                raise InputError(f"case {cid}: image {image} (or {cid}_0000...) listed in dataset.json is missing")
+        label = root / e["label"] if e.get("label") else None
+        cases.append(Case(cid, [str(p) for p in images], str(label) if label else None, str(e.get("patient", cid))))
+    return cases
+
+
+def _nnunet_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
+    ending = meta.get("file_ending", ".nii.gz")
+    n_channels = len(meta["channel_names"])
+    labels_dir = root / "labelsTr"
+    if not labels_dir.is_dir():
+        raise InputError(f"{root}: nnU-Net dataset without a labelsTr folder")
+    cases = []
+    for lab in sorted(labels_dir.glob(f"*{ending}")):
+        cid = lab.name[: -len(ending)]
+        images = [root / "imagesTr" / f"{cid}_{i:04d}{ending}" for i in range(n_channels)]
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise InputError(f"case {cid}: channel file(s) missing: {', '.join(missing)}")
+        cases.append(Case(cid, [str(p) for p in images], str(lab), cid))
+    return cases
+
+
+def _list_cases(path: Path) -> list[Case]:
+    rows: list[dict[str, Any]]
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(rows, dict):
+            rows = rows.get("training", [])
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    cases = []
+    for i, r in enumerate(rows):
+        if "image" not in r:
+            raise InputError(f"{path}: entry {i + 1} has no 'image'")
+        imgs = r["image"] if isinstance(r["image"], list) else [s for s in str(r["image"]).split(";") if s]
+        imgs = [str((path.parent / p) if not Path(p).is_absolute() else Path(p)) for p in imgs]
+        lab = r.get("label") or None
+        if lab and not Path(lab).is_absolute():
+            lab = str(path.parent / lab)
+        cid = str(r.get("id") or _strip_suffix(Path(imgs[0]).name))
+        cases.append(Case(cid, imgs, lab, str(r.get("patient") or cid)))
+    return cases
+
+
+def list_cases(source: str | Path, limit: int | None = None) -> list[Case]:
+    """Cases of a dataset folder (MSD or nnU-Net raw ``dataset.json``) or of a list file (.json / .csv).
+
+    List files hold ``image`` (one path, a list, or ``a;b`` for channels), ``label`` and optional ``patient``.
+    """
+    source = Path(source)
+    if source.is_file():
+        cases = _list_cases(source)
+    else:
+        meta_path = source / "dataset.json"
+        if not meta_path.is_file():
+            raise InputError(f"{source} has no dataset.json (expected an MSD or nnU-Net dataset folder, or a .json/.csv list)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{meta_path} is not valid JSON: {e}") from e
+        cases = _nnunet_cases(source, meta) if "channel_names" in meta and "file_ending" in meta else _msd_cases(source, meta)
     if not cases:
-        raise InputError(f"{meta} lists no training cases")
+        raise InputError(f"{source} lists no training cases")
+    ids = [c.id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"{source}: duplicate case id(s) {dup[:5]}")
+    cases.sort(key=lambda c: c.id)
     return cases[:limit] if limit else cases
+
+
+def msd_cases(root: str | Path, limit: int | None = None) -> list[dict[str, str]]:
+    """Single-channel image/label dicts of a dataset folder (used by the smoke run)."""
+    return [{"image": c.images[0], "label": c.label or ""} for c in list_cases(root, limit)]
+
+
+def dataset_labels(source: str | Path) -> dict[int, str] | None:
+    """The ``labels`` of a dataset.json (MSD: value→name; nnU-Net: name→value), or None."""
+    meta_path = Path(source) / "dataset.json"
+    if not meta_path.is_file():
+        return None
+    labels = json.loads(meta_path.read_text(encoding="utf-8")).get("labels")
+    if not labels:
+        return None
+    if all(re.fullmatch(r"\d+", str(k)) for k in labels):
+        return {int(k): str(v) for k, v in labels.items()}
+    return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+
+
+def validate_case(case: Case, n_channels: int, labels: Iterable[int]) -> dict[str, Any]:
+    """Load a case as training will and check it; raise :class:`InputError` naming the case and the problem.
+
+    Checks: files exist and load; channel count; every channel and the label on the same grid (shape and
+    affine); finite, non-constant image intensities; label values integral and within ``labels``.
+    """
+    from .io import load_channels, load_volume
+
+    allowed = set(int(v) for v in labels)
+    for p in [*case.images, *([case.label] if case.label else [])]:
+        if not Path(p).is_file():
+            raise InputError(f"case {case.id}: file {p} does not exist")
+    image, affine = load_channels(case.images, what=f"case {case.id}")
+    if image.shape[0] != n_channels:
+        raise InputError(f"case {case.id}: {image.shape[0]} image channel(s), the task expects {n_channels}")
+    info: dict[str, Any] = {"id": case.id, "shape": list(image.shape[1:]), "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]}
+    if case.label:
+        label, lab_affine = load_volume(case.label, what=f"case {case.id} label")
+        if label.ndim != 3:
+            raise InputError(f"case {case.id}: label must be 3D, got shape {label.shape}")
+        if tuple(label.shape) != tuple(image.shape[1:]):
+            raise InputError(f"case {case.id}: label shape {tuple(label.shape)} differs from image shape {tuple(image.shape[1:])}")
+        if not np.allclose(lab_affine, affine, atol=1e-3):
+            raise InputError(f"case {case.id}: label and image have different geometry (affine)\n{lab_affine}\nvs\n{affine}")
+        if not np.all(np.isfinite(label)) or not np.allclose(label, np.round(label)):
+            raise InputError(f"case {case.id}: label has non-integer values")
+        values = set(np.unique(label).astype(int).tolist())
+        if not values <= allowed:
+            raise InputError(f"case {case.id}: label values {sorted(values - allowed)} are not among the task's labels {sorted(allowed)}")
+        info["label_values"] = sorted(values)
+    return info
+
+
+def split_by_patient(cases: list[Case], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
+    """Deterministic train/validation split that keeps all cases of one patient on the same side."""
+    patients = sorted({c.patient for c in cases})
+    if len(patients) < 2:
+        raise InputError(f"at least 2 patients are needed to hold one out for validation, got {len(patients)}")
+    rng = random.Random(seed)
+    rng.shuffle(patients)
+    n_val = min(len(patients) - 1, max(1, round(val_fraction * len(patients))))
+    val_p = set(patients[:n_val])
+    return [c for c in cases if c.patient not in val_p], [c for c in cases if c.patient in val_p]

@@ -1,0 +1,55 @@
+"""Progress reporting: a tqdm bar for people, one JSON object per line for machines (the Slicer worker)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+
+class Progress:
+    """``update(stage, done, total, message, **extra)``; ``mode`` is ``bar``, ``json`` or ``none``."""
+
+    def __init__(self, mode: str = "bar", stream: TextIO | None = None):
+        if mode not in ("bar", "json", "none"):
+            raise ValueError(f"progress mode must be bar, json or none, got {mode!r}")
+        self.mode = mode
+        self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+        self._bars: dict[str, Any] = {}
+        self._t0 = time.time()
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
+        if self.mode == "json":
+            rec = {"stage": stage, "done": int(done), "total": int(total), "message": message, **extra}
+            self.stream.write(json.dumps(rec, default=float) + "\n")
+            self.stream.flush()
+        elif self.mode == "bar":
+            from tqdm import tqdm
+
+            bar = self._bars.get(stage)
+            if bar is None or bar.total != total:
+                if bar is not None:
+                    bar.close()
+                bar = self._bars[stage] = tqdm(total=total, desc=stage, file=self.stream, leave=True)
+            bar.n = done
+            if message:
+                bar.set_postfix_str(message, refresh=False)
+            bar.refresh()
+            if done >= total:
+                bar.close()
+                self._bars.pop(stage, None)
+
+    def log(self, message: str) -> None:
+        """A free-text line (stage ``log`` in JSON mode)."""
+        if self.mode == "json":
+            self.update("log", 0, 0, message)
+        elif self.mode == "bar":
+            from tqdm import tqdm
+
+            tqdm.write(message, file=self.stream)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()

@@ -1,0 +1,106 @@
+"""Task presets (data, not code): channels, labels, preprocessing, patch size and backbone per task.
+
+Built-in presets are the JSON files in ``engine/presets``; a user preset is any JSON file with the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import NetworkConfig
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+NORMALIZATIONS = ("zscore", "percentile", "ct_window", "none")
+
+
+@dataclass
+class TaskPreset:
+    """Everything needed to turn a dataset of one task into training patches and back into labels."""
+
+    name: str
+    channels: list[str]
+    labels: dict[int, str]
+    normalization: list[dict[str, Any]]
+    patch_size: tuple[int, int, int]
+    title: str = ""
+    orientation: str | None = "RAS"
+    spacing: list[float] | None = None
+    crop_foreground: bool = False
+    network: dict[str, Any] = field(default_factory=lambda: {"backbone": "basicunet", "options": {}})
+    training: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = {int(k): str(v) for k, v in self.labels.items()}
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        if 0 not in self.labels:
+            raise ConfigError(f"preset '{self.name}': labels must include 0 (background)")
+        if sorted(self.labels) != list(range(len(self.labels))):
+            raise ConfigError(f"preset '{self.name}': label values must be 0..K-1 without gaps, got {sorted(self.labels)}")
+        if len(self.labels) < 2:
+            raise ConfigError(f"preset '{self.name}': at least one foreground label is needed")
+        if not self.channels:
+            raise ConfigError(f"preset '{self.name}': at least one input channel is needed")
+        if len(self.normalization) != len(self.channels):
+            raise ConfigError(
+                f"preset '{self.name}': {len(self.channels)} channel(s) but {len(self.normalization)} normalization entries"
+            )
+        for n in self.normalization:
+            if n.get("kind") not in NORMALIZATIONS:
+                raise ConfigError(f"preset '{self.name}': normalization kind must be one of {NORMALIZATIONS}, got {n}")
+        if self.spacing is not None and len(self.spacing) != 3:
+            raise ConfigError(f"preset '{self.name}': spacing needs 3 values (non-positive keeps the native one)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def network_config(self, **overrides: Any) -> NetworkConfig:
+        net = {"backbone": self.network.get("backbone", "basicunet"), "options": dict(self.network.get("options", {}))}
+        net.update({k: v for k, v in overrides.items() if v is not None})
+        return NetworkConfig(
+            backbone=net["backbone"],
+            in_channels=len(self.channels),
+            out_channels=self.num_classes,
+            patch_size=tuple(net.get("patch_size", self.patch_size)),
+            options=net["options"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = {str(k): v for k, v in self.labels.items()}
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskPreset":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown preset key(s) {sorted(unknown)}; known: {sorted(known)}")
+        missing = {"name", "channels", "labels", "normalization", "patch_size"} - set(d)
+        if missing:
+            raise ConfigError(f"preset is missing key(s) {sorted(missing)}")
+        return cls(**d)
+
+
+def builtin_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name_or_path: str | Path) -> TaskPreset:
+    """A built-in preset by name (``hippocampus``, ``cardiac``, ``brain_tumour``) or a JSON file."""
+    p = Path(name_or_path)
+    if not p.suffix and (PRESET_DIR / f"{name_or_path}.json").is_file():
+        p = PRESET_DIR / f"{name_or_path}.json"
+    if not p.is_file():
+        raise ConfigError(f"unknown task preset '{name_or_path}'; built-in: {', '.join(builtin_presets())}, or a JSON file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"preset {p} is not valid JSON: {e}") from e
+    return TaskPreset.from_dict(data)

@@ -1,0 +1,363 @@
+"""Training: presets + DSD network + MONAI data pipeline, checkpoints, resume, validation, torch DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.utils import set_determinism
+
+from .config import DSDConfig
+from .data import Case, list_cases, split_by_patient, validate_case
+from .errors import ConfigError, InputError
+from .losses import DSDLoss
+from .networks import DSDNet
+from .progress import Progress
+from .tasks import TaskPreset, load_preset
+from .transforms import training_transforms, validation_transforms
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.json`` in the run folder."""
+
+    task: str
+    data: str
+    output: str
+    dsd: str = "dsd"  # preset: plain, ds, decoder, encoder, dsd
+    dsd_overrides: dict[str, Any] = field(default_factory=dict)
+    backbone: str | None = None
+    backbone_options: dict[str, Any] | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    samples_per_volume: int | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-5
+    val_every: int | None = None
+    val_fraction: float = 0.2
+    max_cases: int | None = None
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    sw_batch_size: int = 4
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available in this torch build/machine")
+    return torch.device(name)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class Trainer:
+    """One training run in ``config.output``: ``config.json``, ``split.json``, ``log.txt``, ``history.json``,
+    ``curves.png``, ``last.pt`` (full state, for ``--resume``) and ``best.pt`` (best validation Dice)."""
+
+    def __init__(self, config: TrainConfig, progress: Progress | None = None, resume: bool = False):
+        self.cfg = config
+        self.progress = progress or Progress("none")
+        self.preset: TaskPreset = load_preset(config.task)
+        tr = self.preset.training
+        self.epochs = int(config.epochs or tr.get("epochs", 100))
+        self.batch_size = int(config.batch_size or tr.get("batch_size", 2))
+        self.samples = int(config.samples_per_volume or tr.get("samples_per_volume", 2))
+        self.lr = float(config.lr or tr.get("lr", 3e-3))
+        self.val_every = int(config.val_every or tr.get("val_every", 5))
+        self.out = Path(config.output)
+        self.resume = resume
+        self._init_distributed()
+        self.device = self._device()
+        net_overrides: dict[str, Any] = {"backbone": config.backbone}
+        if config.backbone_options is not None:
+            net_overrides["options"] = config.backbone_options
+        elif config.backbone and config.backbone != self.preset.network.get("backbone"):
+            net_overrides["options"] = {}
+        self.net_config = self.preset.network_config(**net_overrides)
+        self.dsd_config = DSDConfig.preset(config.dsd, **config.dsd_overrides)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.best = -1.0
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _init_distributed(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
+            dist.init_process_group(backend=backend)
+
+    def _device(self) -> torch.device:
+        dev = resolve_device(self.cfg.device)
+        if dev.type == "cuda" and _world() > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+        return dev
+
+    def _log(self, message: str) -> None:
+        if _rank() != 0:
+            return
+        self.progress.log(message)
+        with open(self.out / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def _prepare_run_folder(self) -> tuple[list[Case], list[Case]]:
+        cfg_path = self.out / "config.json"
+        if self.resume:
+            if not (self.out / "last.pt").is_file():
+                raise InputError(f"--resume: {self.out} has no last.pt checkpoint to resume from")
+            saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+            split = json.loads((self.out / "split.json").read_text(encoding="utf-8"))
+            mine = self.cfg.to_dict()
+            differ = [k for k in ("task", "dsd", "dsd_overrides", "backbone", "backbone_options", "seed") if saved.get(k) != mine.get(k)]
+            if differ:
+                raise ConfigError(f"--resume: settings {differ} differ from the run in {self.out}; resume with the same settings")
+            to_case = lambda d: Case(**d)  # noqa: E731
+            return [to_case(c) for c in split["train"]], [to_case(c) for c in split["val"]]
+        if (self.out / "last.pt").exists():
+            raise InputError(f"{self.out} already holds a training run; use --resume or another --output folder")
+        cases = list_cases(self.cfg.data, self.cfg.max_cases)
+        n_ch, labels = len(self.preset.channels), list(self.preset.labels)
+        for i, c in enumerate(cases):
+            if c.label is None:
+                raise InputError(f"case {c.id} has no label; training needs labels")
+            validate_case(c, n_ch, labels)
+            self.progress.update("validate data", i + 1, len(cases), c.id)
+        train, val = split_by_patient(cases, self.cfg.val_fraction, self.cfg.seed)
+        if _rank() == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg = {**self.cfg.to_dict(), "resolved": {"epochs": self.epochs, "batch_size": self.batch_size,
+                   "samples_per_volume": self.samples, "lr": self.lr, "val_every": self.val_every,
+                   "network": self.net_config.to_dict(), "dsd": self.dsd_config.to_dict(),
+                   "preset": self.preset.to_dict(), "world_size": _world(),
+                   "torch": torch.__version__}}
+            atomic_write_text(cfg_path, json.dumps(cfg, indent=2))
+            atomic_write_text(self.out / "split.json", json.dumps(
+                {"seed": self.cfg.seed, "val_fraction": self.cfg.val_fraction,
+                 "train": [c.to_dict() for c in train], "val": [c.to_dict() for c in val]}, indent=2))
+        return train, val
+
+    # ------------------------------------------------------------------------------------------------ run
+    def fit(self) -> dict[str, Any]:
+        set_determinism(self.cfg.seed)
+        train_cases, val_cases = self._prepare_run_folder()
+        if _world() > 1:
+            dist.barrier()
+        cached_tf, random_tf = training_transforms(self.preset, self.samples)
+        items = [{"image": c.images, "label": c.label} for c in train_cases]
+        base = CacheDataset(items, cached_tf, progress=False, num_workers=0)
+        train_ds = Dataset(base, random_tf)
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, shuffle=True, seed=self.cfg.seed) if _world() > 1 else None
+        gen = torch.Generator()
+        loader = DataLoader(train_ds, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+                            num_workers=self.cfg.num_workers, collate_fn=list_data_collate, generator=gen)
+        val_ds = CacheDataset([{"image": c.images, "label": c.label} for c in val_cases], validation_transforms(self.preset),
+                              progress=False) if _rank() == 0 else None
+
+        model = DSDNet(self.net_config, self.dsd_config).to(self.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
+        steps_per_epoch = len(loader) if not self.cfg.max_steps_per_epoch else min(len(loader), self.cfg.max_steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 - e / self.epochs) ** 0.9)  # poly, per epoch
+        use_amp = self.cfg.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        if self.resume:
+            self._load_state(model, opt, sched, scaler)
+        net: torch.nn.Module = model
+        if _world() > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        loss_fn = DSDLoss(self.dsd_config)
+        self._log(f"training {self.preset.name}: {len(train_cases)} train / {len(val_cases)} val cases, "
+                  f"{self.net_config.backbone} {self.dsd_config_name()}, {self.epochs} epochs x {steps_per_epoch} steps, "
+                  f"device {self.device}, world size {_world()}, params {model.num_parameters()}")
+        for epoch in range(self.start_epoch, self.epochs):
+            t0 = time.time()
+            # reseeding per epoch makes a resumed run draw the same crops as an uninterrupted one
+            random_tf.set_random_state(seed=self.cfg.seed + 1000 * epoch + _rank())
+            gen.manual_seed(self.cfg.seed + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            net.train()
+            sums: dict[str, float] = {}
+            n = 0
+            for step, batch in enumerate(loader):
+                if step >= steps_per_epoch:
+                    break
+                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=use_amp):
+                    out = net(x)
+                loss = loss_fn(_float(out), y)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {loss_fn.last_terms}")
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                for k, v in loss_fn.last_terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+                self.progress.update("train", epoch * steps_per_epoch + step + 1, self.epochs * steps_per_epoch,
+                                     f"epoch {epoch + 1}/{self.epochs} loss {loss_fn.last_terms['total']:.4f}")
+            sched.step()
+            record: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0,
+                                      **{f"loss/{k}": v / max(n, 1) for k, v in sums.items()}}
+            is_val = (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs
+            if is_val and _rank() == 0:
+                dice = self.validate(model, val_ds)
+                record.update({f"val_dice/{self.preset.labels[c]}": d for c, d in dice.items()})
+                record["val_dice"] = float(np.mean(list(dice.values())))
+            self.history.append(record)
+            if _rank() == 0:
+                improved = "val_dice" in record and record["val_dice"] > self.best
+                if improved:
+                    self.best = record["val_dice"]
+                state = self._state(model, opt, sched, scaler, epoch + 1)
+                atomic_save(state, self.out / "last.pt")
+                if improved:
+                    atomic_save({**state, "optimizer": None, "scheduler": None, "scaler": None}, self.out / "best.pt")
+                atomic_write_text(self.out / "history.json", json.dumps(self.history, indent=1))
+                self._plot()
+                msg = f"epoch {epoch + 1}/{self.epochs} loss {record.get('loss/total', float('nan')):.4f} ({record['seconds']:.1f} s)"
+                if "val_dice" in record:
+                    msg += f" val Dice {record['val_dice']:.4f}" + (" (best)" if improved else "")
+                self._log(msg)
+            if _world() > 1:
+                dist.barrier()
+        result = {"best_val_dice": self.best, "epochs": self.epochs, "output": str(self.out)}
+        if _rank() == 0:
+            self._log(f"done: best validation Dice {self.best:.4f}")
+        return result
+
+    def dsd_config_name(self) -> str:
+        return self.cfg.dsd + (f" {self.cfg.dsd_overrides}" if self.cfg.dsd_overrides else "")
+
+    @torch.no_grad()
+    def validate(self, model: DSDNet, val_ds: Dataset) -> dict[int, float]:
+        """Mean Dice per foreground class over the validation cases (sliding window, preprocessed space)."""
+        model.eval()
+        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+        k = self.preset.num_classes
+        for i, item in enumerate(val_ds):
+            x = item["image"][None].to(self.device)
+            logits = sliding_window_inference(x, self.net_config.patch_size, self.cfg.sw_batch_size, model,
+                                              overlap=self.preset.inference.get("overlap", 0.5), mode="gaussian")
+            pred = logits.argmax(1, keepdim=True).cpu()
+            metric(one_hot(pred, k), one_hot(item["label"][None].long(), k))
+            self.progress.update("validate", i + 1, len(val_ds))
+        scores = metric.aggregate().nanmean(dim=0)
+        model.train()
+        return {c + 1: float(s) for c, s in enumerate(scores)}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _state(self, model: DSDNet, opt, sched, scaler, epoch: int) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "best": self.best,
+            "history": self.history,
+            "network": self.net_config.to_dict(),
+            "dsd": self.dsd_config.to_dict(),
+            "preset": self.preset.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def _load_state(self, model: DSDNet, opt, sched, scaler) -> None:
+        state = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise InputError(f"{self.out / 'last.pt'}: checkpoint version {state.get('version')} is not supported")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.best = float(state["best"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self._log(f"resumed from epoch {self.start_epoch} (best validation Dice {self.best:.4f})")
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        ep = [h["epoch"] for h in self.history]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+        ax[0].plot(ep, [h.get("loss/total", math.nan) for h in self.history], label="total")
+        ax[0].plot(ep, [h.get("loss/gt/main", math.nan) for h in self.history], label="DiceCE main")
+        ax[0].set_xlabel("epoch"), ax[0].set_ylabel("training loss"), ax[0].legend()
+        val = [h for h in self.history if "val_dice" in h]
+        for name in self.preset.labels.values():
+            key = f"val_dice/{name}"
+            if val and key in val[0]:
+                ax[1].plot([h["epoch"] for h in val], [h[key] for h in val], marker="o", label=name)
+        if val:
+            ax[1].plot([h["epoch"] for h in val], [h["val_dice"] for h in val], "k--", label="mean")
+        ax[1].set_xlabel("epoch"), ax[1].set_ylabel("validation Dice"), ax[1].set_ylim(0, 1), ax[1].legend(fontsize=8)
+        fig.suptitle(f"{self.preset.name}: {self.net_config.backbone}, {self.dsd_config_name()}")
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=self.out)
+        os.close(fd)
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.out / "curves.png")
+
+
+def _float(out: Any) -> Any:
+    """Cast autocast (fp16) outputs to float32 before the loss."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    return out._replace(main=out.main.float(), dec=tuple(t.float() for t in out.dec), enc=tuple(t.float() for t in out.enc))
