@@ -1,0 +1,120 @@
+"""Inference: preprocess as in training, sliding window (gaussian blending), optional flip TTA, back onto the
+input grid exactly (same shape and affine as the input file), argmax labels."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+
+from .errors import InputError
+from .io import load_channels, save_labelmap
+from .models import LoadedModel, load_model
+from .progress import Progress
+from .training import resolve_device
+from .transforms import inference_transforms
+
+
+def check_input_image(image: np.ndarray, n_channels: int, what: str) -> None:
+    """Clear errors for images the model cannot segment."""
+    if image.shape[0] != n_channels:
+        raise InputError(f"{what}: {image.shape[0]} channel(s) given, the model expects {n_channels}")
+    if any(s < 2 for s in image.shape[1:]):
+        raise InputError(f"{what}: shape {image.shape[1:]} is not a 3D volume (a 2D image?)")
+    if not np.all(np.isfinite(image)):
+        raise InputError(f"{what}: the image contains NaN or infinite values")
+    for c in range(image.shape[0]):
+        if float(image[c].max()) == float(image[c].min()):
+            raise InputError(f"{what}: channel {c} has constant intensity {float(image[c].min())}; nothing to segment")
+
+
+class Predictor:
+    """Segments volumes with one loaded model; keep it to segment more volumes without reloading."""
+
+    def __init__(self, model: str | Path | LoadedModel, device: str = "auto", overlap: float | None = None,
+                 sw_batch_size: int = 4, tta: bool = False, progress: Progress | None = None):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.device = resolve_device(device)
+        self.network = self.model.network.to(self.device).eval()
+        self.overlap = self.model.preset.inference.get("overlap", 0.5) if overlap is None else overlap
+        self.sw_batch_size = sw_batch_size
+        self.tta = tta
+        self.progress = progress or Progress("none")
+        self.transforms = inference_transforms(self.model.preset)
+        self.notes: list[str] = []
+
+    def _window(self, x: torch.Tensor, sw_device: torch.device, stitch: torch.device) -> torch.Tensor:
+        return sliding_window_inference(x, self.model.net_config.patch_size, self.sw_batch_size, self.network,
+                                        overlap=self.overlap, mode="gaussian", sw_device=sw_device, device=stitch,
+                                        progress=False)
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (1, K, ...) on CPU; CUDA out-of-memory → CPU stitching → all on CPU."""
+        flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if self.tta else [])
+        attempts = [(self.device, self.device)]
+        if self.device.type == "cuda":
+            attempts += [(self.device, torch.device("cpu")), (torch.device("cpu"), torch.device("cpu"))]
+        for i, (sw_dev, stitch) in enumerate(attempts):
+            try:
+                if sw_dev.type == "cpu" and self.device.type == "cuda":
+                    self.network = self.network.cpu()
+                acc = None
+                for j, axes in enumerate(flips):
+                    xi = torch.flip(x, axes) if axes else x
+                    with torch.no_grad():
+                        p = torch.softmax(self._window(xi, sw_dev, stitch).float(), dim=1)
+                    p = torch.flip(p, axes) if axes else p
+                    acc = p if acc is None else acc + p
+                    self.progress.update("predict", j + 1, len(flips))
+                assert acc is not None
+                return (acc / len(flips)).cpu()
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if i + 1 == len(attempts):
+                    raise
+                nxt = attempts[i + 1]
+                note = ("GPU out of memory: retrying with stitching on the CPU" if nxt[0].type == "cuda"
+                        else "GPU out of memory: retrying on the CPU")
+                self.notes.append(note)
+                self.progress.log(note)
+        raise AssertionError("unreachable")
+
+    def predict(self, images: list[str] | str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (x, y, z) uint8 on the input's grid and the input's affine."""
+        paths = [images] if isinstance(images, (str, Path)) else [str(p) for p in images]
+        what = f"input {Path(paths[0]).name}"
+        raw, affine = load_channels(paths, what=what)
+        check_input_image(raw, len(self.model.preset.channels), what)
+        data = self.transforms({"image": paths})
+        img: MetaTensor = data["image"]
+        probs = self._probabilities(img.as_tensor()[None].float().to(self.device))
+        pred = MetaTensor(probs[0], meta=dict(img.meta), applied_operations=list(img.applied_operations))
+        inv = self.transforms.inverse({"image": pred})["image"]
+        labels = torch.as_tensor(inv).argmax(0).numpy().astype(np.uint8)
+        if labels.shape != raw.shape[1:]:
+            raise RuntimeError(f"internal error: inverted prediction has shape {labels.shape}, input {raw.shape[1:]}")
+        return labels, affine
+
+    def predict_to_file(self, images: list[str] | str, output: str | Path) -> Path:
+        labels, affine = self.predict(images)
+        first = images if isinstance(images, (str, Path)) else images[0]
+        return save_labelmap(labels, affine, output, reference=first)
+
+
+def predict_cases(predictor: Predictor, cases: list[tuple[str, list[str]]], out_dir: Path, ext: str = ".nii.gz",
+                  on_case: Callable[[str, Path], None] | None = None) -> list[Path]:
+    """Segment many cases; one output file per case id, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (cid, images) in enumerate(cases):
+        path = predictor.predict_to_file(images, out_dir / f"{cid}{ext}")
+        written.append(path)
+        predictor.progress.update("cases", i + 1, len(cases), cid)
+        if on_case:
+            on_case(cid, path)
+    return written

@@ -1,0 +1,106 @@
+"""Segmentation metrics in millimetres: Dice, HD95 and average symmetric surface distance (ASSD), per class.
+
+Empty structures are defined explicitly (MONAI would return NaN/inf):
+- reference and prediction both empty: Dice 1, HD95 0, ASSD 0 (``empty: "both"``);
+- exactly one of them empty: Dice 0, HD95 and ASSD undefined (None in JSON, NaN in CSV), ``empty: "reference"``
+  or ``"prediction"``; such values are left out of distance means and counted instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+from .errors import InputError
+from .io import load_volume
+
+
+def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, Any]:
+    """Metrics of one binary structure (boolean arrays of equal shape)."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    out: dict[str, Any] = {"volume_pred_ml": float(p.sum()) * voxel_ml, "volume_ref_ml": float(r.sum()) * voxel_ml}
+    if not p.any() and not r.any():
+        return {**out, "dice": 1.0, "hd95": 0.0, "assd": 0.0, "empty": "both"}
+    if not p.any() or not r.any():
+        return {**out, "dice": 0.0, "hd95": None, "assd": None, "empty": "prediction" if not p.any() else "reference"}
+    inter = np.logical_and(p, r).sum()
+    dice = 2.0 * inter / (p.sum() + r.sum())
+    pt = torch.from_numpy(p)[None, None]
+    rt = torch.from_numpy(r)[None, None]
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = float(compute_hausdorff_distance(pt, rt, include_background=True, percentile=95, spacing=list(spacing))[0, 0])
+        assd = float(compute_average_surface_distance(pt, rt, include_background=True, symmetric=True, spacing=list(spacing))[0, 0])
+    return {**out, "dice": float(dice), "hd95": hd95, "assd": assd, "empty": None}
+
+
+def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str], spacing: tuple[float, float, float]) -> dict[str, dict[str, Any]]:
+    """Per foreground class of ``labels``: metrics keyed by class name."""
+    if pred.shape != ref.shape:
+        raise InputError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    return {name: class_metrics(pred == v, ref == v, spacing) for v, name in sorted(labels.items()) if v != 0}
+
+
+def evaluate_files(pairs: list[tuple[str, str, str]], labels: dict[int, str]) -> list[dict[str, Any]]:
+    """``pairs`` of (case id, prediction file, reference file); the two must share grid and affine."""
+    rows = []
+    for cid, pred_path, ref_path in pairs:
+        pred, pa = load_volume(pred_path, f"case {cid} prediction")
+        ref, ra = load_volume(ref_path, f"case {cid} reference")
+        if pred.shape != ref.shape:
+            raise InputError(f"case {cid}: prediction shape {pred.shape} differs from reference shape {ref.shape}")
+        if not np.allclose(pa, ra, atol=1e-3):
+            raise InputError(f"case {cid}: prediction and reference have different geometry (affine)")
+        spacing = tuple(float(s) for s in np.linalg.norm(ra[:3, :3], axis=0))
+        per_class = case_metrics(np.rint(pred).astype(int), np.rint(ref).astype(int), labels, spacing)  # type: ignore[arg-type]
+        rows.append({"case": cid, "spacing": list(spacing), "classes": per_class})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation per class and metric over cases; undefined distances are counted, not averaged."""
+    summary: dict[str, dict[str, Any]] = {}
+    names = list(rows[0]["classes"]) if rows else []
+    for name in names:
+        s: dict[str, Any] = {}
+        for m in ("dice", "hd95", "assd"):
+            vals = [r["classes"][name][m] for r in rows if r["classes"][name][m] is not None]
+            s[m] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None, "n": len(vals)}
+        s["undefined_distance"] = sum(1 for r in rows if r["classes"][name]["hd95"] is None)
+        summary[name] = s
+    return summary
+
+
+def write_reports(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    """metrics.json (cases + summary) and metrics.csv (one row per case and class)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    (out_dir / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=2), encoding="utf-8")
+    with open(out_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "class", "dice", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml", "empty"])
+        for r in rows:
+            for name, m in r["classes"].items():
+                w.writerow([r["case"], name, m["dice"], _num(m["hd95"]), _num(m["assd"]), m["volume_pred_ml"], m["volume_ref_ml"], m["empty"] or ""])
+    return summary
+
+
+def _num(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'class':28s} {'Dice':>14s} {'HD95 (mm)':>14s} {'ASSD (mm)':>14s}  undefined"]
+    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    for name, s in summary.items():
+        lines.append(f"{name:28s} {fmt(s['dice']):>14s} {fmt(s['hd95']):>14s} {fmt(s['assd']):>14s}  {s['undefined_distance']}")
+    return "\n".join(lines)

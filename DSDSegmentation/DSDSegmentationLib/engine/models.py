@@ -1,0 +1,122 @@
+"""Loading trained models for inference: a run folder, a checkpoint, or an exported model package.
+
+A model package is a folder with ``model.json`` (task preset, network, DSD settings, weights file name and its
+sha256) and the head-free backbone weights, loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DSDConfig, NetworkConfig
+from .errors import InputError
+from .networks import DSDNet
+from .tasks import TaskPreset
+
+PACKAGE_CARD = "model.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode plain backbone plus what inference needs to know about it."""
+
+    network: torch.nn.Module
+    preset: TaskPreset
+    net_config: NetworkConfig
+    source: str
+    card: dict[str, Any]
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _from_checkpoint(path: Path) -> LoadedModel:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read checkpoint {path}: {e}") from e
+    for key in ("model", "network", "dsd", "preset"):
+        if key not in state:
+            raise InputError(f"{path} is not a DSDSegmentation checkpoint (missing '{key}')")
+    net_cfg = NetworkConfig.from_dict(state["network"])
+    model = DSDNet(net_cfg, DSDConfig.from_dict(state["dsd"]))
+    model.load_state_dict(state["model"])
+    card = {"network": state["network"], "dsd": state["dsd"], "preset": state["preset"], "epoch": state.get("epoch"),
+            "best_val_dice": state.get("best")}
+    return LoadedModel(model.export_backbone().eval(), TaskPreset.from_dict(state["preset"]), net_cfg, str(path), card)
+
+
+def _from_package(folder: Path) -> LoadedModel:
+    card_path = folder / PACKAGE_CARD
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"model package {folder}: cannot read {PACKAGE_CARD}: {e}") from e
+    weights = folder / card.get("weights", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise InputError(f"model package {folder}: weights file {weights.name} is missing")
+    expected = card.get("sha256")
+    if not expected:
+        raise InputError(f"model package {folder}: {PACKAGE_CARD} has no sha256 for its weights")
+    actual = sha256_of(weights)
+    if actual != expected:
+        raise InputError(f"model package {folder}: weights sha256 {actual[:12]}… does not match the card ({expected[:12]}…); "
+                         "the file is corrupt or was modified")
+    net_cfg = NetworkConfig.from_dict(card["network"])
+    backbone = DSDNet(net_cfg, DSDConfig.preset("plain")).backbone
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        backbone.load_state_dict(sd)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"model package {folder}: weights do not load into the declared network: {e}") from e
+    return LoadedModel(backbone.eval(), TaskPreset.from_dict(card["preset"]), net_cfg, str(folder), card)
+
+
+def load_model(source: str | Path) -> LoadedModel:
+    """Load from a model package folder, a training run folder (best.pt, else last.pt) or a checkpoint file."""
+    p = Path(source)
+    if p.is_dir() and (p / PACKAGE_CARD).is_file():
+        return _from_package(p)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return _from_checkpoint(p / name)
+        raise InputError(f"{p} holds no model ({PACKAGE_CARD}, best.pt or last.pt)")
+    if p.is_file():
+        return _from_checkpoint(p)
+    raise InputError(f"model {p} does not exist")
+
+
+def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str, Any] | None = None) -> Path:
+    """Write a model package (head-free weights + card with sha256) from a run folder or checkpoint, atomically."""
+    loaded = load_model(source)
+    out = Path(out_dir)
+    if out.exists():
+        raise InputError(f"{out} already exists; choose a new folder for the model package")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-pkg-", dir=out.parent))
+    try:
+        torch.save(loaded.network.state_dict(), tmp / WEIGHTS_FILE)
+        card = {**loaded.card, **(extra_card or {}), "weights": WEIGHTS_FILE, "sha256": sha256_of(tmp / WEIGHTS_FILE),
+                "parameters": sum(p.numel() for p in loaded.network.parameters())}
+        (tmp / PACKAGE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
