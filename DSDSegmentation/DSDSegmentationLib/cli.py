@@ -1,13 +1,26 @@
-"""``dsdseg``: the one entry point used from a shell and by the Slicer module's background worker."""
+"""``dsdseg``: the one entry point used from a shell and by the Slicer module's background worker.
+
+Exit codes: 0 success, 2 bad input or configuration (message names the problem), 3 out of memory, 1 crash,
+130 interrupted. With ``--progress json`` every progress update and the final error are JSON lines on stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from .engine.errors import DSDError
+from .engine.errors import DSDError, InputError
+
+EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _progress(args: argparse.Namespace):
+    from .engine.progress import Progress
+
+    return Progress(getattr(args, "progress", "bar"))
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -16,11 +29,20 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     for name, cls in BACKBONES.items():
         spec = cls(1, 3, (64, 64, 64), {})
         print(f"{name}: {cls.description}  (patch multiple of {spec.divisor()}, shared heads by default: {cls.default_share_heads})")
-        print(f"  {'head':5s} {'role':4s} {'module':22s} {'ch':>5s} {'down':>7s}")
+        print(f"  {'head':5s} {'role':4s} {'module':22s} {'ch':>5s} {'down':>9s}")
         for row in spec.tap_table():
             mark = "  <- teacher" if row["teacher"] else ""
-            print(f"  {row['head']:5s} {row['role']:4s} {row['module']:22s} {row['channels']:5d} {row['scale']:>7s}{mark}")
-    return 0
+            print(f"  {row['head']:5s} {row['role']:4s} {row['module']:22s} {row['channels']:5d} {row['scale']:>9s}{mark}")
+    return EXIT_OK
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .engine.tasks import builtin_presets, load_preset
+
+    for name in builtin_presets():
+        p = load_preset(name)
+        print(f"{name}: {p.title}\n  inputs {p.channels}, labels {p.labels}, patch {p.patch_size}, backbone {p.network['backbone']}")
+    return EXIT_OK
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
@@ -31,14 +53,133 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     print("smoke run:", "OK" if ok else "FAILED (loss did not decrease or export differs)")
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_CRASH
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.training import TrainConfig, Trainer
+
+    overrides = {k: v for k, v in {"temperature": args.temperature, "kl_weight": args.kl_weight,
+                                   "detach_teacher": args.detach_teacher or None, "upsample": args.upsample}.items() if v is not None}
+    cfg = TrainConfig(task=args.task, data=args.data, output=args.output, dsd=args.dsd, dsd_overrides=overrides,
+                      backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, samples_per_volume=args.samples,
+                      lr=args.lr, val_every=args.val_every, val_fraction=args.val_fraction, max_cases=args.max_cases,
+                      max_steps_per_epoch=args.max_steps, seed=args.seed, device=args.device, amp=not args.no_amp,
+                      num_workers=args.workers)
+    result = Trainer(cfg, _progress(args), resume=args.resume).fit()
+    if args.progress == "json":
+        _report(args, {"stage": "done", **result})
+    elif result.get("rank", 0) == 0:
+        print(f"best validation Dice {result['best_val_dice']:.4f}; run folder {result['output']}")
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .engine.data import list_cases
+    from .engine.inference import Predictor, predict_cases
+
+    if bool(args.input) == bool(args.batch):
+        raise InputError("give either --input (one case; repeat it per channel) or --batch (a dataset folder or list)")
+    predictor = Predictor(args.model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                          tta=args.tta, progress=_progress(args))
+    if args.input:
+        if not args.output:
+            raise InputError("--output is required with --input (a .nii.gz or .nrrd file)")
+        out = predictor.predict_to_file(args.input, args.output)
+        _report(args, {"stage": "done", "output": str(out), "notes": predictor.notes})
+        return EXIT_OK
+    if not args.output_dir:
+        raise InputError("--output-dir is required with --batch")
+    cases = [(c.id, c.images) for c in list_cases(args.batch)]
+    written = predict_cases(predictor, cases, Path(args.output_dir), ext=args.format)
+    _report(args, {"stage": "done", "outputs": [str(p) for p in written], "notes": predictor.notes})
+    return EXIT_OK
+
+
+def _labels_for(spec: str) -> dict[int, str]:
+    from .engine.data import dataset_labels
+    from .engine.models import load_model
+    from .engine.tasks import builtin_presets, load_preset
+
+    if spec in builtin_presets() or spec.endswith(".json") and Path(spec).is_file() and "normalization" in Path(spec).read_text():
+        return load_preset(spec).labels
+    p = Path(spec)
+    if p.is_dir() and (p / "dataset.json").is_file():
+        labels = dataset_labels(p)
+        if labels:
+            return labels
+    if p.exists():
+        return load_model(p).preset.labels
+    raise InputError(f"--labels {spec}: not a preset name, a dataset folder with dataset.json, or a model")
+
+
+def _pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
+    from .engine.data import IMAGE_SUFFIXES, _strip_suffix, list_cases
+
+    p, r = Path(pred), Path(ref)
+    if p.is_file() and r.is_file():
+        return [(_strip_suffix(p.name), str(p), str(r))]
+    if not p.is_dir():
+        raise InputError(f"--pred {p} is neither a file nor a folder")
+    preds = {_strip_suffix(f.name): f for f in sorted(p.iterdir()) if f.name.endswith(IMAGE_SUFFIXES)}
+    if r.is_dir() and (r / "dataset.json").is_file() or r.is_file():
+        refs = {c.id: Path(c.label) for c in list_cases(r) if c.label}
+    elif r.is_dir():
+        refs = {_strip_suffix(f.name): f for f in sorted(r.iterdir()) if f.name.endswith(IMAGE_SUFFIXES)}
+    else:
+        raise InputError(f"--ref {r} is neither a file, a folder nor a dataset")
+    common = sorted(set(preds) & set(refs))
+    if not common:
+        raise InputError(f"no prediction in {p} matches a reference in {r} by case name")
+    return [(c, str(preds[c]), str(refs[c])) for c in common]
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine.metrics import evaluate_files, format_summary, write_reports
+
+    labels = _labels_for(args.labels)
+    pairs = _pairs(args.pred, args.ref)
+    rows = evaluate_files(pairs, labels)
+    summary = write_reports(rows, Path(args.output))
+    if args.progress == "json":
+        _report(args, {"stage": "done", "summary": summary, "output": args.output})
+    else:
+        print(f"{len(rows)} case(s); reports in {args.output}/metrics.json and metrics.csv")
+        print(format_summary(summary))
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engine.models import export_package
+
+    out = export_package(args.model, args.output)
+    print(f"model package written to {out}")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, record: dict) -> None:
+    if getattr(args, "progress", "bar") == "json":
+        print(json.dumps(record), flush=True)
+    else:
+        if "output" in record:
+            print(f"wrote {record['output']}")
+        for o in record.get("outputs", []):
+            print(f"wrote {o}")
+        for n in record.get("notes", []):
+            print(f"note: {n}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsdseg", description="Dual self-distillation segmentation: engine commands")
+    p = argparse.ArgumentParser(prog="dsdseg", description="Dual self-distillation (DSD) segmentation: train, predict, evaluate")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("backbones", help="list the backbones and their DSD taps (stage, channels, scale)")
-    b.set_defaults(func=_cmd_backbones)
+
+    def progress_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                        help="progress as a tqdm bar (default), JSON lines on stdout, or nothing")
+
+    sub.add_parser("backbones", help="list the backbones and their DSD taps").set_defaults(func=_cmd_backbones)
+    sub.add_parser("presets", help="list the built-in task presets").set_defaults(func=_cmd_presets)
+
     s = sub.add_parser("smoke", help="engine smoke run: DSD vs plain for a few steps on real hippocampus MRI")
     s.add_argument("--data", help="MSD Task04 folder (default: ../shared/data/Task04_Hippocampus)")
     s.add_argument("--backbone", default="basicunet")
@@ -47,6 +188,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="also print the result as JSON")
     s.set_defaults(func=_cmd_smoke)
+
+    t = sub.add_parser("train", help="train a model on a dataset (also under torchrun for multi-GPU DDP)")
+    t.add_argument("--task", required=True, help="preset name (hippocampus, cardiac, brain_tumour) or preset JSON")
+    t.add_argument("--data", required=True, help="dataset folder (MSD or nnU-Net dataset.json) or .json/.csv list")
+    t.add_argument("--output", required=True, help="run folder (config, split, log, curves, checkpoints)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt")
+    t.add_argument("--dsd", default="dsd", choices=["plain", "ds", "decoder", "encoder", "dsd"], help="which DSD terms")
+    t.add_argument("--temperature", type=float)
+    t.add_argument("--kl-weight", type=float)
+    t.add_argument("--detach-teacher", action="store_true")
+    t.add_argument("--upsample", choices=["deconv_shared", "deconv", "trilinear"])
+    t.add_argument("--backbone", help="override the preset's backbone")
+    for name, typ in (("--epochs", int), ("--batch-size", int), ("--samples", int), ("--lr", float), ("--val-every", int),
+                      ("--max-cases", int), ("--max-steps", int), ("--workers", int)):
+        t.add_argument(name, type=typ)
+    t.set_defaults(workers=0)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    progress_arg(t)
+    t.set_defaults(func=_cmd_train)
+
+    pr = sub.add_parser("predict", help="segment volumes; output on each input's grid")
+    pr.add_argument("--model", required=True, help="model package folder, run folder or checkpoint")
+    pr.add_argument("-i", "--input", action="append", help="input volume (repeat once per channel, in the model's order)")
+    pr.add_argument("-o", "--output", help="output labelmap (.nii.gz, .nii, .nrrd, .seg.nrrd)")
+    pr.add_argument("--batch", help="dataset folder or .json/.csv list of cases to segment")
+    pr.add_argument("--output-dir", help="output folder for --batch")
+    pr.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd"], help="output format for --batch")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--overlap", type=float)
+    pr.add_argument("--sw-batch-size", type=int, default=4)
+    pr.add_argument("--tta", action="store_true", help="average over flips (8x slower)")
+    progress_arg(pr)
+    pr.set_defaults(func=_cmd_predict)
+
+    e = sub.add_parser("evaluate", help="Dice, HD95 and ASSD (mm) per class and case; JSON + CSV + summary")
+    e.add_argument("--pred", required=True, help="prediction file or folder")
+    e.add_argument("--ref", required=True, help="reference file, folder, or dataset (dataset.json / list)")
+    e.add_argument("--labels", required=True, help="preset name, dataset folder or model that names the labels")
+    e.add_argument("--output", required=True, help="report folder")
+    progress_arg(e)
+    e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("export", help="write a model package (head-free weights + card + sha256) from a run")
+    x.add_argument("--model", required=True)
+    x.add_argument("--output", required=True)
+    x.set_defaults(func=_cmd_export)
     return p
 
 
@@ -55,11 +245,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .engine.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
+    json_mode = getattr(args, "progress", "bar") == "json"
+
+    def fail(kind: str, message: str, code: int) -> int:
+        if json_mode:
+            print(json.dumps({"stage": "error", "kind": kind, "message": message, "exit_code": code}), flush=True)
+        print(f"dsdseg: {kind}: {message}", file=sys.stderr)
+        return code
+
     try:
         return int(args.func(args))
     except DSDError as e:
-        print(f"dsdseg: error: {e}", file=sys.stderr)
-        return 2
+        return fail("error", str(e), EXIT_BAD_INPUT)
+    except MemoryError as e:
+        return fail("out of memory", f"{e or 'not enough memory'}; try a smaller --sw-batch-size or the CPU", EXIT_OOM)
+    except KeyboardInterrupt:
+        return fail("interrupted", "stopped by the user", EXIT_INTERRUPTED)
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            return fail("out of memory", str(e).splitlines()[0], EXIT_OOM)
+        raise
 
 
 if __name__ == "__main__":

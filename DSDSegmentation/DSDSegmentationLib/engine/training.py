@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
@@ -268,7 +268,15 @@ class Trainer:
                 self._log(msg)
             if _world() > 1:
                 dist.barrier()
-        result = {"best_val_dice": self.best, "epochs": self.epochs, "output": str(self.out)}
+        result = {"best_val_dice": self.best, "epochs": self.epochs, "output": str(self.out), "rank": _rank()}
+        if _world() > 1:
+            # every rank must hold the same weights after DDP training; record the evidence
+            checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64)
+            gathered = [torch.zeros_like(checksum) for _ in range(_world())]
+            dist.all_gather(gathered, checksum)
+            result["rank_checksums"] = [float(g) for g in gathered]
+            if _rank() == 0:
+                atomic_write_text(self.out / "ddp_sync.json", json.dumps({"rank_checksums": result["rank_checksums"]}))
         if _rank() == 0:
             self._log(f"done: best validation Dice {self.best:.4f}")
         return result
@@ -280,18 +288,19 @@ class Trainer:
     def validate(self, model: DSDNet, val_ds: Dataset) -> dict[int, float]:
         """Mean Dice per foreground class over the validation cases (sliding window, preprocessed space)."""
         model.eval()
-        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         k = self.preset.num_classes
+        scores = []
         for i, item in enumerate(val_ds):
             x = item["image"][None].to(self.device)
             logits = sliding_window_inference(x, self.net_config.patch_size, self.cfg.sw_batch_size, model,
                                               overlap=self.preset.inference.get("overlap", 0.5), mode="gaussian")
             pred = logits.argmax(1, keepdim=True).cpu()
-            metric(one_hot(pred, k), one_hot(item["label"][None].long(), k))
+            # the functional form: MONAI's DiceMetric object would all-gather across DDP ranks, and only rank 0 validates
+            scores.append(compute_dice(one_hot(pred, k), one_hot(item["label"][None].long(), k), include_background=False, ignore_empty=False)[0])
             self.progress.update("validate", i + 1, len(val_ds))
-        scores = metric.aggregate().nanmean(dim=0)
+        mean = torch.stack(scores).nanmean(dim=0)
         model.train()
-        return {c + 1: float(s) for c, s in enumerate(scores)}
+        return {c + 1: float(s) for c, s in enumerate(mean)}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _state(self, model: DSDNet, opt, sched, scaler, epoch: int) -> dict[str, Any]:
