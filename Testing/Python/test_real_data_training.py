@@ -10,15 +10,15 @@ from monai.utils import set_determinism
 
 from DSDSegmentationLib.cli import main as cli_main
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
-from DSDSegmentationLib.engine.data import msd_cases
-from DSDSegmentationLib.engine.smoke import hippocampus_loader, train_steps
+from DSDSegmentationLib.engine.data import list_cases
+from DSDSegmentationLib.engine.smoke import case_loader, train_steps
 
 
 def test_dsd_steps_reduce_loss_on_real_cases(hippocampus_dir: Path) -> None:
     set_determinism(0)
-    cases = msd_cases(hippocampus_dir, limit=4)
-    loader = hippocampus_loader(cases, (32, 32, 32), samples=4, seed=0)
-    model = DSDNet(NetworkConfig("basicunet", 1, 3, (32, 32, 32)), DSDConfig())
+    cases = list_cases(hippocampus_dir, limit=4)
+    loader = case_loader(cases, samples=4, seed=0)
+    model = DSDNet(NetworkConfig("basicunet", 1, 3, (32, 48, 32)), DSDConfig())
     losses = train_steps(model, loader, steps=24)
     assert all(math.isfinite(v) for v in losses)
     first, last = np.mean(losses[:4]), np.mean(losses[-4:])

@@ -154,11 +154,6 @@ def list_cases(source: str | Path, limit: int | None = None) -> list[Case]:
     return cases[:limit] if limit else cases
 
 
-def msd_cases(root: str | Path, limit: int | None = None) -> list[dict[str, str]]:
-    """Single-channel image/label dicts of a dataset folder (used by the smoke run)."""
-    return [{"image": c.images[0], "label": c.label or ""} for c in list_cases(root, limit)]
-
-
 def dataset_labels(source: str | Path) -> dict[int, str] | None:
     """The ``labels`` of a dataset.json (MSD: value→name; nnU-Net: name→value), or None."""
     meta_path = Path(source) / "dataset.json"

@@ -1,0 +1,74 @@
+"""Metrics against analytic shapes, MONAI's functions, and the defined empty cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+from DSDSegmentationLib.engine.metrics import case_metrics, class_metrics, summarize
+
+
+def box(shape, lo, hi) -> np.ndarray:
+    a = np.zeros(shape, bool)
+    a[tuple(slice(l, h) for l, h in zip(lo, hi))] = True
+    return a
+
+
+def sphere(shape, center, radius, spacing=(1, 1, 1)) -> np.ndarray:
+    grid = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, center, spacing)], indexing="ij")
+    return sum(g**2 for g in grid) <= radius**2
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0), (0.5, 0.7, 3.0)])
+def test_shifted_box(spacing) -> None:
+    a = box((30, 30, 30), (5, 5, 5), (15, 15, 15))
+    b = box((30, 30, 30), (7, 5, 5), (17, 15, 15))  # shifted by 2 voxels along axis 0
+    m = class_metrics(a, b, spacing)
+    assert m["dice"] == pytest.approx(2 * 8 * 100 / 2000)
+    assert m["hd95"] == pytest.approx(2 * spacing[0])  # the faces that moved are 2 voxels apart along axis 0
+    assert 0 < m["assd"] < m["hd95"]
+    assert m["volume_ref_ml"] == pytest.approx(1000 * np.prod(spacing) / 1000)
+
+
+def test_concentric_spheres_distance_in_mm() -> None:
+    spacing = (0.8, 0.8, 2.0)
+    a = sphere((80, 80, 40), (40, 40, 20), 20.0, spacing)
+    b = sphere((80, 80, 40), (40, 40, 20), 26.0, spacing)
+    m = class_metrics(a, b, spacing)
+    assert m["assd"] == pytest.approx(6.0, abs=1.0)
+    assert m["hd95"] == pytest.approx(6.0, abs=1.5)
+
+
+def test_agrees_with_monai() -> None:
+    rng = np.random.default_rng(0)
+    a = sphere((40, 40, 40), (20, 20, 20), 10) & (rng.random((40, 40, 40)) > 0.05)
+    b = sphere((40, 40, 40), (22, 19, 20), 9)
+    spacing = (1.0, 1.5, 2.0)
+    m = class_metrics(a, b, spacing)
+    t = lambda x: torch.from_numpy(x)[None, None]  # noqa: E731
+    assert m["dice"] == pytest.approx(float(compute_dice(t(a), t(b))[0, 0]), rel=1e-6)
+    assert m["hd95"] == pytest.approx(float(compute_hausdorff_distance(t(a), t(b), percentile=95, spacing=list(spacing))[0, 0]), rel=1e-6)
+
+
+def test_empty_cases_are_defined() -> None:
+    z = np.zeros((10, 10, 10), bool)
+    s = box(z.shape, (2, 2, 2), (5, 5, 5))
+    assert class_metrics(z, z, (1, 1, 1)) == {"volume_pred_ml": 0.0, "volume_ref_ml": 0.0, "dice": 1.0, "hd95": 0.0, "assd": 0.0, "empty": "both"}
+    missed = class_metrics(z, s, (1, 1, 1))
+    assert (missed["dice"], missed["hd95"], missed["assd"], missed["empty"]) == (0.0, None, None, "prediction")
+    extra = class_metrics(s, z, (1, 1, 1))
+    assert (extra["dice"], extra["hd95"], extra["empty"]) == (0.0, None, "reference")
+
+
+def test_case_metrics_and_summary() -> None:
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[2:8, 2:8, 2:8] = 1
+    ref[10:16, 10:16, 10:16] = 2
+    pred = ref.copy()
+    pred[pred == 2] = 0  # class 2 missed entirely
+    rows = [{"case": "c", "classes": case_metrics(pred, ref, {0: "bg", 1: "one", 2: "two"}, (1, 1, 1))}]
+    assert rows[0]["classes"]["one"]["dice"] == 1.0 and rows[0]["classes"]["one"]["hd95"] == 0.0
+    s = summarize(rows)
+    assert s["two"]["dice"]["mean"] == 0.0 and s["two"]["hd95"]["mean"] is None and s["two"]["undefined_distance"] == 1

@@ -1,0 +1,283 @@
+"""End to end on real hippocampus cases: train, resume, predict onto the input grid, evaluate, DDP, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from DSDSegmentationLib.cli import main as cli
+from DSDSegmentationLib.engine.io import load_volume
+
+TRAIN = ["--task", "hippocampus", "--max-cases", "8", "--max-steps", "3", "--val-every", "1", "--progress", "none"]
+
+
+def run_cli(*args: str) -> int:
+    return cli([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained_run(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "hippo"
+    assert run_cli("train", "--data", hippocampus_dir, "--output", out, "--epochs", "2", *TRAIN) == 0
+    return out
+
+
+def test_training_run_folder(trained_run: Path) -> None:
+    for name in ("config.json", "split.json", "log.txt", "history.json", "curves.png", "last.pt", "best.pt"):
+        assert (trained_run / name).is_file(), name
+    split = json.loads((trained_run / "split.json").read_text())
+    train_p = {c["patient"] for c in split["train"]}
+    val_p = {c["patient"] for c in split["val"]}
+    assert train_p and val_p and not train_p & val_p
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(0.0 <= h["val_dice"] <= 1.0 for h in history)
+    assert {"loss/gt/main", "loss/kl_dec", "loss/kl_enc"} <= set(history[0])
+    assert history[1]["lr"] < history[0]["lr"]  # poly schedule
+
+
+def test_split_is_deterministic_and_by_patient(hippocampus_dir: Path) -> None:
+    from DSDSegmentationLib.engine.data import Case, split_by_patient
+
+    cases = [Case(f"p{i // 2}_f{i % 2}", [], None, f"p{i // 2}") for i in range(20)]
+    a, b = split_by_patient(cases, 0.2, seed=3), split_by_patient(cases, 0.2, seed=3)
+    assert [c.id for c in a[1]] == [c.id for c in b[1]]
+    assert {c.patient for c in a[0]}.isdisjoint({c.patient for c in a[1]})
+    assert len(a[1]) == 4  # 2 of 10 patients, both frames each
+
+
+def test_existing_run_is_not_overwritten(trained_run: Path, hippocampus_dir: Path, capsys) -> None:
+    before = (trained_run / "last.pt").stat().st_mtime_ns
+    assert run_cli("train", "--data", hippocampus_dir, "--output", trained_run, "--epochs", "2", *TRAIN) == 2
+    assert "already holds a training run; use --resume" in capsys.readouterr().err
+    assert (trained_run / "last.pt").stat().st_mtime_ns == before
+
+
+def _history(run: Path) -> list[dict]:
+    return json.loads((run / "history.json").read_text())
+
+
+def test_resume_after_kill_continues_the_same_run(hippocampus_dir: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(hippocampus_dir), "--epochs", "4", *TRAIN]
+    ref = tmp_path / "uninterrupted"
+    assert run_cli(*args, "--output", ref) == 0
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "DSDSegmentationLib.cli", *args, "--output", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "history.json").is_file() and len(_history(run)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_history(run))
+    assert 2 <= done < 4, "the run should have been killed part-way"
+    assert run_cli(*args, "--output", run, "--resume") == 0
+    h, r = _history(run), _history(ref)
+    assert [x["epoch"] for x in h] == [1, 2, 3, 4]
+    for a, b in zip(h, r):  # same schedule and, with per-epoch reseeding, the same losses
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4)
+    assert "resumed from epoch" in (run / "log.txt").read_text()
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path, hippocampus_dir: Path, capsys) -> None:
+    assert run_cli("train", "--data", hippocampus_dir, "--output", tmp_path / "none", "--resume", *TRAIN) == 2
+    assert "has no last.pt checkpoint" in capsys.readouterr().err
+
+
+def _oblique_affine() -> np.ndarray:
+    a, b = math.radians(25), math.radians(15)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rz @ rx @ np.diag([1.0, 1.2, 0.9]) @ np.diag([-1, 1, -1])  # flipped axes, anisotropic
+    aff[:3, 3] = [12.5, -40.0, 7.25]
+    return aff
+
+
+def test_predict_output_on_input_grid(trained_run: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    src = hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz"
+    data = np.asanyarray(nib.load(src).dataobj).astype(np.float32)
+    oblique = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(data, _oblique_affine()), oblique)
+    lps = tmp_path / "lps.nrrd"
+    nrrd.write(str(lps), data, {"space": "left-posterior-superior", "space directions": np.diag([0.9, 1.1, 1.3]).tolist(),
+                                "space origin": [-5.0, 3.0, 20.0], "kinds": ["domain"] * 3})
+    for inp, out in ((src, tmp_path / "a.nii.gz"), (oblique, tmp_path / "b.nii.gz"), (lps, tmp_path / "c.nrrd"),
+                     (oblique, tmp_path / "d.nrrd")):
+        assert run_cli("predict", "--model", trained_run, "-i", inp, "-o", out, "--progress", "none") == 0
+        img, img_aff = load_volume(inp)
+        lab, lab_aff = load_volume(out)
+        assert lab.shape == img.shape, inp
+        np.testing.assert_allclose(lab_aff, img_aff, atol=1e-5)
+        assert set(np.unique(lab)) <= {0, 1, 2}
+    # NRRD output keeps the LPS header values of an NRRD input
+    _, h_in = nrrd.read(str(lps))
+    _, h_out = nrrd.read(str(tmp_path / "c.nrrd"))
+    np.testing.assert_allclose(np.asarray(h_out["space directions"], float), np.asarray(h_in["space directions"], float), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(h_out["space origin"], float), np.asarray(h_in["space origin"], float), atol=1e-6)
+
+
+def test_predict_batch_evaluate_and_tta(trained_run: Path, hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    listing = tmp_path / "cases.csv"
+    names = ["hippocampus_001", "hippocampus_003"]
+    listing.write_text("image,label\n" + "".join(
+        f"{hippocampus_dir}/imagesTr/{n}.nii.gz,{hippocampus_dir}/labelsTr/{n}.nii.gz\n" for n in names))
+    preds = tmp_path / "preds"
+    assert run_cli("predict", "--model", trained_run, "--batch", listing, "--output-dir", preds, "--tta", "--progress", "none") == 0
+    assert sorted(p.name for p in preds.iterdir()) == [f"{n}.nii.gz" for n in names]
+    capsys.readouterr()
+    assert run_cli("evaluate", "--pred", preds, "--ref", listing, "--labels", "hippocampus", "--output", tmp_path / "ev") == 0
+    printed = capsys.readouterr().out
+    assert "anterior hippocampus" in printed and "HD95 (mm)" in printed
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert [c["case"] for c in report["cases"]] == names
+    for c in report["cases"]:
+        for m in c["classes"].values():
+            assert 0 <= m["dice"] <= 1
+    csv_lines = (tmp_path / "ev" / "metrics.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 2 * 2
+
+
+def test_predict_json_progress_lines(trained_run: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.nii.gz"
+    r = subprocess.run([sys.executable, "-m", "DSDSegmentationLib.cli", "predict", "--model", str(trained_run), "-i",
+                        str(hippocampus_dir / "imagesTr" / "hippocampus_004.nii.gz"), "-o", str(out), "--progress", "json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert all({"stage", "done", "total", "message"} <= set(rec) for rec in records[:-1])
+    assert records[-1]["stage"] == "done" and records[-1]["output"] == str(out)
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda d: np.where(np.arange(d.size).reshape(d.shape) == 7, np.nan, d), "NaN or infinite"),
+        (lambda d: np.full_like(d, 3.0), "constant intensity 3.0"),
+        (lambda d: d[:, :, :1], "not a 3D volume"),
+        (lambda d: np.stack([d, d], axis=-1), r"2 channel\(s\) given, the model expects 1"),
+        (lambda d: np.stack([d] * 3, axis=-1)[..., None], "expected a 3D volume"),
+    ],
+)
+def test_bad_prediction_inputs(trained_run: Path, hippocampus_dir: Path, tmp_path: Path, capsys, make, match) -> None:
+    data = np.asanyarray(nib.load(hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz").dataobj).astype(np.float32)
+    bad = _write(tmp_path / "bad.nii.gz", make(data))
+    out = tmp_path / "out.nii.gz"
+    assert run_cli("predict", "--model", trained_run, "-i", bad, "-o", out, "--progress", "none") == 2
+    err = capsys.readouterr().err
+    assert err.count("dsdseg: error:") == 1 and re.search(match, err), err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_bad_prediction_input_messages(trained_run: Path, hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    img = hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz"
+    out = tmp_path / "o.nii.gz"
+    assert run_cli("predict", "--model", trained_run, "-i", img, "-i", img, "-o", out, "--progress", "none") == 2
+    assert "2 channel(s) given, the model expects 1" in capsys.readouterr().err
+    nan = np.asanyarray(nib.load(img).dataobj).astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    assert run_cli("predict", "--model", trained_run, "-i", _write(tmp_path / "n.nii.gz", nan), "-o", out, "--progress", "none") == 2
+    assert "contains NaN or infinite values" in capsys.readouterr().err
+    assert run_cli("predict", "--model", tmp_path / "nomodel", "-i", img, "-o", out, "--progress", "none") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _copy_dataset(src: Path, dst: Path, n: int) -> list[str]:
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["training"] = sorted(meta["training"], key=lambda e: e["image"])[:n]
+    for e in meta["training"]:
+        shutil.copy(src / e["image"], dst / e["image"])
+        shutil.copy(src / e["label"], dst / e["label"])
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return [Path(e["label"]).name for e in meta["training"]]
+
+
+@pytest.mark.parametrize("defect,match", [
+    ("values", "label values [7] are not among the task's labels"),
+    ("shape", "label shape (10, 10, 10) differs from image shape"),
+    ("affine", "label and image have different geometry"),
+    ("fraction", "label has non-integer values"),
+    ("missing", "does not exist"),
+])
+def test_bad_training_data_named_and_nothing_written(hippocampus_dir: Path, tmp_path: Path, capsys, defect: str, match: str) -> None:
+    data = tmp_path / "data"
+    labels = _copy_dataset(hippocampus_dir, data, 4)
+    target = data / "labelsTr" / labels[2]
+    img = nib.load(target)
+    arr = np.asanyarray(img.dataobj).astype(np.float32)
+    if defect == "values":
+        arr[0, 0, 0] = 7
+        _write(target, arr, img.affine)
+    elif defect == "shape":
+        _write(target, np.zeros((10, 10, 10), np.uint8), img.affine)
+    elif defect == "affine":
+        aff = img.affine.copy()
+        aff[0, 3] += 5
+        _write(target, arr, aff)
+    elif defect == "fraction":
+        arr[0, 0, 0] = 0.5
+        _write(target, arr, img.affine)
+    else:
+        target.unlink()
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--output", out, "--epochs", "1", *TRAIN) == 2
+    err = capsys.readouterr().err
+    assert match in err and labels[2].replace(".nii.gz", "") in err
+    assert not out.exists()
+
+
+def test_ddp_two_gloo_processes_keep_weights_in_sync(hippocampus_dir: Path, tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "DSDSegmentationLib.cli", "train",
+                        "--data", str(hippocampus_dir), "--output", str(out), "--epochs", "1", "--device", "cpu", *TRAIN],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    sums = json.loads((out / "ddp_sync.json").read_text())["rank_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2
+    assert (out / "best.pt").is_file()
+
+
+def test_export_package_and_tamper(trained_run: Path, hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    pkg = tmp_path / "pkg"
+    assert run_cli("export", "--model", trained_run, "--output", pkg) == 0
+    card = json.loads((pkg / "model.json").read_text())
+    assert card["sha256"] and card["parameters"] == 1438819  # backbone only, no heads
+    img = hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz"
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    assert run_cli("predict", "--model", pkg, "-i", img, "-o", a, "--progress", "none") == 0
+    assert run_cli("predict", "--model", trained_run, "-i", img, "-o", b, "--progress", "none") == 0
+    assert np.array_equal(load_volume(a)[0], load_volume(b)[0])
+    with open(pkg / "weights.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    capsys.readouterr()
+    assert run_cli("predict", "--model", pkg, "-i", img, "-o", tmp_path / "c.nii.gz", "--progress", "none") == 2
+    assert "does not match the card" in capsys.readouterr().err
