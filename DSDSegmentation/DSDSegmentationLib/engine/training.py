@@ -129,9 +129,20 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- setup
     def _init_distributed(self) -> None:
+        self._owns_process_group = False
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
             dist.init_process_group(backend=backend)
+            self._owns_process_group = True
+
+    def close(self, graceful: bool = True) -> None:
+        """Shut down the process group this trainer started (a live gloo group aborts the interpreter at exit).
+        After an error no barrier is entered: the other ranks may be gone."""
+        if self._owns_process_group and dist.is_initialized():
+            if graceful:
+                dist.barrier()
+            dist.destroy_process_group()
+            self._owns_process_group = False
 
     def _device(self) -> torch.device:
         dev = resolve_device(self.cfg.device)
@@ -185,6 +196,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ run
     def fit(self) -> dict[str, Any]:
+        try:
+            result = self._fit()
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        self.close()
+        return result
+
+    def _fit(self) -> dict[str, Any]:
         set_determinism(self.cfg.seed)
         train_cases, val_cases = self._prepare_run_folder()
         if _world() > 1:
