@@ -281,3 +281,9 @@ def test_export_package_and_tamper(trained_run: Path, hippocampus_dir: Path, tmp
     capsys.readouterr()
     assert run_cli("predict", "--model", pkg, "-i", img, "-o", tmp_path / "c.nii.gz", "--progress", "none") == 2
     assert "does not match the card" in capsys.readouterr().err
+
+
+def test_task_must_match_dataset_labels(hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    assert run_cli("train", "--data", hippocampus_dir, "--output", tmp_path / "r", "--task", "cardiac", "--epochs", "1",
+                   "--progress", "none") == 2
+    assert "the dataset declares labels" in capsys.readouterr().err and not (tmp_path / "r").exists()

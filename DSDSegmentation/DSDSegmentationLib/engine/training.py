@@ -22,7 +22,7 @@ from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
 from .config import DSDConfig
-from .data import Case, list_cases, split_by_patient, validate_case
+from .data import Case, dataset_labels, list_cases, split_by_patient, validate_case
 from .errors import ConfigError, InputError
 from .losses import DSDLoss
 from .networks import DSDNet
@@ -174,6 +174,10 @@ class Trainer:
         if (self.out / "last.pt").exists():
             raise InputError(f"{self.out} already holds a training run; use --resume or another --output folder")
         cases = list_cases(self.cfg.data, self.cfg.max_cases)
+        declared = dataset_labels(self.cfg.data) if Path(self.cfg.data).is_dir() else None
+        if declared and sorted(declared) != sorted(self.preset.labels):
+            raise ConfigError(f"the dataset declares labels {declared} but task '{self.preset.name}' has "
+                              f"{self.preset.labels}; choose the matching --task or a preset JSON with these labels")
         n_ch, labels = len(self.preset.channels), list(self.preset.labels)
         for i, c in enumerate(cases):
             if c.label is None:

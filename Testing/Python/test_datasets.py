@@ -1,0 +1,98 @@
+"""Dataset layouts (MSD single/4D/per-channel files, nnU-Net raw, plain lists) and their validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from DSDSegmentationLib.engine import InputError
+from DSDSegmentationLib.engine.data import dataset_labels, list_cases, split_by_patient, validate_case
+from DSDSegmentationLib.engine.transforms import LoadCased
+
+
+@pytest.fixture(scope="module")
+def brats_dir(hippocampus_dir: Path) -> Path:
+    return hippocampus_dir.parent / "BraTS2015_DeepMedicSample"
+
+
+def _crop(src: Path, dst: Path) -> None:
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj)[100:132, 100:140, 60:84]
+    nib.save(nib.Nifti1Image(data, img.affine), dst)
+
+
+def test_msd_per_channel_files_and_float_labels(brats_dir: Path) -> None:
+    cases = list_cases(brats_dir)
+    assert len(cases) == 6
+    c = cases[0]
+    assert [Path(p).name for p in c.images] == ["brats_2013_pat0001_1_0000.nii.gz", "brats_2013_pat0001_1_0001.nii.gz"]
+    info = validate_case(c, 2, range(5))  # BraTS labels are stored as float32 0.0..4.0: accepted as integers
+    assert info["label_values"] == [0, 1, 2, 3, 4]
+    with pytest.raises(InputError, match="2 image channel\\(s\\), the task expects 1"):
+        validate_case(c, 1, range(5))
+    assert dataset_labels(brats_dir)[4] == "enhancing tumour"
+
+
+def test_nnunet_raw_layout_and_4d_msd(brats_dir: Path, tmp_path: Path) -> None:
+    src = list_cases(brats_dir, limit=2)
+    nn = tmp_path / "Dataset001_BraTS"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    for c in src:
+        for i, p in enumerate(c.images):
+            _crop(Path(p), nn / "imagesTr" / f"{c.id}_{i:04d}.nii.gz")
+        _crop(Path(c.label), nn / "labelsTr" / f"{c.id}.nii.gz")
+    (nn / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR", "1": "T1c"}, "file_ending": ".nii.gz", "numTraining": 2,
+        "labels": {"background": 0, "necrosis": 1, "edema": 2, "non-enhancing tumour": 3, "enhancing tumour": 4}}))
+    cases = list_cases(nn)
+    assert [c.id for c in cases] == [c.id for c in src] and all(len(c.images) == 2 for c in cases)
+    assert dataset_labels(nn) == {0: "background", 1: "necrosis", 2: "edema", 3: "non-enhancing tumour", 4: "enhancing tumour"}
+    for c in cases:
+        validate_case(c, 2, range(5))
+    # the same two channels as one 4D file in an MSD layout load identically
+    msd = tmp_path / "msd4d"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "labelsTr").mkdir()
+    c = cases[0]
+    chans = [nib.load(p) for p in c.images]
+    nib.save(nib.Nifti1Image(np.stack([np.asanyarray(x.dataobj) for x in chans], -1), chans[0].affine), msd / "imagesTr" / "a.nii.gz")
+    nib.save(nib.load(c.label), msd / "labelsTr" / "a.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1c"}, "labels": {"0": "bg"},
+                                                 "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    (m4,) = list_cases(msd)
+    validate_case(m4, 2, range(5))
+    a = LoadCased()({"image": c.images, "label": c.label})
+    b = LoadCased()({"image": m4.images, "label": m4.label})
+    assert a["image"].shape == b["image"].shape == (2, 32, 40, 24)
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+def test_list_files(hippocampus_dir: Path, tmp_path: Path) -> None:
+    img = hippocampus_dir / "imagesTr"
+    lab = hippocampus_dir / "labelsTr"
+    (tmp_path / "l.json").write_text(json.dumps([
+        {"image": str(img / "hippocampus_001.nii.gz"), "label": str(lab / "hippocampus_001.nii.gz"), "patient": "A"},
+        {"image": [str(img / "hippocampus_003.nii.gz")], "label": str(lab / "hippocampus_003.nii.gz"), "patient": "A"},
+        {"image": str(img / "hippocampus_004.nii.gz"), "label": str(lab / "hippocampus_004.nii.gz"), "patient": "B"}]))
+    cases = list_cases(tmp_path / "l.json")
+    assert [c.patient for c in cases] == ["A", "A", "B"]
+    train, val = split_by_patient(cases, 0.5, seed=0)
+    assert {c.patient for c in train}.isdisjoint({c.patient for c in val}) and len(train) + len(val) == 3
+    (tmp_path / "bad.csv").write_text("label\nx.nii.gz\n")
+    with pytest.raises(InputError, match="entry 1 has no 'image'"):
+        list_cases(tmp_path / "bad.csv")
+    with pytest.raises(InputError, match="at least 2 patients"):
+        split_by_patient(cases[:2], 0.5)
+
+
+def test_missing_and_duplicate_cases(tmp_path: Path) -> None:
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
+    with pytest.raises(InputError, match="case x: image .* listed in dataset.json is missing"):
+        list_cases(tmp_path)
+    with pytest.raises(InputError, match="has no dataset.json"):
+        list_cases(tmp_path / "nothing")
