@@ -19,6 +19,8 @@ from .progress import Progress
 from .training import resolve_device
 from .transforms import inference_transforms
 
+STITCH_ON_GPU_MAX_BYTES = 2 << 30  # above this, sliding-window outputs are accumulated in CPU memory
+
 
 def check_input_image(image: np.ndarray, n_channels: int, what: str) -> None:
     """Clear errors for images the model cannot segment."""
@@ -56,9 +58,14 @@ class Predictor:
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (1, K, ...) on CPU; CUDA out-of-memory → CPU stitching → all on CPU."""
         flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if self.tta else [])
+        cpu = torch.device("cpu")
         attempts = [(self.device, self.device)]
         if self.device.type == "cuda":
-            attempts += [(self.device, torch.device("cpu")), (torch.device("cpu"), torch.device("cpu"))]
+            # windows run on the GPU; the full-volume probability map is stitched on the CPU when it is large
+            out_bytes = 4 * self.model.preset.num_classes * x[0, 0].numel() * 2  # output + blending weights
+            if out_bytes > STITCH_ON_GPU_MAX_BYTES:
+                attempts = []
+            attempts += [(self.device, cpu), (cpu, cpu)]
         for i, (sw_dev, stitch) in enumerate(attempts):
             try:
                 if sw_dev.type == "cpu" and self.device.type == "cuda":
