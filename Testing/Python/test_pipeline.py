@@ -287,3 +287,24 @@ def test_task_must_match_dataset_labels(hippocampus_dir: Path, tmp_path: Path, c
     assert run_cli("train", "--data", hippocampus_dir, "--output", tmp_path / "r", "--task", "cardiac", "--epochs", "1",
                    "--progress", "none") == 2
     assert "the dataset declares labels" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("task,folder,case", [
+    ("cardiac", "ACDC_subset", "patient005_frame01"),
+    ("brain_tumour", "BraTS2015_DeepMedicSample", "brats_2013_pat0004_1"),
+])
+def test_other_presets_train_and_predict_on_input_grid(hippocampus_dir: Path, tmp_path: Path, task: str, folder: str, case: str) -> None:
+    from DSDSegmentationLib.engine.data import list_cases
+
+    data = hippocampus_dir.parent / folder
+    run = tmp_path / "run"
+    assert run_cli("train", "--task", task, "--data", data, "--output", run, "--epochs", "1", "--max-cases", "3",
+                   "--max-steps", "1", "--progress", "none") == 0
+    (c,) = [c for c in list_cases(data) if c.id == case]
+    args = [a for p in c.images for a in ("-i", p)]
+    out = tmp_path / "pred.nrrd"
+    assert run_cli("predict", "--model", run, *args, "-o", out, "--progress", "none") == 0
+    img, img_aff = load_volume(c.images[0])
+    lab, lab_aff = load_volume(out)
+    assert lab.shape == img.shape[:3]
+    np.testing.assert_allclose(lab_aff, img_aff, atol=1e-4)

@@ -100,8 +100,10 @@ class Predictor:
         data = self.transforms({"image": paths})
         img: MetaTensor = data["image"]
         probs = self._probabilities(img.as_tensor()[None].float().to(self.device))
-        pred = MetaTensor(probs[0], meta=dict(img.meta), applied_operations=list(img.applied_operations))
-        inv = self.transforms.inverse({"image": pred})["image"]
+        inv = probs[0]
+        if img.applied_operations:  # orientation / spacing / crop to undo
+            pred = MetaTensor(probs[0], meta=dict(img.meta), applied_operations=list(img.applied_operations))
+            inv = self.transforms.inverse({"image": pred})["image"]
         labels = torch.as_tensor(inv).argmax(0).numpy().astype(np.uint8)
         if labels.shape != raw.shape[1:]:
             raise RuntimeError(f"internal error: inverted prediction has shape {labels.shape}, input {raw.shape[1:]}")

@@ -379,7 +379,9 @@ class Trainer:
                 ax[1].plot([h["epoch"] for h in val], [h[key] for h in val], marker="o", label=name)
         if val:
             ax[1].plot([h["epoch"] for h in val], [h["val_dice"] for h in val], "k--", label="mean")
-        ax[1].set_xlabel("epoch"), ax[1].set_ylabel("validation Dice"), ax[1].set_ylim(0, 1), ax[1].legend(fontsize=8)
+        ax[1].set_xlabel("epoch"), ax[1].set_ylabel("validation Dice"), ax[1].set_ylim(0, 1)
+        if val:
+            ax[1].legend(fontsize=8)
         fig.suptitle(f"{self.preset.name}: {self.net_config.backbone}, {self.dsd_config_name()}")
         fig.tight_layout()
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=self.out)
