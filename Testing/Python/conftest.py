@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from DSDSegmentationLib.engine.data import find_shared_data
+
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # offscreen renders without X
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (slicer_headless)
 
 
 @pytest.fixture(autouse=True)

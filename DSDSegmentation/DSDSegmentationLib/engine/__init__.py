@@ -1,25 +1,24 @@
 """DSDSegmentation engine: Qt-free and Slicer-free (torch + MONAI only).
 
-Networks with dual self-distillation heads, their loss, and (in later modules) data, training, inference,
-metrics and model packages. Nothing here may import ``slicer``, ``qt`` or ``vtk``.
+Networks with dual self-distillation heads and their loss, data, training, inference, metrics and model
+packages. Nothing here may import ``slicer``, ``qt`` or ``vtk``. Names are imported lazily, so torch-free parts
+(``engine.cards``) can be used where torch is not installed yet (the Slicer process before first use).
 """
 
-from .config import DSD_PRESETS, DSDConfig, NetworkConfig
-from .errors import ConfigError, DSDError, InputError
-from .losses import DSDLoss, pixelwise_kl
-from .networks import BACKBONES, DSDNet, DSDOutput, get_backbone_spec
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "BACKBONES",
-    "ConfigError",
-    "DSDConfig",
-    "DSDError",
-    "DSDLoss",
-    "DSDNet",
-    "DSDOutput",
-    "DSD_PRESETS",
-    "InputError",
-    "NetworkConfig",
-    "get_backbone_spec",
-    "pixelwise_kl",
-]
+_EXPORTS = {
+    "BACKBONES": ".networks", "DSDNet": ".networks", "DSDOutput": ".networks", "get_backbone_spec": ".networks",
+    "DSDConfig": ".config", "NetworkConfig": ".config", "DSD_PRESETS": ".config",
+    "ConfigError": ".errors", "DSDError": ".errors", "InputError": ".errors",
+    "DSDLoss": ".losses", "pixelwise_kl": ".losses",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ class TaskPreset:
     normalization: list[dict[str, Any]]
     patch_size: tuple[int, int, int]
     title: str = ""
+    label_colors: dict[int, list[int]] = field(default_factory=dict)  # RGB 0-255 per foreground label
     orientation: str | None = "RAS"
     spacing: list[float] | None = None
     crop_foreground: bool = False
@@ -36,6 +37,7 @@ class TaskPreset:
 
     def __post_init__(self) -> None:
         self.labels = {int(k): str(v) for k, v in self.labels.items()}
+        self.label_colors = {int(k): [int(c) for c in v] for k, v in self.label_colors.items()}
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if 0 not in self.labels:
             raise ConfigError(f"preset '{self.name}': labels must include 0 (background)")
@@ -73,6 +75,7 @@ class TaskPreset:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
+        d["label_colors"] = {str(k): v for k, v in self.label_colors.items()}
         d["patch_size"] = list(self.patch_size)
         return d
 

@@ -1,0 +1,175 @@
+"""MRML bridge (the module's Logic): volume nodes → files → ``dsdseg`` worker → labelmap → segment nodes.
+
+Qt-free and MRML-only: storage nodes and module logics, never ``slicer.util`` load/save helpers or ``slicer.app``,
+so the same code runs inside Slicer and headless on a real MRML scene from ``slicer-core``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import slicer
+
+from .engine.cards import read_model_card
+from .engine.errors import InputError
+from .process import WorkerProcess, WorkerResult
+
+DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
+
+
+@dataclass
+class SegmentationRun:
+    """A worker run started by :meth:`DSDSegmentationLogic.start`; owns its temporary folder."""
+
+    worker: WorkerProcess
+    temp_dir: Path
+    output: Path
+    inputs: list[Any]
+    card: dict[str, Any]
+    segmentation_node: Any = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class DSDSegmentationLogic:
+    """Segments scene volumes with a DSD model through the background worker.
+
+    Args:
+        scene: the MRML scene (``slicer.mrmlScene`` in Slicer, a ``vtkMRMLScene`` headless).
+        python: interpreter that runs the worker (Slicer: PythonSlicer); default: this one.
+        temp_root: where per-run temporary folders are made.
+    """
+
+    def __init__(self, scene: Any, python: str | None = None, temp_root: str | Path | None = None):
+        self.scene = scene
+        self.python = python
+        self.temp_root = Path(temp_root) if temp_root else None
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def check_inputs(self, volume_nodes: Sequence[Any], card: dict[str, Any]) -> None:
+        """Raise :class:`InputError` naming the problem if the volumes cannot be given to the model."""
+        channels = card["preset"]["channels"]
+        if len(volume_nodes) != len(channels):
+            raise InputError(f"the model needs {len(channels)} input volume(s) ({', '.join(channels)}), "
+                             f"{len(volume_nodes)} given")
+        for node, channel in zip(volume_nodes, channels):
+            if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise InputError(f"input '{channel}': a scalar volume is required")
+            image = node.GetImageData()
+            if image is None:
+                raise InputError(f"input '{channel}' ({node.GetName()}): the volume has no image data")
+            if image.GetNumberOfScalarComponents() != 1:
+                raise InputError(f"input '{channel}' ({node.GetName()}): {image.GetNumberOfScalarComponents()}-component "
+                                 "(vector or 4D) volumes are not supported; extract one frame or component first")
+            if min(image.GetDimensions()) < 2:
+                raise InputError(f"input '{channel}' ({node.GetName()}): dimensions {image.GetDimensions()} are not 3D")
+
+    def write_volume(self, node: Any, path: Path) -> Path:
+        """Write a volume node with a storage node (geometry in the file header)."""
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetWriteFileFormat("nrrd")
+        storage.SetUseCompression(False)
+        if not storage.WriteData(node):
+            raise InputError(f"could not write volume '{node.GetName()}' to {path}")
+        return path
+
+    # ------------------------------------------------------------------------------------------------ worker
+    def start(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
+              segmentation_node: Any = None) -> SegmentationRun:
+        """Write the inputs and start the worker; poll ``run.worker`` and call :meth:`finish` when it ends."""
+        card = read_model_card(model)
+        self.check_inputs(volume_nodes, card)
+        temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=self.temp_root))
+        try:
+            files = [self.write_volume(n, temp_dir / f"input_{i:04d}.nrrd") for i, n in enumerate(volume_nodes)]
+            output = temp_dir / "segmentation.nrrd"
+            args = ["predict", "--model", str(model), "-o", str(output), "--device", device]
+            args += [a for f in files for a in ("-i", str(f))]
+            if tta:
+                args.append("--tta")
+            worker = WorkerProcess(args, python=self.python)
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node)
+
+    def cancel(self, run: SegmentationRun) -> None:
+        """Stop the worker and its children and remove the temporary files; no node is created."""
+        run.worker.cancel()
+        run.worker.wait()
+        run.cleanup()
+
+    def finish(self, run: SegmentationRun) -> Any:
+        """After the worker ended: import its labelmap (or raise with its message) and clean up."""
+        try:
+            result: WorkerResult = run.worker.wait()
+            run.records = result.records
+            if not result.ok:
+                raise InputError(f"segmentation {result.status}: {result.message}")
+            return self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node)
+        finally:
+            run.cleanup()
+
+    def segment(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
+                segmentation_node: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        """Blocking convenience (headless, scripts): start, forward progress, finish."""
+        run = self.start(volume_nodes, model, device, tta, segmentation_node)
+        try:
+            while run.worker.running:
+                for rec in run.worker.poll():
+                    if on_progress:
+                        on_progress(rec)
+                time.sleep(0.05)
+        except BaseException:
+            self.cancel(run)
+            raise
+        return self.finish(run)
+
+    # ------------------------------------------------------------------------------------------------ results
+    def import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any = None) -> Any:
+        """Labelmap file → segments named and coloured from the preset, on the reference volume's geometry.
+
+        A new segmentation node is created next to the input unless ``segmentation_node`` is given; then only
+        segments with the model's names are replaced in it and the other segments are kept.
+        """
+        labels = {int(k): v for k, v in preset["labels"].items()}
+        colors = {int(k): v for k, v in (preset.get("label_colors") or {}).items()}
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "dsdseg_labelmap")
+        color_table = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "dsdseg_colors")
+        try:
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            if not storage.ReadData(labelmap):
+                raise InputError(f"could not read the worker's result {path}")
+            color_table.SetTypeToUser()
+            color_table.SetNumberOfColors(max(labels) + 1)
+            for value, name in labels.items():
+                r, g, b = colors.get(value, DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)]) if value else (0, 0, 0)
+                color_table.SetColor(value, name, r / 255.0, g / 255.0, b / 255.0, 0.0 if value == 0 else 1.0)
+            labelmap.CreateDefaultDisplayNodes()
+            labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
+            seg = segmentation_node
+            if seg is None:
+                seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference_volume.GetName()} segmentation")
+                seg.CreateDefaultDisplayNodes()
+            else:
+                segmentation = seg.GetSegmentation()
+                for name in labels.values():
+                    sid = segmentation.GetSegmentIdBySegmentName(name)
+                    if sid:
+                        segmentation.RemoveSegment(sid)
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
+                raise InputError("importing the labelmap into the segmentation failed")
+            return seg
+        finally:
+            self.scene.RemoveNode(labelmap)
+            self.scene.RemoveNode(color_table)

@@ -1,0 +1,140 @@
+"""Client side of the ``dsdseg`` worker: start it as a separate process, read its JSON progress lines,
+cancel the whole process tree. Qt-free and MRML-free, so the Slicer module and tests share it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+EXIT_MESSAGES = {
+    2: "bad input or configuration",
+    3: "out of memory",
+    130: "cancelled",
+}
+
+
+@dataclass
+class WorkerResult:
+    """How a worker run ended: ``ok``, ``cancelled``, or ``error`` with a readable message."""
+
+    status: str
+    exit_code: int | None
+    message: str
+    records: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def worker_command(python: str | None, args: Sequence[str]) -> list[str]:
+    """The command line that runs ``dsdseg ARGS`` with the given Python (Slicer: its PythonSlicer)."""
+    return [python or sys.executable, "-m", "DSDSegmentationLib.cli", *[str(a) for a in args]]
+
+
+class WorkerProcess:
+    """A running ``dsdseg`` command with ``--progress json``.
+
+    ``poll()`` returns the progress records that arrived since the last call without blocking (a GUI calls it
+    from a timer); ``cancel()`` ends the process and its children; ``wait()`` blocks until the end.
+    """
+
+    def __init__(self, args: Sequence[str], python: str | None = None, env: dict[str, str] | None = None,
+                 cwd: str | None = None):
+        self.command = worker_command(python, [*args, "--progress", "json"] if "--progress" not in args else args)
+        self.records: list[dict[str, Any]] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._stderr: list[str] = []
+        self._cancelled = False
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=(os.name != "nt"),
+            creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0)
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = {"stage": "log", "done": 0, "total": 0, "message": line}
+            self._queue.put(rec)
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line.rstrip())
+            del self._stderr[:-200]
+
+    def poll(self) -> list[dict[str, Any]]:
+        new = []
+        while True:
+            try:
+                new.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self.records += new
+        return new
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def cancel(self, grace: float = 3.0) -> None:
+        """Terminate the worker and everything it started (its process group); kill after ``grace`` seconds."""
+        if not self.running:
+            return
+        self._cancelled = True
+        try:
+            if os.name == "nt":
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], capture_output=True)
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            if os.name != "nt":
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+
+    def wait(self, timeout: float | None = None) -> WorkerResult:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.running:
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"worker still running after {timeout} s: {' '.join(self.command)}")
+            time.sleep(0.02)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.poll()
+        return self.result()
+
+    def result(self) -> WorkerResult:
+        code = self.proc.returncode
+        if self._cancelled:
+            return WorkerResult("cancelled", code, "cancelled by the user", self.records)
+        if code == 0:
+            return WorkerResult("ok", 0, "", self.records)
+        errors = [r for r in self.records if r.get("stage") == "error"]
+        if errors:
+            msg = f"{errors[-1].get('kind', 'error')}: {errors[-1].get('message', '')}"
+        else:
+            tail = "\n".join(self._stderr[-15:])
+            msg = f"the worker crashed (exit code {code}, {EXIT_MESSAGES.get(code, 'unexpected error')})" + (f":\n{tail}" if tail else "")
+        return WorkerResult("error", code, msg, self.records)

@@ -1,0 +1,44 @@
+"""A real MRML scene without the Slicer application (slicer-core): the module logics the bridge needs."""
+
+from __future__ import annotations
+
+import os
+import types
+
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+import slicer  # noqa: E402
+from vtkmodules.vtkCommonCore import vtkCollection  # noqa: E402
+
+
+class _Module:
+    def __init__(self, logic):
+        self._logic = logic
+
+    def logic(self):
+        return self._logic
+
+
+def setup_headless():
+    """Scene + application logic + Colors, Volumes, SubjectHierarchy and Segmentations logics."""
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    colors = app.GetColorLogic()
+    colors.SetMRMLScene(scene)
+    colors.AddDefaultColorNodes()
+    app.SetModuleLogic("Colors", colors)
+    app.SetSliceLogics(vtkCollection())
+    app.SetViewLogics(vtkCollection())
+    mods = {}
+    for key, name, cls in (("volumes", "Volumes", slicer.vtkSlicerVolumesLogic),
+                           ("subjecthierarchy", "SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+                           ("segmentations", "Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic(name, logic)
+        mods[key] = logic
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(**{k: _Module(v) for k, v in mods.items()})
+    return scene, app, mods

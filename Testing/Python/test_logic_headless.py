@@ -1,0 +1,120 @@
+"""The MRML bridge on a real scene (slicer-core): volume node → worker → segmentation node."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+
+from slicer_headless import setup_headless  # noqa: E402
+
+from DSDSegmentationLib.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
+from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
+from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene, _app, _mods = setup_headless()
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def model(hippocampus_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("logic") / "run"
+    assert cli(["train", "--task", "hippocampus", "--data", str(hippocampus_dir), "--output", str(out), "--epochs", "1",
+                "--max-cases", "6", "--max-steps", "4", "--progress", "none"]) == 0
+    return out
+
+
+def oblique_volume(scene, hippocampus_dir: Path):
+    """A real hippocampus image as a volume node with an oblique, non-identity IJKToRAS."""
+    data = np.asanyarray(nib.load(hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz").dataobj).astype(np.float32)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 oblique")
+    a = math.radians(30)
+    m = np.array([[math.cos(a), -math.sin(a), 0, -10], [math.sin(a), math.cos(a), 0, 20], [0, 0, 1, 5], [0, 0, 0, 1]])
+    m[:3, :3] = m[:3, :3] @ np.diag([1.0, 1.2, 0.8])
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(data.transpose(2, 1, 0)))  # KJI
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+    return node, data, m
+
+
+def test_segment_oblique_volume_matches_engine(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    vol, data, ijk_to_ras = oblique_volume(scene, hippocampus_dir)
+    logic = DSDSegmentationLogic(scene, temp_root=tmp_path)
+    seg = logic.segment([vol], model, device="cpu")
+    segmentation = seg.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert sorted(names) == ["anterior hippocampus", "posterior hippocampus"]
+    sid = segmentation.GetSegmentIdBySegmentName("posterior hippocampus")
+    color = segmentation.GetSegment(sid).GetColor()
+    np.testing.assert_allclose(color, np.array([70, 130, 220]) / 255.0, atol=1 / 255)
+    assert list(tmp_path.iterdir()) == [], "temporary files must be removed"
+    # the same image, segmented by the engine outside MRML from a NIfTI with the same geometry
+    ref_in = tmp_path / "ref.nii.gz"
+    nib.save(nib.Nifti1Image(data, ijk_to_ras), ref_in)  # IJKToRAS is the NIfTI voxel-to-RAS affine
+    labels, _ = Predictor(model, device="cpu").predict([str(ref_in)])
+    for value, name in ((1, "anterior hippocampus"), (2, "posterior hippocampus")):
+        arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetSegmentIdBySegmentName(name), vol)
+        expected = (labels == value).transpose(2, 1, 0)
+        assert arr.shape == expected.shape
+        assert np.array_equal(arr > 0, expected), f"{name}: {(arr > 0).sum()} vs {expected.sum()} voxels"
+
+
+def test_seg_nrrd_round_trip(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    seg = DSDSegmentationLogic(scene).segment([vol], model, device="cpu")
+    path = tmp_path / "out.seg.nrrd"
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(seg)
+    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert storage.ReadData(back)
+    for name in ("anterior hippocampus", "posterior hippocampus"):
+        a = slicer.util.arrayFromSegmentBinaryLabelmap(seg, seg.GetSegmentation().GetSegmentIdBySegmentName(name), vol)
+        b = slicer.util.arrayFromSegmentBinaryLabelmap(back, back.GetSegmentation().GetSegmentIdBySegmentName(name), vol)
+        assert np.array_equal(a, b)
+
+
+def test_cancel_leaves_no_node_process_or_files(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    logic = DSDSegmentationLogic(scene, temp_root=tmp_path)
+    n_nodes = scene.GetNumberOfNodes()
+    run = logic.start([vol], model, device="cpu", tta=True)
+    time.sleep(0.5)
+    pid = run.worker.proc.pid
+    logic.cancel(run)
+    assert run.worker.result().status == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert list(tmp_path.iterdir()) == []
+    assert scene.GetNumberOfNodes() == n_nodes
+    assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+
+
+def test_bad_inputs(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    logic = DSDSegmentationLogic(scene, temp_root=tmp_path)
+    with pytest.raises(InputError, match=r"needs 1 input volume\(s\) \(T1 MRI\), 2 given"):
+        logic.start([vol, vol], model)
+    vec = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    slicer.util.updateVolumeFromArray(vec, np.zeros((4, 5, 6, 3), np.uint8))
+    with pytest.raises(InputError, match="3-component .* not supported"):
+        logic.start([vec], model)
+    with pytest.raises(InputError, match="does not exist"):
+        logic.start([vol], tmp_path / "no_model")
+    flat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "flat")
+    slicer.util.updateVolumeFromArray(flat, np.full((10, 12, 14), 5.0, np.float32))
+    with pytest.raises(InputError, match="constant intensity"):
+        logic.segment([flat], model, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+    assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
