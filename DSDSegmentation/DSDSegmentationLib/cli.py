@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -150,6 +151,72 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Warm worker: one JSON request per stdin line, JSON progress and results on stdout, models kept loaded.
+
+    Request: {"id": 1, "command": "predict", "model": M, "inputs": [..], "output": F, "device": "auto", "tta": false}
+    or {"command": "quit"}. Every output line carries the request id; each request ends with a line whose
+    stage is "done" or "error" (with kind, message and the exit code the one-shot command would have returned).
+    """
+    from .engine.inference import Predictor
+    from .engine.progress import Progress
+
+    predictors: dict[tuple, Predictor] = {}
+    print(json.dumps({"stage": "ready", "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req.get("id")
+            if req.get("command") == "quit":
+                break
+            if req.get("command") != "predict":
+                raise InputError(f"unknown request command {req.get('command')!r}")
+            progress = _TaggedProgress(rid)
+            key = (str(req["model"]), req.get("device", "auto"))
+            if key not in predictors:
+                predictors.clear()  # one model in memory at a time
+                t0 = time.perf_counter()
+                predictors[key] = Predictor(req["model"], device=key[1], progress=progress)
+                progress.log(f"model loaded in {time.perf_counter() - t0:.2f} s")
+            pred = predictors[key]
+            pred.progress, pred.tta, pred.notes = progress, bool(req.get("tta", False)), []
+            out = pred.predict_to_file(req["inputs"], req["output"])
+            print(json.dumps({"stage": "done", "id": rid, "output": str(out), "notes": pred.notes}), flush=True)
+        except DSDError as e:
+            print(json.dumps({"stage": "error", "id": rid, "kind": "error", "message": str(e), "exit_code": EXIT_BAD_INPUT}), flush=True)
+        except (MemoryError, RuntimeError) as e:
+            oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+            print(json.dumps({"stage": "error", "id": rid, "kind": "out of memory" if oom else "crash",
+                              "message": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                              "exit_code": EXIT_OOM if oom else EXIT_CRASH}), flush=True)
+        except (KeyError, ValueError, TypeError) as e:
+            print(json.dumps({"stage": "error", "id": rid, "kind": "error", "message": f"bad request: {e}",
+                              "exit_code": EXIT_BAD_INPUT}), flush=True)
+    return EXIT_OK
+
+
+class _TaggedProgress:
+    """JSON progress lines that carry the request id (serve mode)."""
+
+    def __init__(self, rid):
+        from .engine.progress import Progress
+
+        self._p = Progress("json")
+        self.rid = rid
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra) -> None:
+        self._p.update(stage, done, total, message, id=self.rid, **extra)
+
+    def log(self, message: str) -> None:
+        self.update("log", 0, 0, message)
+
+    def close(self) -> None:
+        pass
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .engine.models import export_package
 
@@ -233,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="report folder")
     progress_arg(e)
     e.set_defaults(func=_cmd_evaluate)
+
+    sv = sub.add_parser("serve", help="warm worker: JSON requests on stdin, models stay loaded (used by Slicer)")
+    sv.set_defaults(func=_cmd_serve, progress="json")
 
     x = sub.add_parser("export", help="write a model package (head-free weights + card + sha256) from a run")
     x.add_argument("--model", required=True)

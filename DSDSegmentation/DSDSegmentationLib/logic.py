@@ -17,7 +17,7 @@ import slicer
 
 from .engine.cards import read_model_card
 from .engine.errors import InputError
-from .process import WorkerProcess, WorkerResult
+from .process import ServeWorker, WorkerProcess, WorkerResult
 
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
 
@@ -26,7 +26,7 @@ DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 
 class SegmentationRun:
     """A worker run started by :meth:`DSDSegmentationLogic.start`; owns its temporary folder."""
 
-    worker: WorkerProcess
+    worker: Any  # WorkerProcess (one-shot) or ServeJob (warm worker): running / poll / wait / cancel / result
     temp_dir: Path
     output: Path
     inputs: list[Any]
@@ -45,12 +45,19 @@ class DSDSegmentationLogic:
         scene: the MRML scene (``slicer.mrmlScene`` in Slicer, a ``vtkMRMLScene`` headless).
         python: interpreter that runs the worker (Slicer: PythonSlicer); default: this one.
         temp_root: where per-run temporary folders are made.
+        warm: keep one ``dsdseg serve`` worker with the model loaded between runs (cold start only once).
     """
 
-    def __init__(self, scene: Any, python: str | None = None, temp_root: str | Path | None = None):
+    def __init__(self, scene: Any, python: str | None = None, temp_root: str | Path | None = None, warm: bool = True):
         self.scene = scene
         self.python = python
         self.temp_root = Path(temp_root) if temp_root else None
+        self.server = ServeWorker(python) if warm else None
+
+    def shutdown(self) -> None:
+        """Stop the warm worker (module closed or scene cleared)."""
+        if self.server is not None:
+            self.server.stop()
 
     # ------------------------------------------------------------------------------------------------ inputs
     def check_inputs(self, volume_nodes: Sequence[Any], card: dict[str, Any]) -> None:
@@ -91,11 +98,13 @@ class DSDSegmentationLogic:
         try:
             files = [self.write_volume(n, temp_dir / f"input_{i:04d}.nrrd") for i, n in enumerate(volume_nodes)]
             output = temp_dir / "segmentation.nrrd"
-            args = ["predict", "--model", str(model), "-o", str(output), "--device", device]
-            args += [a for f in files for a in ("-i", str(f))]
-            if tta:
-                args.append("--tta")
-            worker = WorkerProcess(args, python=self.python)
+            if self.server is not None:
+                worker = self.server.submit({"command": "predict", "model": str(model), "inputs": [str(f) for f in files],
+                                             "output": str(output), "device": device, "tta": tta})
+            else:
+                args = ["predict", "--model", str(model), "-o", str(output), "--device", device]
+                args += [a for f in files for a in ("-i", str(f))] + (["--tta"] if tta else [])
+                worker = WorkerProcess(args, python=self.python)
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

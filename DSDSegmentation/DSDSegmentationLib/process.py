@@ -48,14 +48,17 @@ class WorkerProcess:
     """
 
     def __init__(self, args: Sequence[str], python: str | None = None, env: dict[str, str] | None = None,
-                 cwd: str | None = None):
-        self.command = worker_command(python, [*args, "--progress", "json"] if "--progress" not in args else args)
+                 cwd: str | None = None, interactive: bool = False):
+        if not interactive and "--progress" not in args:
+            args = [*args, "--progress", "json"]
+        self.command = worker_command(python, args)
         self.records: list[dict[str, Any]] = []
         self._queue: queue.Queue = queue.Queue()
         self._stderr: list[str] = []
         self._cancelled = False
         self.proc = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=(os.name != "nt"),
             creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0)
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
@@ -80,6 +83,13 @@ class WorkerProcess:
         for line in self.proc.stderr:
             self._stderr.append(line.rstrip())
             del self._stderr[:-200]
+
+    def send(self, request: dict[str, Any]) -> None:
+        """Write one JSON request line (interactive workers only)."""
+        if self.proc.stdin is None:
+            raise RuntimeError("this worker was not started with interactive=True")
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
 
     def poll(self) -> list[dict[str, Any]]:
         new = []
@@ -138,3 +148,101 @@ class WorkerProcess:
             tail = "\n".join(self._stderr[-15:])
             msg = f"the worker crashed (exit code {code}, {EXIT_MESSAGES.get(code, 'unexpected error')})" + (f":\n{tail}" if tail else "")
         return WorkerResult("error", code, msg, self.records)
+
+
+class ServeWorker:
+    """A warm ``dsdseg serve`` process: the model stays loaded between requests.
+
+    ``submit(request)`` returns a :class:`ServeJob` with the same interface as :class:`WorkerProcess`
+    (``running``, ``poll``, ``wait``, ``cancel``, ``result``). Cancelling a job ends the warm process (the next
+    job starts a new one): a request in flight cannot be interrupted more gently from outside.
+    """
+
+    def __init__(self, python: str | None = None, env: dict[str, str] | None = None):
+        self.python, self.env = python, env
+        self.proc: WorkerProcess | None = None
+        self._next_id = 0
+        self._jobs: dict[int, "ServeJob"] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.running
+
+    def _ensure(self) -> WorkerProcess:
+        if not self.alive:
+            self.proc = WorkerProcess(["serve"], python=self.python, env=self.env, interactive=True)
+        return self.proc  # type: ignore[return-value]
+
+    def submit(self, request: dict[str, Any]) -> "ServeJob":
+        worker = self._ensure()
+        with self._lock:
+            self._next_id += 1
+            rid = self._next_id
+        job = ServeJob(self, worker, rid)
+        self._jobs[rid] = job
+        worker.send({**request, "id": rid})
+        return job
+
+    def dispatch(self, worker: "WorkerProcess") -> None:
+        for rec in worker.poll():
+            job = self._jobs.get(rec.get("id"))
+            if job is not None:
+                job.records.append(rec)
+                job._pending.append(rec)
+                if rec.get("stage") in ("done", "error"):
+                    job._final = rec
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.running:
+            try:
+                self.proc.send({"command": "quit"})
+                self.proc.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - fall back to killing it
+                self.proc.cancel()
+        self.proc = None
+
+
+class ServeJob:
+    """One request to a :class:`ServeWorker`."""
+
+    def __init__(self, server: ServeWorker, worker: WorkerProcess, rid: int):
+        self.server, self.worker, self.id = server, worker, rid
+        self.records: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
+        self._final: dict[str, Any] | None = None
+        self._cancelled = False
+
+    @property
+    def running(self) -> bool:
+        self.server.dispatch(self.worker)
+        return self._final is None and not self._cancelled and self.worker.running
+
+    def poll(self) -> list[dict[str, Any]]:
+        self.server.dispatch(self.worker)
+        new, self._pending = self._pending, []
+        return new
+
+    def cancel(self) -> None:
+        if self.running:
+            self._cancelled = True
+            self.worker.cancel()
+
+    def wait(self, timeout: float | None = None) -> WorkerResult:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.running:
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"request {self.id} still running after {timeout} s")
+            time.sleep(0.01)
+        return self.result()
+
+    def result(self) -> WorkerResult:
+        if self._cancelled:
+            return WorkerResult("cancelled", None, "cancelled by the user", self.records)
+        if self._final is None:
+            self.worker.wait()
+            return WorkerResult("error", self.worker.proc.returncode, "the warm worker ended unexpectedly: "
+                                + "\n".join(self.worker._stderr[-15:]), self.records)
+        if self._final["stage"] == "done":
+            return WorkerResult("ok", 0, "", self.records)
+        return WorkerResult("error", self._final.get("exit_code"), f"{self._final.get('kind')}: {self._final.get('message')}", self.records)

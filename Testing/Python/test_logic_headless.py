@@ -28,6 +28,20 @@ def scene():
     scene.Clear(1)
 
 
+@pytest.fixture
+def make_logic(scene):
+    """Logic factory whose warm workers are stopped after the test."""
+    made = []
+
+    def make(**kw):
+        made.append(DSDSegmentationLogic(scene, **kw))
+        return made[-1]
+
+    yield make
+    for logic in made:
+        logic.shutdown()
+
+
 @pytest.fixture(scope="module")
 def model(hippocampus_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("logic") / "run"
@@ -48,9 +62,9 @@ def oblique_volume(scene, hippocampus_dir: Path):
     return node, data, m
 
 
-def test_segment_oblique_volume_matches_engine(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+def test_segment_oblique_volume_matches_engine(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
     vol, data, ijk_to_ras = oblique_volume(scene, hippocampus_dir)
-    logic = DSDSegmentationLogic(scene, temp_root=tmp_path)
+    logic = make_logic(temp_root=tmp_path)
     seg = logic.segment([vol], model, device="cpu")
     segmentation = seg.GetSegmentation()
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
@@ -70,9 +84,9 @@ def test_segment_oblique_volume_matches_engine(scene, model: Path, hippocampus_d
         assert np.array_equal(arr > 0, expected), f"{name}: {(arr > 0).sum()} vs {expected.sum()} voxels"
 
 
-def test_seg_nrrd_round_trip(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+def test_seg_nrrd_round_trip(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
-    seg = DSDSegmentationLogic(scene).segment([vol], model, device="cpu")
+    seg = make_logic().segment([vol], model, device="cpu")
     path = tmp_path / "out.seg.nrrd"
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
@@ -85,13 +99,13 @@ def test_seg_nrrd_round_trip(scene, model: Path, hippocampus_dir: Path, tmp_path
         assert np.array_equal(a, b)
 
 
-def test_cancel_leaves_no_node_process_or_files(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+def test_cancel_leaves_no_node_process_or_files(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
-    logic = DSDSegmentationLogic(scene, temp_root=tmp_path)
+    logic = make_logic(temp_root=tmp_path)
     n_nodes = scene.GetNumberOfNodes()
     run = logic.start([vol], model, device="cpu", tta=True)
     time.sleep(0.5)
-    pid = run.worker.proc.pid
+    pid = logic.server.proc.proc.pid
     logic.cancel(run)
     assert run.worker.result().status == "cancelled"
     with pytest.raises(ProcessLookupError):
@@ -99,11 +113,35 @@ def test_cancel_leaves_no_node_process_or_files(scene, model: Path, hippocampus_
     assert list(tmp_path.iterdir()) == []
     assert scene.GetNumberOfNodes() == n_nodes
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+    # the next run starts a fresh warm worker
+    seg = logic.segment([vol], model, device="cpu")
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2 and logic.server.proc.proc.pid != pid
 
 
-def test_bad_inputs(scene, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_and_one_shot_workers_agree(scene, model: Path, hippocampus_dir: Path, warm: bool) -> None:
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
-    logic = DSDSegmentationLogic(scene, temp_root=tmp_path)
+    logic = DSDSegmentationLogic(scene, warm=warm)
+    try:
+        first = logic.segment([vol], model, device="cpu")
+        pid = logic.server.proc.proc.pid if warm else None
+        second = logic.segment([vol], model, device="cpu")
+        if warm:
+            assert logic.server.proc.proc.pid == pid, "the warm worker is reused"
+        name = "anterior hippocampus"
+        a, b = (slicer.util.arrayFromSegmentBinaryLabelmap(s, s.GetSegmentation().GetSegmentIdBySegmentName(name), vol)
+                for s in (first, second))
+        assert np.array_equal(a, b) and a.any()
+    finally:
+        logic.shutdown()
+    if warm:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    logic = make_logic(temp_root=tmp_path)
     with pytest.raises(InputError, match=r"needs 1 input volume\(s\) \(T1 MRI\), 2 given"):
         logic.start([vol, vol], model)
     vec = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
