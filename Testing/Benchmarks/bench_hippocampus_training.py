@@ -69,7 +69,7 @@ def main() -> None:
                      "minutes_to_target": minutes_to(history, args.target),
                      "best_val_dice": max(h.get("val_dice", 0) for h in history), "metrics": metrics,
                      "infer_s": statistics.median(secs), "n_val": len(val)})
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        (out / f"results_{'_'.join(args.modes)}_seed{args.seed}.json").write_text(json.dumps(rows, indent=2))
     print(f"# hippocampus, {rows[0]['n_val']} validation cases, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; Dice / HD95 of the best checkpoint on the original grids")
     print(f"| mode | epochs | train min | min to Dice ≥ {args.target} | best val Dice | anterior Dice | posterior Dice | "

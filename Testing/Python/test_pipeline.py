@@ -308,3 +308,22 @@ def test_other_presets_train_and_predict_on_input_grid(hippocampus_dir: Path, tm
     lab, lab_aff = load_volume(out)
     assert lab.shape == img.shape[:3]
     np.testing.assert_allclose(lab_aff, img_aff, atol=1e-4)
+
+
+def test_channels_on_other_grids_are_resampled_onto_the_first(tmp_path: Path) -> None:
+    from DSDSegmentationLib.engine.errors import InputError
+    from DSDSegmentationLib.engine.io import load_channels
+
+    x = np.arange(20 * 22 * 24, dtype=np.float32).reshape(20, 22, 24) % 97
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    a = _write(tmp_path / "a.nii.gz", x, aff)
+    shifted = aff.copy()
+    shifted[:3, 3] = [-2, 0, 0]  # same voxels two mm to the left: voxel i of b is voxel i-2 of a
+    b = _write(tmp_path / "b.nii.gz", x, shifted)
+    with pytest.raises(InputError, match="b.nii.gz has a different geometry"):
+        load_channels([str(a), str(b)])
+    notes: list[str] = []
+    img, out_aff = load_channels([str(a), str(b)], resample=True, notes=notes)
+    np.testing.assert_array_equal(out_aff, aff)
+    np.testing.assert_allclose(img[1, :-2], x[2:], atol=1e-4)
+    assert notes == ["b.nii.gz was resampled onto the grid of a.nii.gz"]

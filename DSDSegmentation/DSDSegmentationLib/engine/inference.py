@@ -95,9 +95,11 @@ class Predictor:
         """Labels (x, y, z) uint8 on the input's grid and the input's affine."""
         paths = [images] if isinstance(images, (str, Path)) else [str(p) for p in images]
         what = f"input {Path(paths[0]).name}"
-        raw, affine = load_channels(paths, what=what)
+        raw, affine = load_channels(paths, what=what, resample=True, notes=self.notes)
         check_input_image(raw, len(self.model.preset.channels), what)
-        data = self.transforms({"image": paths})
+        loaded = MetaTensor(torch.from_numpy(raw), affine=torch.as_tensor(affine, dtype=torch.float64),
+                            meta={"filename_or_obj": paths[0]})
+        data = self.transforms({"image": loaded})
         img: MetaTensor = data["image"]
         probs = self._probabilities(img.as_tensor()[None].float().to(self.device))
         inv = probs[0]

@@ -55,27 +55,44 @@ def _nrrd_affine(header: dict, ndim: int) -> np.ndarray:
     return affine
 
 
-def load_channels(paths: list[str], what: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Channel-first float32 array (C, x, y, z) and affine from one 3D/4D file or one 3D file per channel."""
-    arrays, affine = [], None
+def load_channels(paths: list[str], what: str = "image", resample: bool = False,
+                  notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-first float32 array (C, x, y, z) and affine from one 3D/4D file or one 3D file per channel.
+
+    Channels on a different grid than the first are an error, or with ``resample`` are resampled (linear) onto
+    the first channel's grid, which is then noted in ``notes``.
+    """
+    arrays, affine, shape = [], None, None
     for p in paths:
         data, aff = load_volume(p, what)
         if data.ndim == 4 and len(paths) == 1:
-            arrays += [data[..., i] for i in range(data.shape[3])]
+            chans = [data[..., i] for i in range(data.shape[3])]
         elif data.ndim == 3:
-            arrays.append(data)
+            chans = [data]
         else:
             raise InputError(f"{what}: {p} has shape {data.shape}; expected a 3D volume (or one 4D multi-channel file)")
         if affine is None:
-            affine = aff
-        elif not np.allclose(aff, affine, atol=1e-3):
-            raise InputError(f"{what}: channel {p} has a different geometry (affine) from the first channel")
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise InputError(f"{what}: channels have different shapes {sorted(shapes)}")
+            affine, shape = aff, chans[0].shape
+        elif chans[0].shape != shape or not np.allclose(aff, affine, atol=1e-3):
+            if not resample:
+                raise InputError(f"{what}: channel {Path(p).name} has a different geometry (shape or affine) from the "
+                                 f"first channel {Path(paths[0]).name}")
+            chans = [_resample_onto(chans[0], aff, affine, shape)]
+            if notes is not None:
+                notes.append(f"{Path(p).name} was resampled onto the grid of {Path(paths[0]).name}")
+        arrays += chans
     image = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
     assert affine is not None
     return image, affine
+
+
+def _resample_onto(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: tuple) -> np.ndarray:
+    """Linear resampling of ``data`` (voxel→RAS ``affine``) onto a target grid; outside is the minimum value."""
+    from scipy.ndimage import affine_transform
+
+    m = np.linalg.inv(affine) @ target_affine  # target voxel -> source voxel
+    return affine_transform(np.asarray(data, dtype=np.float32), m[:3, :3], offset=m[:3, 3], output_shape=target_shape,
+                            order=1, mode="constant", cval=float(np.min(data)))
 
 
 def save_labelmap(labels: np.ndarray, affine: np.ndarray, path: str | Path, reference: str | Path | None = None) -> Path:

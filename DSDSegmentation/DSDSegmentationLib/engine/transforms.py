@@ -32,7 +32,8 @@ from .tasks import TaskPreset
 class LoadCased(MapTransform):
     """Load ``image`` (list of channel files, or one 4D file) and optional ``label`` as MetaTensors with affines.
 
-    The same loader serves validation, training and inference, so all three see identical arrays.
+    The same loader serves validation, training and inference, so all three see identical arrays. An ``image``
+    that is already a MetaTensor (inference loads and checks it once) is passed through.
     """
 
     def __init__(self, keys=("image", "label"), allow_missing_keys: bool = True):
