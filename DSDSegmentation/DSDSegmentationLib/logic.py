@@ -143,7 +143,18 @@ class DSDSegmentationLogic:
         return self.finish(run)
 
     # ------------------------------------------------------------------------------------------------ results
-    def import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any = None) -> Any:
+    def place_beside(self, node: Any, reference: Any) -> None:
+        """Put ``node`` in the subject hierarchy under the same parent (study) as ``reference``."""
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if sh is None:
+            return
+        ref_item = sh.GetItemByDataNode(reference)
+        parent = sh.GetItemParent(ref_item) if ref_item else sh.GetSceneItemID()
+        item = sh.GetItemByDataNode(node) or sh.CreateItem(parent, node)  # headless scenes make no items by themselves
+        sh.SetItemParent(item, parent)
+
+    def import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any = None,
+                        show_3d: bool = True) -> Any:
         """Labelmap file → segments named and coloured from the preset, on the reference volume's geometry.
 
         A new segmentation node is created next to the input unless ``segmentation_node`` is given; then only
@@ -178,6 +189,9 @@ class DSDSegmentationLogic:
             seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
                 raise InputError("importing the labelmap into the segmentation failed")
+            self.place_beside(seg, reference_volume)
+            if show_3d:
+                seg.CreateClosedSurfaceRepresentation()
             return seg
         finally:
             self.scene.RemoveNode(labelmap)

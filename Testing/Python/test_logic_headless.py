@@ -64,6 +64,9 @@ def oblique_volume(scene, hippocampus_dir: Path):
 
 def test_segment_oblique_volume_matches_engine(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
     vol, data, ijk_to_ras = oblique_volume(scene, hippocampus_dir)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateFolderItem(sh.GetSceneItemID(), "study A")
+    sh.CreateItem(study, vol)
     logic = make_logic(temp_root=tmp_path)
     seg = logic.segment([vol], model, device="cpu")
     segmentation = seg.GetSegmentation()
@@ -73,6 +76,8 @@ def test_segment_oblique_volume_matches_engine(scene, make_logic, model: Path, h
     color = segmentation.GetSegment(sid).GetColor()
     np.testing.assert_allclose(color, np.array([70, 130, 220]) / 255.0, atol=1 / 255)
     assert list(tmp_path.iterdir()) == [], "temporary files must be removed"
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study, "placed beside the input volume"
     # the same image, segmented by the engine outside MRML from a NIfTI with the same geometry
     ref_in = tmp_path / "ref.nii.gz"
     nib.save(nib.Nifti1Image(data, ijk_to_ras), ref_in)  # IJKToRAS is the NIfTI voxel-to-RAS affine
