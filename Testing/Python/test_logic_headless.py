@@ -161,3 +161,27 @@ def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_p
         logic.segment([flat], model, device="cpu")
     assert list(tmp_path.iterdir()) == []
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+
+
+def test_offscreen_renders_show_the_segments(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    from DSDSegmentationLib.rendering import render_3d, render_slice
+
+    app = slicer.modules.volumes.logic().GetMRMLApplicationLogic()
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    vol.CreateDefaultDisplayNodes()
+    seg = make_logic().segment([vol], model, device="cpu")
+    out = Path(os.environ.get("DSDSEG_RENDER_DIR", tmp_path))
+    p3 = render_3d(scene, app, seg, out / "surfaces_3d.png")
+    p2 = render_slice(scene, app, vol, seg, out / "slice_outline.png")
+    import vtk
+
+    for p, min_pixels in ((p3, 500), (p2, 50)):
+        reader = vtk.vtkPNGReader()
+        reader.SetFileName(str(p))
+        reader.Update()
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+
+        img = vtk_to_numpy(reader.GetOutput().GetPointData().GetScalars())[:, :3].astype(int)
+        # pixels close to the posterior hippocampus colour (70, 130, 220): bluish, not grey
+        blue = (img[:, 2] - img[:, 0] > 60) & (img[:, 2] > 120)
+        assert blue.sum() > min_pixels, f"{p.name}: only {blue.sum()} segment-coloured pixels"
