@@ -46,13 +46,16 @@ class DSDSegmentationLogic:
         python: interpreter that runs the worker (Slicer: PythonSlicer); default: this one.
         temp_root: where per-run temporary folders are made.
         warm: keep one ``dsdseg serve`` worker with the model loaded between runs (cold start only once).
+        env: extra environment of the worker (Slicer: PYTHONPATH to this package).
     """
 
-    def __init__(self, scene: Any, python: str | None = None, temp_root: str | Path | None = None, warm: bool = True):
+    def __init__(self, scene: Any, python: str | None = None, temp_root: str | Path | None = None, warm: bool = True,
+                 env: dict[str, str] | None = None):
         self.scene = scene
         self.python = python
+        self.env = env
         self.temp_root = Path(temp_root) if temp_root else None
-        self.server = ServeWorker(python) if warm else None
+        self.server = ServeWorker(python, env) if warm else None
 
     def shutdown(self) -> None:
         """Stop the warm worker (module closed or scene cleared)."""
@@ -104,7 +107,7 @@ class DSDSegmentationLogic:
             else:
                 args = ["predict", "--model", str(model), "-o", str(output), "--device", device]
                 args += [a for f in files for a in ("-i", str(f))] + (["--tta"] if tta else [])
-                worker = WorkerProcess(args, python=self.python)
+                worker = WorkerProcess(args, python=self.python, env=self.env)
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

@@ -327,3 +327,22 @@ def test_channels_on_other_grids_are_resampled_onto_the_first(tmp_path: Path) ->
     np.testing.assert_array_equal(out_aff, aff)
     np.testing.assert_allclose(img[1, :-2], x[2:], atol=1e-4)
     assert notes == ["b.nii.gz was resampled onto the grid of a.nii.gz"]
+
+
+def test_model_registry_reports_problems_without_torch(trained_run: Path, tmp_path: Path) -> None:
+    from DSDSegmentationLib.engine.cards import list_models
+
+    user = tmp_path / "models"
+    assert run_cli("export", "--model", trained_run, "--output", user / "good") == 0
+    assert run_cli("export", "--model", trained_run, "--output", user / "corrupt") == 0
+    assert run_cli("export", "--model", trained_run, "--output", user / "noweights") == 0
+    (user / "corrupt" / "weights.pt").write_bytes(b"garbage")
+    (user / "noweights" / "weights.pt").unlink()
+    (user / "broken").mkdir()
+    (user / "broken" / "model.json").write_text("{not json")
+    status = {m["id"]: m["status"] for m in list_models([tmp_path / "builtin-none", user])}
+    assert status == {"broken": status["broken"], "corrupt": "weights file is corrupt (sha256 does not match the card)",
+                      "good": "ok", "noweights": "weights file weights.pt is missing"}
+    assert "not valid JSON" in status["broken"]
+    code = "import sys; from DSDSegmentationLib.engine.cards import list_models; list_models(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

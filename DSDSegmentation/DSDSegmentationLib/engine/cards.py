@@ -31,3 +31,51 @@ def read_model_card(source: str | Path) -> dict[str, Any]:
         if key not in preset:
             raise InputError(f"model {p}: its card has no preset '{key}'")
     return card
+
+
+USER_MODELS_ENV = "DSDSEG_MODELS"
+
+
+def builtin_models_dir() -> Path:
+    """``Resources/Models`` of the extension (next to the module folder in the source tree and in Slicer)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "Resources" / "Models").is_dir():
+            return parent / "Resources" / "Models"
+    return here.parents[3] / "Resources" / "Models"
+
+
+def user_models_dir() -> Path:
+    """Per-user model folder: ``$DSDSEG_MODELS`` or ``~/.DSDSegmentation/models``."""
+    import os
+
+    return Path(os.environ.get(USER_MODELS_ENV) or Path.home() / ".DSDSegmentation" / "models")
+
+
+def list_models(folders: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Model packages found in the built-in and user folders, each with ``id``, ``path``, ``source``
+    (builtin/user), ``title``, ``card`` and ``status`` (``ok`` or a readable problem: unreadable card, missing
+    weights, sha256 mismatch). Problems are reported, never raised, so one bad package hides nothing else."""
+    from .models_sha import sha256_of
+
+    folders = folders if folders is not None else [builtin_models_dir(), user_models_dir()]
+    found = []
+    for i, folder in enumerate(folders):
+        if not folder.is_dir():
+            continue
+        for pkg in sorted(p for p in folder.iterdir() if p.is_dir()):
+            entry: dict[str, Any] = {"id": pkg.name, "path": str(pkg), "source": "builtin" if i == 0 else "user",
+                                     "title": pkg.name, "card": None, "status": "ok"}
+            try:
+                card = read_model_card(pkg)
+                entry["card"] = card
+                entry["title"] = card.get("title") or card["preset"].get("title") or pkg.name
+                weights = pkg / card.get("weights", "weights.pt")
+                if not weights.is_file():
+                    entry["status"] = f"weights file {weights.name} is missing"
+                elif card.get("sha256") and sha256_of(weights) != card["sha256"]:
+                    entry["status"] = "weights file is corrupt (sha256 does not match the card)"
+            except InputError as e:
+                entry["status"] = str(e)
+            found.append(entry)
+    return found

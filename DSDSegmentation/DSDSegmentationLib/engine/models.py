@@ -6,7 +6,6 @@ sha256) and the head-free backbone weights, loadable with ``torch.load(weights_o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import torch
 
 from .config import DSDConfig, NetworkConfig
 from .errors import InputError
+from .models_sha import sha256_of
 from .networks import DSDNet
 from .tasks import TaskPreset
 
@@ -35,14 +35,6 @@ class LoadedModel:
     net_config: NetworkConfig
     source: str
     card: dict[str, Any]
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
