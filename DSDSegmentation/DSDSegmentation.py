@@ -1,10 +1,41 @@
-"""DSDSegmentation Slicer module (widget room).
+"""DSDSegmentation Slicer module: the widget room (thin Qt layer bound to a parameter node).
 
-The panel, its parameter node and the MRML Logic arrive with the Slicer-module issue; the engine and the
-``dsdseg`` worker/CLI it will call live in ``DSDSegmentationLib``.
+Everything else lives in ``DSDSegmentationLib``: the MRML bridge (``logic.py``, Qt-free), the worker client
+(``process.py``) and the engine that the background ``dsdseg`` worker runs with Slicer's own Python.
 """
 
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+MAX_INPUTS = 4
+
+
+def resourcePath(relative: str) -> str:
+    """``Resources/`` is next to the module in a build/install tree and one level up in the source tree."""
+    for base in (os.path.join(MODULE_DIR, "Resources"), os.path.join(MODULE_DIR, "..", "Resources")):
+        path = os.path.join(base, relative)
+        if os.path.exists(path):
+            return os.path.normpath(path)
+    return os.path.join(MODULE_DIR, "Resources", relative)
 
 
 class DSDSegmentation(ScriptedLoadableModule):
@@ -12,13 +43,327 @@ class DSDSegmentation(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "DSDSegmentation"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("DSDSegmentation")
+        self.parent.categories = [_("Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["DSDSegmentation developers"]
-        self.parent.helpText = (
-            "Segment hippocampus, cardiac and brain-tumour MRI with dual self-distillation (DSD) U-shaped networks."
+        self.parent.helpText = _(
+            "Segment hippocampus, cardiac and brain-tumour MRI with dual self-distillation (DSD) U-shaped networks. "
+            "Pick the input volume(s) and a model, then Apply. Inference runs in a background process on the GPU "
+            "or the CPU; Slicer stays responsive and Cancel stops it."
         )
-        self.parent.acknowledgementText = (
-            "DSD: Banerjee et al., IEEE TBME 2025 (arXiv 2306.03271). Networks from MONAI."
+        self.parent.acknowledgementText = _(
+            "DSD: Banerjee, Summerfield, Dong, Glide-Hurst, IEEE TBME 2025 (arXiv 2306.03271). Networks, losses and "
+            "transforms from MONAI."
         )
+
+
+@parameterNodeWrapper
+class DSDSegmentationParameterNode:
+    inputVolume0: vtkMRMLScalarVolumeNode
+    inputVolume1: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelPath: str = ""
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    tta: bool = False
+    show3D: bool = True
+
+
+class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Panel: model and inputs from the parameter node, Apply/Cancel, progress from the worker's JSON lines."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[DSDSegmentationLogic] = None
+        self._parameterNode: Optional[DSDSegmentationParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._models: list[dict] = []
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._poll)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resourcePath("UI/DSDSegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DSDSegmentationLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.refreshModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.cancelRun()
+        if self.logic:
+            self.logic.shutdown()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.cancelRun()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume0:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume0 = first
+
+    def setParameterNode(self, node: Optional[DSDSegmentationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateApply)
+        self._parameterNode = node
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateApply)
+            index = self.ui.modelComboBox.findData(self._parameterNode.modelPath)
+            if index >= 0:
+                self.ui.modelComboBox.setCurrentIndex(index)
+            self.onModelChanged()
+
+    # ----------------------------------------------------------------------------------------------- models
+    def refreshModels(self) -> None:
+        from DSDSegmentationLib.engine.cards import list_models
+
+        self._models = list_models()
+        combo = self.ui.modelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for m in self._models:
+            label = m["title"] + (" (user)" if m["source"] == "user" else "")
+            if m["status"] != "ok":
+                label += f" — unavailable: {m['status']}"
+            combo.addItem(label, m["path"])
+        combo.blockSignals(False)
+        if not self._models:
+            self.ui.statusLabel.text = _("No model found. Built-in models live in Resources/Models; user models in ") + \
+                str(__import__("DSDSegmentationLib.engine.cards", fromlist=["x"]).user_models_dir())
+
+    def currentModel(self) -> Optional[dict]:
+        i = self.ui.modelComboBox.currentIndex
+        return self._models[i] if 0 <= i < len(self._models) else None
+
+    def onModelChanged(self, *_args) -> None:
+        model = self.currentModel()
+        channels = model["card"]["preset"]["channels"] if model and model["card"] else ["Input volume"]
+        for i in range(MAX_INPUTS):
+            visible = i < len(channels)
+            getattr(self.ui, f"inputLabel{i}").setVisible(visible)
+            getattr(self.ui, f"inputVolumeSelector{i}").setVisible(visible)
+            if visible:
+                getattr(self.ui, f"inputLabel{i}").text = channels[i] + ":"
+        if self._parameterNode and model:
+            self._parameterNode.modelPath = model["path"]
+        self._updateApply()
+
+    def _inputs(self) -> list:
+        model = self.currentModel()
+        n = len(model["card"]["preset"]["channels"]) if model and model["card"] else 1
+        return [getattr(self._parameterNode, f"inputVolume{i}") for i in range(n)]
+
+    def _updateApply(self, caller=None, event=None) -> None:
+        if self._run is not None:
+            return
+        model = self.currentModel()
+        ready = bool(self._parameterNode and model and model["status"] == "ok" and all(self._inputs()))
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Segment the input volume(s)") if ready else _("Select a usable model and every input volume")
+
+    # ---------------------------------------------------------------------------------------------- running
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self.cancelRun()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the segmentation."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            self.ui.environmentLabel.text = self.logic.environmentInfo()
+            p = self._parameterNode
+            self._run = self.logic.bridge().start(self._inputs(), p.modelPath, device=p.device, tta=p.tta,
+                                                  segmentation_node=p.outputSegmentation)
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.progressBar.visible = True
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting the worker…")
+            self._timer.start()
+
+    def _poll(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        for rec in run.worker.poll():
+            if rec.get("total"):
+                self.ui.progressBar.maximum = int(rec["total"])
+                self.ui.progressBar.value = int(rec["done"])
+            if rec.get("message"):
+                self.ui.statusLabel.text = rec["message"]
+        if run.worker.running:
+            return
+        self._timer.stop()
+        self._run = None
+        self._resetButton()
+        try:
+            seg = self.logic.bridge().finish(run)
+        except Exception as e:  # noqa: BLE001 - shown to the user, nothing was created
+            self.ui.statusLabel.text = str(e)
+            slicer.util.errorDisplay(str(e))
+            return
+        self._parameterNode.outputSegmentation = seg
+        seg.GetDisplayNode().SetVisibility(True)
+        if self._parameterNode.show3D:
+            seg.CreateClosedSurfaceRepresentation()
+        slicer.util.setSliceViewerLayers(background=run.inputs[0], fit=True)
+        self.ui.statusLabel.text = _("Done: {n} segments in '{name}'.").format(
+            n=seg.GetSegmentation().GetNumberOfSegments(), name=seg.GetName())
+
+    def cancelRun(self) -> None:
+        if self._run is not None:
+            self._timer.stop()
+            self.logic.bridge().cancel(self._run)
+            self._run = None
+            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
+            self._resetButton()
+
+    def _resetButton(self) -> None:
+        self.ui.applyButton.text = _("Apply")
+        self.ui.progressBar.visible = False
+        self._updateApply()
+
+
+class DSDSegmentationLogic(ScriptedLoadableModuleLogic):
+    """Slicer-side facade: parameter node, dependencies, and the Qt-free MRML bridge that does the work."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._bridge = None
+
+    def getParameterNode(self):
+        return DSDSegmentationParameterNode(super().getParameterNode())
+
+    def bridge(self):
+        if self._bridge is None:
+            if MODULE_DIR not in sys.path:
+                sys.path.insert(0, MODULE_DIR)
+            from DSDSegmentationLib.logic import DSDSegmentationLogic as Bridge
+
+            python = shutil.which("PythonSlicer") or sys.executable
+            env = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
+            self._bridge = Bridge(slicer.mrmlScene, python=python, env=env)
+        return self._bridge
+
+    def shutdown(self) -> None:
+        if self._bridge is not None:
+            self._bridge.shutdown()
+
+    def requirements(self) -> list[str]:
+        with open(resourcePath("requirements.txt"), encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+    def ensureDependencies(self) -> bool:
+        """torch through PyTorch Utils, the rest through pip_ensure (5.12+) or pip_install (5.10), with consent.
+        Slicer's own numpy, SimpleITK, vtk and requests are never touched."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(_("DSDSegmentation needs the PyTorch extension. Install 'PyTorch' from the "
+                                       "Extensions Manager and restart Slicer."))
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.4") is None:
+                return False
+        reqs = self.requirements()
+        if hasattr(slicer, "packaging"):
+            slicer.packaging.pip_ensure(reqs, requester="DSDSegmentation")
+        else:
+            import importlib.metadata as md
+
+            missing = []
+            for r in reqs:
+                name = r.split("=")[0].split(">")[0].split("<")[0].strip()
+                try:
+                    md.version(name)
+                except md.PackageNotFoundError:
+                    missing.append(r)
+            if missing:
+                if not slicer.util.confirmOkCancelDisplay(_("DSDSegmentation will install: ") + ", ".join(missing)):
+                    return False
+                slicer.util.pip_install(missing)
+        return True
+
+    def environmentInfo(self) -> str:
+        import torch
+
+        cuda = torch.version.cuda or "none (CPU build)"
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+        return f"torch {torch.__version__}, CUDA build {cuda}, device {device}"
+
+
+class DSDSegmentationTest(ScriptedLoadableModuleTest):
+    """Self-test in a real Slicer (``Slicer --testing``): the registry, and a segmentation with the first usable
+    built-in model on a synthetic volume (skipped, with a message, when no model is shipped yet)."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_models_listed()
+        self.setUp()
+        self.test_segment_with_builtin_model()
+
+    def test_models_listed(self) -> None:
+        if MODULE_DIR not in sys.path:
+            sys.path.insert(0, MODULE_DIR)
+        from DSDSegmentationLib.engine.cards import list_models
+
+        models = list_models()
+        self.delayDisplay(f"{len(models)} model(s): " + ", ".join(f"{m['id']} ({m['status']})" for m in models))
+
+    def test_segment_with_builtin_model(self) -> None:
+        import numpy as np
+
+        from DSDSegmentationLib.engine.cards import list_models
+
+        usable = [m for m in list_models() if m["status"] == "ok" and m["source"] == "builtin"]
+        if not usable:
+            self.delayDisplay("No built-in model shipped yet: segmentation test skipped")
+            return
+        model = usable[0]
+        channels = model["card"]["preset"]["channels"]
+        rng = np.random.default_rng(0)
+        volumes = []
+        for name in channels:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+            slicer.util.updateVolumeFromArray(node, rng.normal(100, 20, (40, 48, 36)).astype(np.float32))
+            volumes.append(node)
+        logic = DSDSegmentationLogic()
+        self.assertTrue(logic.ensureDependencies())
+        seg = logic.bridge().segment(volumes, model["path"], device="cpu")
+        labels = model["card"]["preset"]["labels"]
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments() <= len(labels) - 1, True)
+        logic.shutdown()
+        self.delayDisplay("Segmentation test passed")
