@@ -159,6 +159,11 @@ def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_p
     slicer.util.updateVolumeFromArray(flat, np.full((10, 12, 14), 5.0, np.float32))
     with pytest.raises(InputError, match="constant intensity"):
         logic.segment([flat], model, device="cpu")
+    pkg = tmp_path.parent / (tmp_path.name + "_pkg")
+    assert cli(["export", "--model", str(model), "--output", str(pkg)]) == 0
+    (pkg / "weights.pt").unlink()
+    with pytest.raises(InputError, match="weights file weights.pt is missing"):
+        logic.segment([vol], pkg, device="cpu")
     assert list(tmp_path.iterdir()) == []
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
 
