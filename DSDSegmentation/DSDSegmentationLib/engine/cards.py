@@ -3,23 +3,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, read_json
 
 
 def read_model_card(source: str | Path) -> dict[str, Any]:
     """The card of a model package folder, or the equivalent of a training run folder."""
     p = Path(source)
     if (p / "model.json").is_file():
-        try:
-            card = json.loads((p / "model.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"model {p}: model.json is not valid JSON: {e}") from e
+        card = read_json(p / "model.json", what=f"model {p}: model.json")
     elif (p / "config.json").is_file() and ((p / "best.pt").is_file() or (p / "last.pt").is_file()):
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json(p / "config.json")
         resolved = cfg.get("resolved", {})
         card = {"preset": resolved.get("preset"), "network": resolved.get("network"), "dsd": resolved.get("dsd")}
     elif p.exists():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import re
@@ -13,7 +12,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, read_json
 
 DATA_ENV = "DSDSEG_DATA"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
@@ -107,7 +106,7 @@ def _nnunet_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
 def _list_cases(path: Path) -> list[Case]:
     rows: list[dict[str, Any]]
     if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_json(path)
         if isinstance(rows, dict):
             rows = rows.get("training", [])
     else:
@@ -139,10 +138,7 @@ def list_cases(source: str | Path, limit: int | None = None) -> list[Case]:
         meta_path = source / "dataset.json"
         if not meta_path.is_file():
             raise InputError(f"{source} has no dataset.json (expected an MSD or nnU-Net dataset folder, or a .json/.csv list)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{meta_path} is not valid JSON: {e}") from e
+        meta = read_json(meta_path)
         cases = _nnunet_cases(source, meta) if "channel_names" in meta and "file_ending" in meta else _msd_cases(source, meta)
     if not cases:
         raise InputError(f"{source} lists no training cases")
@@ -159,7 +155,7 @@ def dataset_labels(source: str | Path) -> dict[int, str] | None:
     meta_path = Path(source) / "dataset.json"
     if not meta_path.is_file():
         return None
-    labels = json.loads(meta_path.read_text(encoding="utf-8")).get("labels")
+    labels = read_json(meta_path).get("labels")
     if not labels:
         return None
     if all(re.fullmatch(r"\d+", str(k)) for k in labels):

@@ -5,13 +5,12 @@ Built-in presets are the JSON files in ``engine/presets``; a user preset is any 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import NetworkConfig
-from .errors import ConfigError
+from .errors import ConfigError, read_json
 
 PRESET_DIR = Path(__file__).parent / "presets"
 NORMALIZATIONS = ("zscore", "percentile", "ct_window", "none")
@@ -102,8 +101,4 @@ def load_preset(name_or_path: str | Path) -> TaskPreset:
         p = PRESET_DIR / f"{name_or_path}.json"
     if not p.is_file():
         raise ConfigError(f"unknown task preset '{name_or_path}'; built-in: {', '.join(builtin_presets())}, or a JSON file")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"preset {p} is not valid JSON: {e}") from e
-    return TaskPreset.from_dict(data)
+    return TaskPreset.from_dict(read_json(p, ConfigError, f"preset {p}"))
