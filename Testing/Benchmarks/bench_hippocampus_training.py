@@ -3,7 +3,7 @@
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_hippocampus_training.py --epochs 60 [--out output/bench_hippo]
 Resumable: rerun the same command after an interruption and each run continues from its last checkpoint.
-Prints, per mode: minutes to reach validation Dice >= 0.85, best validation Dice, and per-class Dice / HD95 (mm)
+Prints the validation Dice of every mode at each epoch all runs reached, then, per mode: minutes to reach validation Dice >= 0.85, best validation Dice, and per-class Dice / HD95 (mm)
 of the best checkpoint on the validation split (on each case's original grid), and inference seconds per case.
 """
 
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="output/bench_hippo")
     ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument("--no-train", action="store_true",
+                    help="evaluate the runs as they are (e.g. interrupted), without training further")
     args = ap.parse_args()
     data = find_shared_data() / "Task04_Hippocampus"
     out = Path(args.out)
@@ -49,7 +51,7 @@ def main() -> None:
                   "--dsd", mode, "--seed", str(args.seed), "--val-every", "2", "--progress", "none"]
         history_path = run / "history.json"
         done = history_path.is_file() and len(json.loads(history_path.read_text())) >= args.epochs
-        if not done:
+        if not done and not args.no_train:
             rc = cli(common + (["--resume"] if (run / "last.pt").is_file() else []))
             if rc != 0:
                 raise SystemExit(f"training {mode} failed with exit code {rc}")
@@ -70,6 +72,16 @@ def main() -> None:
                      "best_val_dice": max(h.get("val_dice", 0) for h in history), "metrics": metrics,
                      "infer_s": statistics.median(secs), "n_val": len(val)})
         (out / f"results_{'_'.join(args.modes)}_seed{args.seed}.json").write_text(json.dumps(rows, indent=2))
+    common_epochs = min(r["epochs"] for r in rows)
+    histories = {r["mode"]: json.loads((out / f"{r['mode']}_seed{args.seed}" / "history.json").read_text()) for r in rows}
+    print(f"# validation Dice (mean of both classes, preprocessed space) at the epochs every run reached (<= {common_epochs})")
+    print("| epoch | " + " | ".join(histories) + " |")
+    print("|---:|" + "---:|" * len(histories))
+    for e in range(1, common_epochs + 1):
+        vals = [next((h.get("val_dice") for h in hist if h["epoch"] == e), None) for hist in histories.values()]
+        if all(v is not None for v in vals):
+            print(f"| {e} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+    print()
     print(f"# hippocampus, {rows[0]['n_val']} validation cases, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; Dice / HD95 of the best checkpoint on the original grids")
     print(f"| mode | epochs | train min | min to Dice ≥ {args.target} | best val Dice | anterior Dice | posterior Dice | "
