@@ -1,3 +1,3 @@
-"""DSDSegmentation: the engine (``engine``), the worker/CLI (``cli``), and later the MRML bridge (Logic)."""
+"""DSDSegmentation: the engine (``engine``), the worker/CLI (``cli``, ``process``) and the MRML bridge (``logic``)."""
 
 __version__ = "0.1.0"
