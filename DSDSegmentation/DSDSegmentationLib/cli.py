@@ -116,18 +116,18 @@ def _labels_for(spec: str) -> dict[int, str]:
 
 
 def _pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
-    from .engine.data import IMAGE_SUFFIXES, _strip_suffix, list_cases
+    from .engine.data import IMAGE_SUFFIXES, strip_suffix, list_cases
 
     p, r = Path(pred), Path(ref)
     if p.is_file() and r.is_file():
-        return [(_strip_suffix(p.name), str(p), str(r))]
+        return [(strip_suffix(p.name), str(p), str(r))]
     if not p.is_dir():
         raise InputError(f"--pred {p} is neither a file nor a folder")
-    preds = {_strip_suffix(f.name): f for f in sorted(p.iterdir()) if f.name.endswith(IMAGE_SUFFIXES)}
+    preds = {strip_suffix(f.name): f for f in sorted(p.iterdir()) if f.name.endswith(IMAGE_SUFFIXES)}
     if r.is_dir() and (r / "dataset.json").is_file() or r.is_file():
         refs = {c.id: Path(c.label) for c in list_cases(r) if c.label}
     elif r.is_dir():
-        refs = {_strip_suffix(f.name): f for f in sorted(r.iterdir()) if f.name.endswith(IMAGE_SUFFIXES)}
+        refs = {strip_suffix(f.name): f for f in sorted(r.iterdir()) if f.name.endswith(IMAGE_SUFFIXES)}
     else:
         raise InputError(f"--ref {r} is neither a file, a folder nor a dataset")
     common = sorted(set(preds) & set(refs))
@@ -159,7 +159,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stage is "done" or "error" (with kind, message and the exit code the one-shot command would have returned).
     """
     from .engine.inference import Predictor
-    from .engine.progress import Progress
 
     predictors: dict[tuple, Predictor] = {}
     print(json.dumps({"stage": "ready", "pid": os.getpid()}), flush=True)

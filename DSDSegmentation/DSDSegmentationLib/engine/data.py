@@ -49,7 +49,7 @@ class Case:
         return asdict(self)
 
 
-def _strip_suffix(name: str) -> str:
+def strip_suffix(name: str) -> str:
     for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.endswith(s):
             return name[: -len(s)]
@@ -58,7 +58,7 @@ def _strip_suffix(name: str) -> str:
 
 def _channel_files(stem_path: Path, n: int | None) -> list[Path]:
     """``<stem>_0000.nii.gz``, ``<stem>_0001.nii.gz``, ... next to ``stem_path`` (nnU-Net naming)."""
-    stem = _strip_suffix(stem_path.name)
+    stem = strip_suffix(stem_path.name)
     found = []
     for i in range(n if n else 100):
         hits = [stem_path.parent / f"{stem}_{i:04d}{s}" for s in IMAGE_SUFFIXES]
@@ -74,7 +74,7 @@ def _msd_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
     cases = []
     for e in meta.get("training", []):
         image = root / e["image"]
-        cid = _strip_suffix(image.name)
+        cid = strip_suffix(image.name)
         if image.is_file():
             images = [image]
         else:
@@ -121,7 +121,7 @@ def _list_cases(path: Path) -> list[Case]:
         lab = r.get("label") or None
         if lab and not Path(lab).is_absolute():
             lab = str(path.parent / lab)
-        cid = str(r.get("id") or _strip_suffix(Path(imgs[0]).name))
+        cid = str(r.get("id") or strip_suffix(Path(imgs[0]).name))
         cases.append(Case(cid, imgs, lab, str(r.get("patient") or cid)))
     return cases
 

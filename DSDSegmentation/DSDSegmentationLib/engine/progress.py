@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any, TextIO
 
 
@@ -17,7 +16,6 @@ class Progress:
         self.mode = mode
         self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
         self._bars: dict[str, Any] = {}
-        self._t0 = time.time()
 
     def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
         if self.mode == "json":
