@@ -6,6 +6,7 @@ Everything else lives in ``DSDSegmentationLib``: the MRML bridge (``logic.py``, 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -56,6 +57,19 @@ class DSDSegmentation(ScriptedLoadableModule):
             "DSD: Banerjee, Summerfield, Dong, Glide-Hurst, IEEE TBME 2025 (arXiv 2306.03271). Networks, losses and "
             "transforms from MONAI."
         )
+        slicer.app.connect("startupCompleted()", registerTerminology)
+
+
+def registerTerminology() -> None:
+    """Load the custom terminology context that holds every segment type our models produce (SNOMED CT / NCIt
+    codes, recommended colours), so Slicer's terminology selector and DICOM SEG export know them."""
+    try:
+        logic = slicer.modules.terminologies.logic()
+        path = resourcePath("Terminology/DSDSegmentation.term.json")
+        if not logic.LoadTerminologyFromFile(path):
+            logging.warning(f"DSDSegmentation: could not load the terminology context {path}")
+    except AttributeError:  # Terminologies module not loaded (e.g. a reduced application)
+        logging.warning("DSDSegmentation: Terminologies module unavailable; segments keep their coded tags only")
 
 
 @parameterNodeWrapper

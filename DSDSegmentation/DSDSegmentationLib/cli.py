@@ -47,6 +47,22 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_terminology(args: argparse.Namespace) -> int:
+    from .engine.tasks import builtin_presets, load_preset
+    from .engine.terminology import build_context
+
+    text = json.dumps(build_context(load_preset(n) for n in (args.preset or builtin_presets())), indent=2) + "\n"
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def _cmd_smoke(args: argparse.Namespace) -> int:
     from .engine.smoke import run_smoke
 
@@ -246,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list the backbones and their DSD taps").set_defaults(func=_cmd_backbones)
     sub.add_parser("presets", help="list the built-in task presets").set_defaults(func=_cmd_presets)
+
+    tm = sub.add_parser("terminology", help="the custom Slicer terminology context (.term.json) for presets' labels")
+    tm.add_argument("--preset", action="append", help="preset name or JSON (repeatable; default: all built-in)")
+    tm.add_argument("--output", help="write to this file instead of stdout")
+    tm.set_defaults(func=_cmd_terminology)
 
     s = sub.add_parser("smoke", help="engine smoke run: DSD vs plain for a few steps on real hippocampus MRI")
     s.add_argument("--data", help="MSD Task04 folder (default: ../shared/data/Task04_Hippocampus)")

@@ -17,6 +17,7 @@ import slicer
 
 from .engine.cards import read_model_card
 from .engine.errors import InputError
+from .engine.terminology import CONTEXT_NAME, tag_string
 from .process import ServeWorker, WorkerProcess, WorkerResult
 
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
@@ -156,6 +157,35 @@ class DSDSegmentationLogic:
         item = sh.GetItemByDataNode(node) or sh.CreateItem(parent, node)  # headless scenes make no items by themselves
         sh.SetItemParent(item, parent)
 
+    @staticmethod
+    def load_terminology_context(terminologies_logic: Any) -> str:
+        """Load the project's custom terminology context into Slicer's Terminologies logic (once)."""
+        from .engine.cards import resources_dir
+
+        if terminologies_logic.IsTerminologyContextLoaded(CONTEXT_NAME):
+            return CONTEXT_NAME
+        path = resources_dir() / "Terminology" / "DSDSegmentation.term.json"
+        name = terminologies_logic.LoadTerminologyFromFile(str(path))
+        if name != CONTEXT_NAME:
+            raise InputError(f"could not load the terminology context {path}")
+        return name
+
+    @staticmethod
+    def apply_terminology(segmentation_node: Any, preset: dict[str, Any]) -> None:
+        """Tag each model segment (found by its label name) with the card's coded terminology."""
+        segmentation = segmentation_node.GetSegmentation()
+        labels = {int(k): v for k, v in preset["labels"].items()}
+        for value, entry in (preset.get("terminology") or {}).items():
+            sid = segmentation.GetSegmentIdBySegmentName(labels[int(value)])
+            if not sid:
+                continue  # label absent from this result
+            segment = segmentation.GetSegment(sid)
+            tag = tag_string(entry)
+            if hasattr(segment, "SetTerminology"):
+                segment.SetTerminology(tag)
+            else:  # Slicer before 5.8
+                segment.SetTag(segment.GetTerminologyEntryTagName(), tag)
+
     def import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any = None,
                         show_3d: bool = True) -> Any:
         """Labelmap file → segments named and coloured from the preset, on the reference volume's geometry.
@@ -192,6 +222,7 @@ class DSDSegmentationLogic:
             seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
                 raise InputError("importing the labelmap into the segmentation failed")
+            self.apply_terminology(seg, preset)
             self.place_beside(seg, reference_volume)
             if show_3d:
                 seg.CreateClosedSurfaceRepresentation()

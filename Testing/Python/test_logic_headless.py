@@ -16,7 +16,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test i
 from slicer_headless import setup_headless  # noqa: E402
 
 from DSDSegmentationLib.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
+from DSDSegmentationLib.engine.terminology import CONTEXT_NAME, tag_string  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
 
@@ -50,6 +52,25 @@ def model(hippocampus_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+def check_terminology(seg, preset: dict) -> None:
+    """Every segment carries the card's codes, and Slicer's Terminologies logic, with the shipped custom context
+    loaded, resolves each tag to that context's entry whose recommended colour is the segment's colour."""
+    terms = slicer.vtkSlicerTerminologiesModuleLogic()
+    assert DSDSegmentationLogic.load_terminology_context(terms) == CONTEXT_NAME
+    segmentation = seg.GetSegmentation()
+    for value, entry in preset["terminology"].items():
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(preset["labels"][value]))
+        tag = segment.GetTerminology()
+        assert tag == tag_string(entry)
+        parsed = slicer.vtkSlicerTerminologyEntry()
+        assert terms.DeserializeTerminologyEntry(tag, parsed)
+        assert parsed.GetTypeObject().GetCodeValue() == entry["type"].split("^")[1]
+        assert terms.UpdateEntryFromLoadedTerminologies(parsed, [CONTEXT_NAME], [])
+        leaf = parsed.GetTypeModifierObject() if entry.get("type_modifier") else parsed.GetTypeObject()
+        assert leaf.GetCodeValue() == (entry.get("type_modifier") or entry["type"]).split("^")[1]
+        np.testing.assert_allclose(np.array(leaf.GetRecommendedDisplayRGBValue()) / 255.0, segment.GetColor(), atol=1 / 255)
+
+
 def oblique_volume(scene, hippocampus_dir: Path):
     """A real hippocampus image as a volume node with an oblique, non-identity IJKToRAS."""
     data = np.asanyarray(nib.load(hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz").dataobj).astype(np.float32)
@@ -75,6 +96,7 @@ def test_segment_oblique_volume_matches_engine(scene, make_logic, model: Path, h
     sid = segmentation.GetSegmentIdBySegmentName("posterior hippocampus")
     color = segmentation.GetSegment(sid).GetColor()
     np.testing.assert_allclose(color, np.array([70, 130, 220]) / 255.0, atol=1 / 255)
+    check_terminology(seg, read_model_card(model)["preset"])
     assert list(tmp_path.iterdir()) == [], "temporary files must be removed"
     assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study, "placed beside the input volume"
@@ -102,6 +124,9 @@ def test_seg_nrrd_round_trip(scene, make_logic, model: Path, hippocampus_dir: Pa
         a = slicer.util.arrayFromSegmentBinaryLabelmap(seg, seg.GetSegmentation().GetSegmentIdBySegmentName(name), vol)
         b = slicer.util.arrayFromSegmentBinaryLabelmap(back, back.GetSegmentation().GetSegmentIdBySegmentName(name), vol)
         assert np.array_equal(a, b)
+        sa = seg.GetSegmentation().GetSegment(seg.GetSegmentation().GetSegmentIdBySegmentName(name))
+        sb = back.GetSegmentation().GetSegment(back.GetSegmentation().GetSegmentIdBySegmentName(name))
+        assert sb.GetTerminology() == sa.GetTerminology() != ""
 
 
 def test_cancel_leaves_no_node_process_or_files(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:

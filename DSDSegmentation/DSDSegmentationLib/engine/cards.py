@@ -32,13 +32,18 @@ def read_model_card(source: str | Path) -> dict[str, Any]:
 USER_MODELS_ENV = "DSDSEG_MODELS"
 
 
-def builtin_models_dir() -> Path:
-    """``Resources/Models`` of the extension (next to the module folder in the source tree and in Slicer)."""
+def resources_dir() -> Path:
+    """The extension's ``Resources`` folder (top level of the source tree; mirrored next to the module in Slicer)."""
     here = Path(__file__).resolve()
     for parent in here.parents:
-        if (parent / "Resources" / "Models").is_dir():
-            return parent / "Resources" / "Models"
-    return here.parents[3] / "Resources" / "Models"
+        if (parent / "Resources" / "Terminology").is_dir():  # always shipped, unlike the models
+            return parent / "Resources"
+    return here.parents[3] / "Resources"
+
+
+def builtin_models_dir() -> Path:
+    """``Resources/Models`` of the extension."""
+    return resources_dir() / "Models"
 
 
 def user_models_dir() -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import NetworkConfig
 from .errors import ConfigError, read_json
+from .terminology import validate_entry
 
 PRESET_DIR = Path(__file__).parent / "presets"
 NORMALIZATIONS = ("zscore", "percentile", "ct_window", "none")
@@ -27,6 +28,7 @@ class TaskPreset:
     patch_size: tuple[int, int, int]
     title: str = ""
     label_colors: dict[int, list[int]] = field(default_factory=dict)  # RGB 0-255 per foreground label
+    terminology: dict[int, dict[str, str]] = field(default_factory=dict)  # coded entries per label (terminology.py)
     orientation: str | None = "RAS"
     spacing: list[float] | None = None
     crop_foreground: bool = False
@@ -37,11 +39,17 @@ class TaskPreset:
     def __post_init__(self) -> None:
         self.labels = {int(k): str(v) for k, v in self.labels.items()}
         self.label_colors = {int(k): [int(c) for c in v] for k, v in self.label_colors.items()}
+        self.terminology = {int(k): validate_entry(v, f"preset '{self.name}' label {k}")
+                            for k, v in self.terminology.items()}
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if 0 not in self.labels:
             raise ConfigError(f"preset '{self.name}': labels must include 0 (background)")
         if sorted(self.labels) != list(range(len(self.labels))):
             raise ConfigError(f"preset '{self.name}': label values must be 0..K-1 without gaps, got {sorted(self.labels)}")
+        for table, what in ((self.label_colors, "label_colors"), (self.terminology, "terminology")):
+            stray = sorted(set(table) - set(self.labels) | ({0} & set(table)))
+            if stray:
+                raise ConfigError(f"preset '{self.name}': {what} for label value(s) {stray}, which are not foreground labels")
         if len(self.labels) < 2:
             raise ConfigError(f"preset '{self.name}': at least one foreground label is needed")
         if not self.channels:
@@ -75,6 +83,7 @@ class TaskPreset:
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
         d["label_colors"] = {str(k): v for k, v in self.label_colors.items()}
+        d["terminology"] = {str(k): v for k, v in self.terminology.items()}
         d["patch_size"] = list(self.patch_size)
         return d
 
