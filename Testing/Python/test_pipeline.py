@@ -280,7 +280,19 @@ def test_export_package_and_tamper(trained_run: Path, hippocampus_dir: Path, tmp
         f.write(b"\x00\x01\x02")
     capsys.readouterr()
     assert run_cli("predict", "--model", pkg, "-i", img, "-o", tmp_path / "c.nii.gz", "--progress", "none") == 2
-    assert "does not match the card" in capsys.readouterr().err
+    assert "weights.pt does not match its sha256 in SHA256SUMS; the file is corrupt" in capsys.readouterr().err
+    # a modified card (here: a renamed label) is refused too, even with intact weights
+    card_pkg = tmp_path / "pkg2"
+    assert run_cli("export", "--model", trained_run, "--output", card_pkg) == 0
+    text = (card_pkg / "model.json").read_text()
+    (card_pkg / "model.json").write_text(text.replace("posterior hippocampus", "tumour", 1))
+    capsys.readouterr()
+    assert run_cli("predict", "--model", card_pkg, "-i", img, "-o", tmp_path / "d.nii.gz", "--progress", "none") == 2
+    assert "model.json does not match its sha256 in SHA256SUMS; the card is corrupt or was modified" in capsys.readouterr().err
+    (card_pkg / "SHA256SUMS").unlink()
+    assert run_cli("predict", "--model", card_pkg, "-i", img, "-o", tmp_path / "d.nii.gz", "--progress", "none") == 2
+    assert "SHA256SUMS is missing" in capsys.readouterr().err
+    assert not (tmp_path / "d.nii.gz").exists()
 
 
 def test_task_must_match_dataset_labels(hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
@@ -341,8 +353,9 @@ def test_model_registry_reports_problems_without_torch(trained_run: Path, tmp_pa
     (user / "broken").mkdir()
     (user / "broken" / "model.json").write_text("{not json")
     status = {m["id"]: m["status"] for m in list_models([tmp_path / "builtin-none", user])}
-    assert status == {"broken": status["broken"], "corrupt": "weights file is corrupt (sha256 does not match the card)",
-                      "good": "ok", "noweights": "weights file weights.pt is missing"}
+    assert sorted(status) == ["broken", "corrupt", "good", "noweights"] and status["good"] == "ok"
+    assert "weights.pt does not match its sha256" in status["corrupt"]
+    assert "weights.pt is missing" in status["noweights"]
     assert "not valid JSON" in status["broken"]
     code = "import sys; from DSDSegmentationLib.engine.cards import list_models; list_models(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

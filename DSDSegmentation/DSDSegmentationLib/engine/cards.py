@@ -29,6 +29,60 @@ def read_model_card(source: str | Path) -> dict[str, Any]:
     return card
 
 
+PACKAGE_CARD = "model.json"
+PACKAGE_SUMS = "SHA256SUMS"
+
+
+def write_checksums(folder: Path, files: list[str]) -> None:
+    """``SHA256SUMS`` in ``sha256sum`` format (checkable with ``sha256sum -c``) for the package's files."""
+    from .models_sha import sha256_of
+
+    lines = [f"{sha256_of(folder / name)}  {name}\n" for name in files]
+    (folder / PACKAGE_SUMS).write_text("".join(lines), encoding="utf-8")
+
+
+def verify_package(folder: str | Path) -> dict[str, Any]:
+    """Check a model package before anything in it is used; returns its card.
+
+    The package must hold ``model.json``, its weights file and ``SHA256SUMS`` listing both; every listed file
+    must match its sha256 and the card's own ``sha256`` must be the weights' hash. Anything else is refused with
+    an error that names the file and the problem (corrupt, modified, missing)."""
+    from .models_sha import sha256_of
+
+    folder = Path(folder)
+    sums_path = folder / PACKAGE_SUMS
+    if not sums_path.is_file():
+        raise InputError(f"model package {folder}: {PACKAGE_SUMS} is missing, so its files cannot be verified")
+    listed: dict[str, str] = {}
+    for n, line in enumerate(sums_path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.strip().split(None, 1)
+        if not parts:
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise InputError(f"model package {folder}: {PACKAGE_SUMS} line {n} is not '<sha256>  <file>'")
+        name = parts[1].lstrip("*")
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise InputError(f"model package {folder}: {PACKAGE_SUMS} names a file outside the package: {name}")
+        listed[name] = parts[0].lower()
+    if PACKAGE_CARD not in listed:
+        raise InputError(f"model package {folder}: {PACKAGE_SUMS} does not list {PACKAGE_CARD}")
+    for name, expected in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"model package {folder}: {name} is missing")
+        if sha256_of(path) != expected:
+            what = "card" if name == PACKAGE_CARD else "file"
+            raise InputError(f"model package {folder}: {name} does not match its sha256 in {PACKAGE_SUMS}; the {what} "
+                             "is corrupt or was modified")
+    card = read_model_card(folder)
+    weights = card.get("weights", "weights.pt")
+    if weights not in listed:
+        raise InputError(f"model package {folder}: {PACKAGE_SUMS} does not list the weights file {weights}")
+    if card.get("sha256") != listed[weights]:
+        raise InputError(f"model package {folder}: the card's sha256 is not the hash of {weights}")
+    return card
+
+
 USER_MODELS_ENV = "DSDSEG_MODELS"
 
 
@@ -57,8 +111,6 @@ def list_models(folders: list[Path] | None = None) -> list[dict[str, Any]]:
     """Model packages found in the built-in and user folders, each with ``id``, ``path``, ``source``
     (builtin/user), ``title``, ``card`` and ``status`` (``ok`` or a readable problem: unreadable card, missing
     weights, sha256 mismatch). Problems are reported, never raised, so one bad package hides nothing else."""
-    from .models_sha import sha256_of
-
     folders = folders if folders is not None else [builtin_models_dir(), user_models_dir()]
     found = []
     for i, folder in enumerate(folders):
@@ -71,11 +123,7 @@ def list_models(folders: list[Path] | None = None) -> list[dict[str, Any]]:
                 card = read_model_card(pkg)
                 entry["card"] = card
                 entry["title"] = card.get("title") or card["preset"].get("title") or pkg.name
-                weights = pkg / card.get("weights", "weights.pt")
-                if not weights.is_file():
-                    entry["status"] = f"weights file {weights.name} is missing"
-                elif card.get("sha256") and sha256_of(weights) != card["sha256"]:
-                    entry["status"] = "weights file is corrupt (sha256 does not match the card)"
+                verify_package(pkg)
             except InputError as e:
                 entry["status"] = str(e)
             found.append(entry)

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from .cards import PACKAGE_CARD, verify_package, write_checksums
 from .config import DSDConfig, NetworkConfig
 from .errors import InputError
 from .models_sha import sha256_of
 from .networks import DSDNet
 from .tasks import TaskPreset
 
-PACKAGE_CARD = "model.json"
 WEIGHTS_FILE = "weights.pt"
 
 
@@ -54,21 +54,8 @@ def _from_checkpoint(path: Path) -> LoadedModel:
 
 
 def _from_package(folder: Path) -> LoadedModel:
-    card_path = folder / PACKAGE_CARD
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"model package {folder}: cannot read {PACKAGE_CARD}: {e}") from e
+    card = verify_package(folder)
     weights = folder / card.get("weights", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise InputError(f"model package {folder}: weights file {weights.name} is missing")
-    expected = card.get("sha256")
-    if not expected:
-        raise InputError(f"model package {folder}: {PACKAGE_CARD} has no sha256 for its weights")
-    actual = sha256_of(weights)
-    if actual != expected:
-        raise InputError(f"model package {folder}: weights sha256 {actual[:12]}… does not match the card ({expected[:12]}…); "
-                         "the file is corrupt or was modified")
     net_cfg = NetworkConfig.from_dict(card["network"])
     backbone = DSDNet(net_cfg, DSDConfig.preset("plain")).backbone
     try:
@@ -107,6 +94,7 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
         card = {**loaded.card, **(extra_card or {}), "weights": WEIGHTS_FILE, "sha256": sha256_of(tmp / WEIGHTS_FILE),
                 "parameters": sum(p.numel() for p in loaded.network.parameters())}
         (tmp / PACKAGE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
+        write_checksums(tmp, [PACKAGE_CARD, WEIGHTS_FILE])
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Full hippocampus training, DSD vs plain (same backbone, budget, seed and split), on this machine.
+"""Full training of one task, DSD vs plain (same backbone, epochs, seed and split), on this machine.
 
-Usage:  .venv/bin/python Testing/Benchmarks/bench_hippocampus_training.py --epochs 60 [--out output/bench_hippo]
-Resumable: rerun the same command after an interruption and each run continues from its last checkpoint.
-Prints the validation Dice of every mode at each epoch all runs reached, then, per mode: minutes to reach validation Dice >= 0.85, best validation Dice, and per-class Dice / HD95 (mm)
-of the best checkpoint on the validation split (on each case's original grid), and inference seconds per case.
+Usage:  .venv/bin/python Testing/Benchmarks/bench_training.py --task hippocampus --epochs 40 [--seed 0] [--modes dsd plain]
+        .venv/bin/python Testing/Benchmarks/bench_training.py --task cardiac --epochs 30
+Runs go to output/bench_<task>/<mode>_seed<seed>. Resumable: rerun the same command after an interruption and each
+run continues from its last checkpoint; --no-train evaluates the runs as they are.
+Prints the validation Dice of every mode at each epoch all runs reached, then, per mode: minutes to reach the target
+validation Dice, best validation Dice, per-class Dice / HD95 (mm) of the best checkpoint on the validation split (on
+each case's original grid), and inference seconds per case.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from DSDSegmentationLib.cli import main as cli
 from DSDSegmentationLib.engine.data import Case, find_shared_data
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
+from DSDSegmentationLib.engine.tasks import load_preset
+
+DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2015_DeepMedicSample"}
 
 
 def minutes_to(history: list[dict], target: float) -> float | None:
@@ -34,21 +40,23 @@ def minutes_to(history: list[dict], target: float) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--task", default="hippocampus", choices=sorted(DATASETS))
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--val-every", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["dsd", "plain"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="output/bench_hippo")
+    ap.add_argument("--out", help="default output/bench_<task>")
     ap.add_argument("--target", type=float, default=0.85)
     ap.add_argument("--no-train", action="store_true",
                     help="evaluate the runs as they are (e.g. interrupted), without training further")
     args = ap.parse_args()
-    data = find_shared_data() / "Task04_Hippocampus"
-    out = Path(args.out)
+    data = find_shared_data() / DATASETS[args.task]
+    out = Path(args.out or f"output/bench_{args.task}")
     rows = []
     for mode in args.modes:
         run = out / f"{mode}_seed{args.seed}"
-        common = ["train", "--task", "hippocampus", "--data", str(data), "--output", str(run), "--epochs", str(args.epochs),
-                  "--dsd", mode, "--seed", str(args.seed), "--val-every", "2", "--progress", "none"]
+        common = ["train", "--task", args.task, "--data", str(data), "--output", str(run), "--epochs", str(args.epochs),
+                  "--dsd", mode, "--seed", str(args.seed), "--val-every", str(args.val_every), "--progress", "none"]
         history_path = run / "history.json"
         done = history_path.is_file() and len(json.loads(history_path.read_text())) >= args.epochs
         if not done and not args.no_train:
@@ -82,18 +90,19 @@ def main() -> None:
         if all(v is not None for v in vals):
             print(f"| {e} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
     print()
-    print(f"# hippocampus, {rows[0]['n_val']} validation cases, seed {args.seed}, torch {torch.__version__}, "
+    classes = [name for value, name in sorted(load_preset(args.task).labels.items()) if value]
+    print(f"# {args.task}, {rows[0]['n_val']} validation cases, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; Dice / HD95 of the best checkpoint on the original grids")
-    print(f"| mode | epochs | train min | min to Dice ≥ {args.target} | best val Dice | anterior Dice | posterior Dice | "
-          "anterior HD95 (mm) | posterior HD95 (mm) | s / case (CPU) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| mode | epochs | train min | min to Dice ≥ {args.target} | best val Dice | "
+          + " | ".join(f"{c} Dice" for c in classes) + " | " + " | ".join(f"{c} HD95 (mm)" for c in classes)
+          + " | s / case (CPU) |")
+    print("|---|" + "---:|" * (5 + 2 * len(classes)))
     for r in rows:
         m = r["metrics"]
-        a, p = m["anterior hippocampus"], m["posterior hippocampus"]
         reach = f"{r['minutes_to_target']:.1f}" if r["minutes_to_target"] is not None else "not reached"
         print(f"| {r['mode']} | {r['epochs']} | {r['train_minutes']:.1f} | {reach} | {r['best_val_dice']:.4f} | "
-              f"{a['dice']['mean']:.4f} | {p['dice']['mean']:.4f} | {a['hd95']['mean']:.2f} | {p['hd95']['mean']:.2f} | "
-              f"{r['infer_s']:.3f} |")
+              + " | ".join(f"{m[c]['dice']['mean']:.4f}" for c in classes) + " | "
+              + " | ".join(f"{m[c]['hd95']['mean']:.2f}" for c in classes) + f" | {r['infer_s']:.3f} |")
 
 
 if __name__ == "__main__":
