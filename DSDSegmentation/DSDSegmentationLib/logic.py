@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import slicer
+import vtk
 
 from .engine.cards import read_model_card
 from .engine.errors import InputError
@@ -91,6 +92,64 @@ class DSDSegmentationLogic:
         if not storage.WriteData(node):
             raise InputError(f"could not write volume '{node.GetName()}' to {path}")
         return path
+
+    def load_volume(self, path: str | Path, name: str | None = None, labelmap: bool = False) -> Any:
+        """Read a volume file (NIfTI, NRRD, ...) into a new node with a storage node, as Slicer's loader does."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"volume file {path} does not exist")
+        cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+        node = self.scene.AddNewNodeByClass(cls, name or path.name.split(".")[0])
+        storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        if not storage.ReadData(node):
+            self.scene.RemoveNode(node)
+            self.scene.RemoveNode(storage)
+            raise InputError(f"could not read volume {path}")
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def save_segmentation(self, segmentation_node: Any, path: str | Path) -> Path:
+        """Write a ``.seg.nrrd`` (segment names, colours and terminology kept) and keep it as the node's file."""
+        storage = segmentation_node.GetStorageNode()
+        if storage is None:
+            segmentation_node.AddDefaultStorageNode()
+            storage = segmentation_node.GetStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(segmentation_node):
+            raise InputError(f"could not write the segmentation to {path}")
+        return Path(path)
+
+    def export_labelmap(self, segmentation_node: Any, reference_volume: Any, preset: dict[str, Any], path: str | Path) -> Path:
+        """Segments → a labelmap file on the reference volume's grid with the model's label values (segments are
+        matched by name, so the values do not depend on segment order)."""
+        labels = {int(k): v for k, v in preset["labels"].items()}
+        segmentation = segmentation_node.GetSegmentation()
+        color_table = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "dsdseg_export_colors")
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "dsdseg_export")
+        try:
+            color_table.SetTypeToUser()
+            color_table.SetNumberOfColors(max(labels) + 1)
+            for value, name in labels.items():
+                color_table.SetColor(value, name, 0.5, 0.5, 0.5, 1.0)
+            ids = vtk.vtkStringArray()
+            for value, name in sorted(labels.items()):
+                sid = segmentation.GetSegmentIdBySegmentName(name)
+                if value and sid:
+                    ids.InsertNextValue(sid)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+                    color_table):
+                raise InputError("exporting the segments to a labelmap failed")
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            if not storage.WriteData(labelmap):
+                raise InputError(f"could not write the labelmap to {path}")
+            return Path(path)
+        finally:
+            self.scene.RemoveNode(labelmap)
+            self.scene.RemoveNode(color_table)
 
     # ------------------------------------------------------------------------------------------------ worker
     def start(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,

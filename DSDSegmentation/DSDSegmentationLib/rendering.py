@@ -4,6 +4,7 @@ tests); inside Slicer the module shows the real views instead."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ import slicer
 import vtk
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+
+_views = itertools.count(1)
 
 
 def _register(factory: Any, names: tuple[str, ...], app_logic: Any) -> None:
@@ -35,7 +39,7 @@ def _write_png(window: Any, path: Path) -> Path:
 
 
 def render_3d(scene: Any, app_logic: Any, segmentation_node: Any, path: str | Path, size: tuple[int, int] = (600, 480),
-              view_id: str = "dsdseg3d") -> Path:
+              view_id: str | None = None) -> Path:
     """PNG of the segmentation's closed surfaces in a 3D view."""
     factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
     _register(factory, ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
@@ -51,7 +55,7 @@ def render_3d(scene: Any, app_logic: Any, segmentation_node: Any, path: str | Pa
     view_logic = slicer.vtkMRMLViewLogic()
     view_logic.SetMRMLApplicationLogic(app_logic)
     view_logic.SetMRMLScene(scene)
-    view_node = view_logic.AddViewNode(view_id)
+    view_node = view_logic.AddViewNode(view_id or f"DSDView{next(_views)}")  # a fresh view per render
     group.SetMRMLDisplayableNode(view_node)
     segmentation_node.CreateClosedSurfaceRepresentation()
     segmentation_node.GetDisplayNode().SetVisibility3D(True)
@@ -67,7 +71,7 @@ def render_3d(scene: Any, app_logic: Any, segmentation_node: Any, path: str | Pa
 
 def render_slice(scene: Any, app_logic: Any, volume_node: Any, segmentation_node: Any, path: str | Path,
                  orientation: str = "Axial", offset: float | None = None, size: tuple[int, int] = (600, 600),
-                 layout_name: str = "DSDRed") -> Path:
+                 layout_name: str | None = None) -> Path:
     """PNG of one slice of ``volume_node`` with the segments as outlines and a light fill.
 
     ``offset``: slice position in mm along the view normal; default: the centre of the first segment.
@@ -77,7 +81,7 @@ def render_slice(scene: Any, app_logic: Any, volume_node: Any, segmentation_node
     slice_logic = slicer.vtkMRMLSliceLogic()
     slice_logic.SetMRMLApplicationLogic(app_logic)
     slice_logic.SetMRMLScene(scene)
-    slice_node = slice_logic.AddSliceNode(layout_name)
+    slice_node = slice_logic.AddSliceNode(layout_name or f"DSDSlice{next(_views)}")  # a fresh slice view per render
     slice_node.SetOrientation(orientation)
     slice_logic.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
     slice_logic.ResizeSliceNode(*size)

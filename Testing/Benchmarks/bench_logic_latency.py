@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Python"))
-from slicer_headless import setup_headless  # noqa: E402
+from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 
 import slicer  # noqa: E402
 

@@ -13,7 +13,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
-from slicer_headless import setup_headless  # noqa: E402
+from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 
 from DSDSegmentationLib.cli import main as cli  # noqa: E402
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402

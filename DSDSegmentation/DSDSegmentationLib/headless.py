@@ -1,4 +1,6 @@
-"""A real MRML scene without the Slicer application (slicer-core): the module logics the bridge needs."""
+"""A real MRML scene without the Slicer application (slicer-core, no Qt): the module logics the bridge needs.
+
+Used by the demo and the tests; inside Slicer the application provides all of this."""
 
 from __future__ import annotations
 
@@ -39,6 +41,25 @@ def setup_headless():
         logic.SetMRMLApplicationLogic(app)
         app.SetModuleLogic(name, logic)
         mods[key] = logic
+    for cls in ("vtkMRMLInteractionNode", "vtkMRMLSelectionNode"):  # the application creates these in Slicer
+        if scene.GetFirstNodeByClass(cls) is None:
+            node = scene.CreateNodeByClass(cls)
+            node.SetSingletonTag("Singleton")
+            scene.AddNode(node)
     slicer.mrmlScene = scene
     slicer.modules = types.SimpleNamespace(**{k: _Module(v) for k, v in mods.items()})
     return scene, app, mods
+
+
+def read_mrb(scene, app, path, cache_dir) -> bool:
+    """Load a Slicer scene bundle (``.mrb``) into ``scene``; needs the data-IO managers Slicer normally provides."""
+    remote = slicer.vtkMRMLRemoteIOLogic()
+    remote.SetMRMLScene(scene)
+    remote.SetMRMLApplicationLogic(app)
+    remote.GetCacheManager().SetRemoteCacheDirectory(str(cache_dir))
+    data_io = slicer.vtkDataIOManagerLogic()
+    data_io.SetMRMLScene(scene)
+    data_io.SetMRMLApplicationLogic(app)
+    data_io.SetAndObserveDataIOManager(remote.GetDataIOManager())
+    remote.AddDataIOToScene()
+    return bool(scene.ReadFromMRB(str(path)))

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Turn a finished training run into a shipped model package with a complete card.
+
+Usage:  .venv/bin/python Testing/Benchmarks/package_model.py --run output/bench_hippocampus/dsd_seed0 \
+            --id hippocampus-dsd --output Resources/Models/hippocampus-dsd [--replace]
+
+Evaluates the run's best checkpoint on its own validation split (Dice, HD95, ASSD per class on each case's original
+grid, CPU seconds per case), then writes the package (head-free weights, model.json, SHA256SUMS) with: labels,
+colours and terminology (from the current built-in preset of the task), inputs, preprocessing, backbone and DSD
+settings, training data and its licence, split, seed, epochs, wall time, package versions and the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import monai
+import numpy
+import torch
+
+from DSDSegmentationLib.engine.data import Case
+from DSDSegmentationLib.engine.inference import Predictor
+from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
+from DSDSegmentationLib.engine.models import export_package
+from DSDSegmentationLib.engine.tasks import load_preset
+
+DATA = {
+    "hippocampus": {
+        "name": "Medical Segmentation Decathlon Task04 Hippocampus (Vanderbilt, 3D T1 MRI crops)",
+        "url": "http://medicaldecathlon.com/", "licence": "CC-BY-SA-4.0",
+        "model_licence": {"id": "CC-BY-SA-4.0", "non_commercial": False,
+                          "text": "Trained on CC-BY-SA 4.0 data; the weights are shared under CC-BY-SA 4.0."}},
+    "cardiac": {
+        "name": "ACDC (Automated Cardiac Diagnosis Challenge, MICCAI 2017), 50-patient subset, ED and ES frames",
+        "url": "https://www.creatis.insa-lyon.fr/Challenge/acdc/", "licence": "CC-BY-NC-SA-4.0",
+        "model_licence": {"id": "CC-BY-NC-SA-4.0", "non_commercial": True,
+                          "text": "Trained on ACDC (CC BY-NC-SA 4.0): non-commercial use only, share alike."}},
+    "brain_tumour": {
+        "name": "BRATS 2013/2015 glioma sample (6 cases, FLAIR + T1c) from DeepMedic's examples",
+        "url": "https://github.com/deepmedic/deepmedic", "licence": "CC-BY-NC-SA-3.0",
+        "model_licence": {"id": "CC-BY-NC-SA-3.0", "non_commercial": True,
+                          "text": "Trained on BRATS data (CC BY-NC-SA 3.0): non-commercial use only, share alike. "
+                                  "Only 5 training cases: a demonstration model, not for research conclusions."}},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="training run folder (config.json, best.pt, history.json, split.json)")
+    ap.add_argument("--id", required=True, help="model id, e.g. hippocampus-dsd")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--replace", action="store_true", help="replace an existing package at --output")
+    args = ap.parse_args()
+    run = Path(args.run)
+    cfg = json.loads((run / "config.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    task = cfg["resolved"]["preset"]["name"]
+    preset = load_preset(task)  # current labels, colours and terminology of the task
+    val = [Case(**c) for c in split["val"]]
+
+    predictor = Predictor(run, device="cpu")
+    secs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = []
+        for c in val:
+            out = Path(tmp) / f"{c.id}.nii.gz"
+            t0 = time.perf_counter()
+            predictor.predict_to_file(c.images, out)
+            secs.append(time.perf_counter() - t0)
+            pairs.append((c.id, str(out), c.label))
+        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels))
+    classes = [n for v, n in sorted(preset.labels.items()) if v]
+    validation = {
+        "cases": len(val), "grid": "each case's original grid", "checkpoint": "best validation Dice",
+        "per_class": {n: {"dice": round(metrics[n]["dice"]["mean"], 4), "dice_std": round(metrics[n]["dice"]["std"], 4),
+                          "hd95_mm": round(metrics[n]["hd95"]["mean"], 3), "assd_mm": round(metrics[n]["assd"]["mean"], 3)}
+                      for n in classes},
+    }
+    validation["mean_dice"] = round(statistics.mean(v["dice"] for v in validation["per_class"].values()), 4)
+    card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
+                   "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title}
+    extra = {
+        "id": args.id, "version": args.version, "title": preset.title, "task": task,
+        "inputs": list(preset.channels),
+        "preset": card_preset,
+        "licence": DATA[task]["model_licence"],
+        "training_data": {k: DATA[task][k] for k in ("name", "url", "licence")} | {
+            "train_cases": len(split["train"]), "val_cases": len(val)},
+        "split": {"seed": split["seed"], "val_fraction": split["val_fraction"], "by": "patient",
+                  "val_ids": [c.id for c in val]},
+        "training": {"epochs": len(history), "steps_per_epoch": None, "seed": cfg["seed"], "dsd": cfg["dsd"],
+                     "lr": cfg["resolved"]["lr"], "batch_size": cfg["resolved"]["batch_size"],
+                     "samples_per_volume": cfg["resolved"]["samples_per_volume"],
+                     "wall_time_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
+                     "hardware": f"CPU, {torch.get_num_threads()} threads ({platform.machine()})",
+                     "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in history)},
+        "validation": validation,
+        "expected_seconds": {"cpu": round(statistics.median(secs), 3), "cpu_note": "median per validation case, 2-core CPU",
+                             "gpu": None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+                     "numpy": numpy.__version__},
+    }
+    del extra["training"]["steps_per_epoch"]
+    out = Path(args.output)
+    if out.exists():
+        if not args.replace:
+            raise SystemExit(f"{out} exists; pass --replace to overwrite it")
+        shutil.rmtree(out)
+    export_package(run, out, extra)
+    print(json.dumps({"package": str(out), "validation": validation, "expected_seconds": extra["expected_seconds"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
