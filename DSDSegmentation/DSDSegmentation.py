@@ -337,8 +337,9 @@ class DSDSegmentationLogic(ScriptedLoadableModuleLogic):
 
 
 class DSDSegmentationTest(ScriptedLoadableModuleTest):
-    """Self-test in a real Slicer (``Slicer --testing``): the registry, and a segmentation with the first usable
-    built-in model on a synthetic volume (skipped, with a message, when no model is shipped yet)."""
+    """Self-test in a real Slicer (``Testing/Slicer/run_selftest.py``): the model registry, then the bundled
+    hippocampus model on a bundled sample case through the panel's Logic (background worker, import, terminology),
+    checked against the case's manual label."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -358,26 +359,36 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"{len(models)} model(s): " + ", ".join(f"{m['id']} ({m['status']})" for m in models))
 
     def test_segment_with_builtin_model(self) -> None:
+        """The bundled hippocampus model on the bundled sample case: segments, names, terminology, Dice."""
         import numpy as np
 
-        from DSDSegmentationLib.engine.cards import list_models
-
-        usable = [m for m in list_models() if m["status"] == "ok" and m["source"] == "builtin"]
-        if not usable:
-            self.delayDisplay("No built-in model shipped yet: segmentation test skipped")
-            return
-        model = usable[0]
-        channels = model["card"]["preset"]["channels"]
-        rng = np.random.default_rng(0)
-        volumes = []
-        for name in channels:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-            slicer.util.updateVolumeFromArray(node, rng.normal(100, 20, (40, 48, 36)).astype(np.float32))
-            volumes.append(node)
         logic = DSDSegmentationLogic()
-        self.assertTrue(logic.ensureDependencies())
-        seg = logic.bridge().segment(volumes, model["path"], device="cpu")
-        labels = model["card"]["preset"]["labels"]
-        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments() <= len(labels) - 1, True)
-        logic.shutdown()
+        self.assertTrue(logic.ensureDependencies())  # before anything below imports torch or MONAI
+        from DSDSegmentationLib.demo import default_model, default_sample
+        from DSDSegmentationLib.engine.cards import verify_package
+        from DSDSegmentationLib.engine.data import list_cases
+        from DSDSegmentationLib.engine.terminology import tag_string
+
+        card = verify_package(default_model())
+        case = list_cases(default_sample())[0]
+        volume = slicer.util.loadVolume(case.images[0])
+        reference = slicer.util.loadLabelVolume(case.label)
+        try:
+            seg = logic.bridge().segment([volume], str(default_model()), device="cpu")
+        finally:
+            logic.shutdown()
+        labels = card["preset"]["labels"]
+        segmentation = seg.GetSegmentation()
+        ref = slicer.util.arrayFromVolume(reference)
+        for value, name in labels.items():
+            if value == "0":
+                continue
+            sid = segmentation.GetSegmentIdBySegmentName(name)
+            self.assertTrue(sid, f"segment '{name}' missing")
+            self.assertEqual(segmentation.GetSegment(sid).GetTerminology(), tag_string(card["preset"]["terminology"][value]))
+            pred = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume) > 0
+            truth = ref == int(value)
+            dice = 2 * np.logical_and(pred, truth).sum() / max(pred.sum() + truth.sum(), 1)
+            self.delayDisplay(f"{name}: Dice {dice:.3f}")
+            self.assertGreater(dice, 0.75)
         self.delayDisplay("Segmentation test passed")
