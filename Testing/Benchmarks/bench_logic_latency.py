@@ -3,7 +3,8 @@
 cold (first run, new worker) and warm (worker and model loaded), on a real hippocampus and a cardiac case.
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_logic_latency.py [--hippocampus-model M] [--cardiac-model M] [--reps 3]
-Without models, tiny ones are trained first (latency does not depend on how well a model is trained).
+Default models: the shipped packages in Resources/Models (hippocampus-dsd, cardiac-dsd); where one is missing, a
+tiny one of the same preset is trained first (latency does not depend on how well a model is trained).
 Targets: hippocampus <= 5 s cold and <= 1 s warm; cardiac <= 10 s cold.
 """
 
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Python"))
 from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 
 import slicer  # noqa: E402
 
 from DSDSegmentationLib.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.engine.cards import builtin_models_dir  # noqa: E402
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases  # noqa: E402
 from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
 
@@ -53,7 +54,9 @@ def main() -> None:
     rows = []
     for task, folder, model, case_id in (("hippocampus", "Task04_Hippocampus", args.hippocampus_model, "hippocampus_001"),
                                          ("cardiac", "ACDC_subset", args.cardiac_model, "patient005_frame01")):
-        model = Path(model) if model else tiny_model(task, data / folder, tmp / task)
+        shipped = builtin_models_dir() / f"{task}-dsd"
+        model = Path(model) if model else shipped if shipped.is_dir() else tiny_model(task, data / folder, tmp / task)
+        print(f"{task}: model {model}")
         (case,) = [c for c in list_cases(data / folder) if c.id == case_id]
         scene, _app, _mods = setup_headless()
         node = load_node(scene, case.images[0])

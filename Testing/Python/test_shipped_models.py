@@ -1,0 +1,87 @@
+"""The model packages shipped in Resources/Models: verified, schema-valid, and they segment real cases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from DSDSegmentationLib.engine.cards import builtin_models_dir, list_models, verify_package
+from DSDSegmentationLib.engine.data import find_shared_data, list_cases
+from DSDSegmentationLib.engine.errors import InputError
+from DSDSegmentationLib.engine.inference import Predictor
+from DSDSegmentationLib.engine.io import load_volume
+from DSDSegmentationLib.engine.models import load_model
+
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is part of the test install (.ci/setup)")
+
+SHIPPED = {  # id -> (dataset folder, floor on the mean foreground Dice of one validation case)
+    "hippocampus-dsd": ("Task04_Hippocampus", 0.75),
+    "cardiac-dsd": ("ACDC_subset", 0.65),
+    "brain-tumour-dsd": ("BraTS2015_DeepMedicSample", 0.25),
+}
+SCHEMA = json.loads((builtin_models_dir() / "model-card.schema.json").read_text())
+MAX_BYTES = 20 * 1024 * 1024
+
+
+def test_the_three_models_are_shipped_and_listed() -> None:
+    models = {m["id"]: m for m in list_models([builtin_models_dir()])}
+    assert set(SHIPPED) <= set(models)
+    for model_id in SHIPPED:
+        assert models[model_id]["status"] == "ok", models[model_id]["status"]
+
+
+@pytest.mark.parametrize("model_id", sorted(SHIPPED))
+def test_package_is_verified_small_and_schema_valid(model_id: str) -> None:
+    folder = builtin_models_dir() / model_id
+    card = verify_package(folder)
+    jsonschema.validate(card, SCHEMA)
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= MAX_BYTES
+    assert card["id"] == model_id
+    assert set(card["preset"]["terminology"]) == set(card["preset"]["labels"]) - {"0"}
+    assert set(card["validation"]["per_class"]) == {v for k, v in card["preset"]["labels"].items() if k != "0"}
+    non_commercial = card["training_data"]["licence"].startswith("CC-BY-NC")
+    assert card["licence"]["non_commercial"] is non_commercial
+    assert ("non-commercial" in card["licence"]["text"]) is non_commercial
+
+
+@pytest.mark.parametrize("model_id", sorted(SHIPPED))
+def test_segments_a_real_validation_case_above_floor(model_id: str, tmp_path: Path) -> None:
+    folder = builtin_models_dir() / model_id
+    dataset, floor = SHIPPED[model_id]
+    card = verify_package(folder)
+    val_ids = card["split"]["val_ids"]
+    case = next(c for c in list_cases(find_shared_data() / dataset) if c.id == val_ids[0])
+    out = tmp_path / "pred.nii.gz"
+    Predictor(folder, device="cpu").predict_to_file(case.images, out)
+    pred, pred_aff = load_volume(out)
+    ref, ref_aff = load_volume(case.label)
+    np.testing.assert_allclose(pred_aff, ref_aff, atol=1e-4)
+    dices = []
+    for value in (int(k) for k in card["preset"]["labels"] if k != "0"):
+        p, r = pred == value, np.rint(ref) == value
+        if r.sum() == 0 and p.sum() == 0:
+            continue
+        dices.append(2 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
+    assert np.mean(dices) > floor, f"{model_id} on {case.id}: Dice per class {np.round(dices, 3)}"
+
+
+def test_tampered_shipped_package_is_refused(tmp_path: Path) -> None:
+    source = builtin_models_dir() / "hippocampus-dsd"
+    weights = tmp_path / "weights-tampered"
+    shutil.copytree(source, weights)
+    data = bytearray((weights / "weights.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (weights / "weights.pt").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="weights.pt does not match its sha256"):
+        load_model(weights)
+    card = tmp_path / "card-tampered"
+    shutil.copytree(source, card)
+    text = json.loads((card / "model.json").read_text())
+    text["preset"]["labels"]["1"] = "something else"
+    (card / "model.json").write_text(json.dumps(text))
+    with pytest.raises(InputError, match="model.json does not match its sha256"):
+        load_model(card)
