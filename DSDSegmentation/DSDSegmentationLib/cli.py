@@ -92,6 +92,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .engine.finetune import finetune
+
+    if not args.resume and not (args.base and args.data):
+        raise InputError("--base and --data are required (or --resume with the same --output)")
+    base, data = args.base, args.data
+    if args.resume:
+        saved = json.loads((Path(args.output) / "config.json").read_text()) if (Path(args.output) / "config.json").is_file() else {}
+        base, data = base or saved.get("init_from"), data or saved.get("data")
+        if not base:
+            raise InputError(f"--resume: {args.output} is not a fine-tuning run folder")
+    result = finetune(base, data, args.output, epochs=args.epochs, lr=args.lr, dsd=args.dsd,
+                      freeze_encoder=args.freeze_encoder, patience=args.patience, val_fraction=args.val_fraction,
+                      seed=args.seed, device=args.device, store=args.store, name=args.name, resume=args.resume,
+                      max_steps_per_epoch=args.max_steps, progress=_progress(args), val_every=args.val_every)
+    if args.progress == "json":
+        _report(args, {"stage": "done", **result})
+    else:
+        b, a = result["before"]["mean_dice"], result["after"]["mean_dice"]
+        print(f"new model {result['model_id']} ({result['package']}): held-out Dice {b:.4f} -> {a:.4f}")
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .engine.cards import builtin_models_dir, list_models, user_models_dir
+    from .engine.finetune import check_store_model, export_zip, import_zip
+
+    store = Path(args.store) if args.store else user_models_dir()
+    if args.action == "list":
+        for m in list_models([builtin_models_dir(), store]):
+            print(f"{m['id']:32s} {m['source']:8s} {m['status']:6s}  {m['title']}")
+    elif args.action == "export":
+        if not args.id or not args.file:
+            raise InputError("models export needs ID and FILE (.zip)")
+        path = builtin_models_dir() / args.id if (builtin_models_dir() / args.id).is_dir() else check_store_model(args.id, store)
+        print(f"wrote {export_zip(path, args.file)}")
+    elif args.action == "import":
+        if not args.id:
+            raise InputError("models import needs the zip FILE")
+        print(f"imported {import_zip(args.id, store)}")
+    return EXIT_OK
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .engine.data import list_cases
     from .engine.inference import Predictor, predict_cases
@@ -298,6 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     progress_arg(t)
     t.set_defaults(func=_cmd_train)
+
+    f = sub.add_parser("finetune", help="fine-tune a model on your annotated cases; registers a new user model")
+    f.add_argument("--base", help="base model: package folder (built-in or user) or run folder")
+    f.add_argument("--data", help="dataset folder (MSD / nnU-Net layout) or .json/.csv list of image/label pairs")
+    f.add_argument("--output", required=True, help="run folder (checkpoints, curves; --resume continues it)")
+    f.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its last checkpoint")
+    f.add_argument("--name", help="name of the new model (default <base>-ft); a version -vN is appended")
+    f.add_argument("--store", help="user model folder (default $DSDSEG_MODELS or ~/.DSDSegmentation/models)")
+    f.add_argument("--epochs", type=int, default=30)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--dsd", default="dsd", choices=["plain", "ds", "decoder", "encoder", "dsd"])
+    f.add_argument("--freeze-encoder", action="store_true", help="train the decoder (and DSD heads) only")
+    f.add_argument("--patience", type=int, help="stop after this many validations without improvement")
+    f.add_argument("--val-every", type=int, default=1)
+    f.add_argument("--val-fraction", type=float, default=0.2)
+    f.add_argument("--max-steps", type=int)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto")
+    progress_arg(f)
+    f.set_defaults(func=_cmd_finetune)
+
+    mo = sub.add_parser("models", help="list the built-in and user models; export/import a model as a zip")
+    mo.add_argument("action", choices=["list", "export", "import"])
+    mo.add_argument("id", nargs="?", help="model id (export) or zip file (import)")
+    mo.add_argument("file", nargs="?", help="zip file to write (export)")
+    mo.add_argument("--store", help="user model folder")
+    mo.set_defaults(func=_cmd_models)
 
     pr = sub.add_parser("predict", help="segment volumes; output on each input's grid")
     pr.add_argument("--model", required=True, help="model package folder, run folder or checkpoint")

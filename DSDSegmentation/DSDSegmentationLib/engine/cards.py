@@ -116,7 +116,7 @@ def list_models(folders: list[Path] | None = None) -> list[dict[str, Any]]:
     for i, folder in enumerate(folders):
         if not folder.is_dir():
             continue
-        for pkg in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for pkg in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             entry: dict[str, Any] = {"id": pkg.name, "path": str(pkg), "source": "builtin" if i == 0 else "user",
                                      "title": pkg.name, "card": None, "status": "ok"}
             try:

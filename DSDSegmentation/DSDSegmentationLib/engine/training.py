@@ -21,7 +21,7 @@ from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
-from .config import DSDConfig
+from .config import DSDConfig, NetworkConfig
 from .data import Case, dataset_labels, list_cases, split_by_patient, validate_case
 from .errors import ConfigError, InputError
 from .losses import DSDLoss
@@ -58,6 +58,13 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = 0
     sw_batch_size: int = 4
+    # fine-tuning: a preset and network given as dicts (from a base model's card) instead of ``task``'s, the base
+    # model whose backbone weights start the run (fresh DSD heads are attached), encoder freeze, early stopping
+    preset: dict[str, Any] | None = None
+    network: dict[str, Any] | None = None
+    init_from: str | None = None
+    freeze_encoder: bool = False
+    patience: int | None = None  # validations without improvement before stopping
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +112,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, progress: Progress | None = None, resume: bool = False):
         self.cfg = config
         self.progress = progress or Progress("none")
-        self.preset: TaskPreset = load_preset(config.task)
+        self.preset: TaskPreset = TaskPreset.from_dict(config.preset) if config.preset else load_preset(config.task)
         tr = self.preset.training
         self.epochs = int(config.epochs or tr.get("epochs", 100))
         self.batch_size = int(config.batch_size or tr.get("batch_size", 2))
@@ -121,11 +128,13 @@ class Trainer:
             net_overrides["options"] = config.backbone_options
         elif config.backbone and config.backbone != self.preset.network.get("backbone"):
             net_overrides["options"] = {}
-        self.net_config = self.preset.network_config(**net_overrides)
+        self.net_config = (NetworkConfig.from_dict(config.network) if config.network
+                           else self.preset.network_config(**net_overrides))
         self.dsd_config = DSDConfig.preset(config.dsd, **config.dsd_overrides)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best = -1.0
+        self.stopped_early = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def _init_distributed(self) -> None:
@@ -224,8 +233,15 @@ class Trainer:
         val_ds = CacheDataset([{"image": c.images, "label": c.label} for c in val_cases], validation_transforms(self.preset),
                               progress=False) if _rank() == 0 else None
 
-        model = DSDNet(self.net_config, self.dsd_config).to(self.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
+        model = DSDNet(self.net_config, self.dsd_config)
+        if self.cfg.init_from and not self.resume:
+            self._init_from_base(model)
+        if self.cfg.freeze_encoder:
+            frozen = self._freeze_encoder(model)
+            self._log(f"encoder frozen: {frozen} parameters in {', '.join(t.module for t in model.spec.taps() if t.role == 'enc')}")
+        model = model.to(self.device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.lr,
+                                weight_decay=self.cfg.weight_decay)
         steps_per_epoch = len(loader) if not self.cfg.max_steps_per_epoch else min(len(loader), self.cfg.max_steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 - e / self.epochs) ** 0.9)  # poly, per epoch
         use_amp = self.cfg.amp and self.device.type == "cuda"
@@ -292,7 +308,11 @@ class Trainer:
                 self._log(msg)
             if _world() > 1:
                 dist.barrier()
-        result = {"best_val_dice": self.best, "epochs": self.epochs, "output": str(self.out), "rank": _rank()}
+            if self._patience_exhausted():
+                self._log(f"early stop: no better validation Dice in the last {self.cfg.patience} validations")
+                self.stopped_early = True
+                break
+        result = {"best_val_dice": self.best, "stopped_early": self.stopped_early, "epochs_run": len(self.history), "epochs": self.epochs, "output": str(self.out), "rank": _rank()}
         if _world() > 1:
             # every rank must hold the same weights after DDP training; record the evidence
             checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64)
@@ -304,6 +324,38 @@ class Trainer:
         if _rank() == 0:
             self._log(f"done: best validation Dice {self.best:.4f}")
         return result
+
+    def _init_from_base(self, model: DSDNet) -> None:
+        """Backbone weights of the base model (package, run folder or checkpoint); the DSD heads stay fresh."""
+        from .models import load_model
+
+        base = load_model(self.cfg.init_from)
+        if base.net_config.to_dict() != self.net_config.to_dict():
+            raise ConfigError(f"the base model's network {base.net_config.to_dict()} differs from this run's "
+                              f"{self.net_config.to_dict()}")
+        model.backbone.load_state_dict(base.network.state_dict())
+        self._log(f"initialised from {self.cfg.init_from}")
+
+    @staticmethod
+    def _freeze_encoder(model: DSDNet) -> int:
+        """No gradient for the modules the encoder taps read (the encoder stages); returns how many parameters."""
+        n = 0
+        for tap in model.spec.taps():
+            if tap.role == "enc":
+                for p in model.backbone.get_submodule(tap.module).parameters():
+                    if p.requires_grad:
+                        p.requires_grad_(False)
+                        n += p.numel()
+        return n
+
+    def _patience_exhausted(self) -> bool:
+        if not self.cfg.patience:
+            return False
+        vals = [h["val_dice"] for h in self.history if "val_dice" in h]
+        if len(vals) <= self.cfg.patience:
+            return False
+        best_at = int(np.argmax(vals))
+        return len(vals) - 1 - best_at >= self.cfg.patience
 
     def dsd_config_name(self) -> str:
         return self.cfg.dsd + (f" {self.cfg.dsd_overrides}" if self.cfg.dsd_overrides else "")

@@ -1,0 +1,244 @@
+"""Fine-tuning a model on a user's annotated cases, and the per-user model store.
+
+``finetune`` starts from a base model's backbone weights (fresh DSD heads), trains on the user's cases with at
+least one held out for validation, evaluates the base and the result on the held-out cases (original grids), and
+registers the result as a new versioned model package in the user store. The base model is never written to.
+One fine-tune runs at a time per store (a lock file holding the owner's pid).
+
+The store is a folder of model packages (``$DSDSEG_MODELS`` or ``~/.DSDSegmentation/models``); packages move in
+and out as zip files with safe extraction (no absolute paths, no ``..``, no links) and a full sha256 check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .cards import PACKAGE_CARD, read_model_card, user_models_dir, verify_package
+from .data import list_cases, split_by_patient, validate_case
+from .errors import ConfigError, InputError
+from .progress import Progress
+
+LOCK_NAME = ".finetune.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def finetune_lock(store: Path) -> Iterator[None]:
+    """Exclusive per-store lock; a lock left by a dead process is taken over."""
+    store.mkdir(parents=True, exist_ok=True)
+    lock = store / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                raise InputError(f"another fine-tune is running (process {pid}); stop it first or wait for it to end")
+            lock.unlink(missing_ok=True)
+    else:
+        raise InputError(f"could not take the fine-tune lock {lock}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def next_model_id(store: Path, base_id: str, name: str | None = None) -> str:
+    """``<name or base>-ft-<n>`` with the first free version number n (never an existing folder)."""
+    stem = re.sub(r"[^a-z0-9._-]+", "-", (name or f"{base_id}-ft").lower()).strip("-") or "model"
+    pattern = re.compile(rf"^{re.escape(stem)}-v(\d+)$")
+    taken = [int(m.group(1)) for p in store.glob(f"{stem}-v*") if (m := pattern.match(p.name))]
+    return f"{stem}-v{max(taken, default=0) + 1}"
+
+
+def _evaluate(model_path: str | Path, cases: list, device: str, labels: dict[int, str]) -> dict[str, Any]:
+    from .inference import Predictor
+    from .metrics import evaluate_files, summarize
+
+    predictor = Predictor(model_path, device=device)
+    with tempfile.TemporaryDirectory(prefix="dsdseg-ft-eval-") as tmp:
+        pairs = []
+        for c in cases:
+            out = Path(tmp) / f"{c.id}.nii.gz"
+            predictor.predict_to_file(c.images, out)
+            pairs.append((c.id, str(out), c.label))
+        summary = summarize(evaluate_files(pairs, labels))
+    per_class = {name: {"dice": s["dice"]["mean"], "hd95_mm": s["hd95"]["mean"]} for name, s in summary.items()}
+    dices = [v["dice"] for v in per_class.values() if v["dice"] is not None]
+    return {"per_class": per_class, "mean_dice": sum(dices) / len(dices) if dices else None, "cases": len(cases)}
+
+
+def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int = 30, lr: float = 1e-3,
+             dsd: str = "dsd", freeze_encoder: bool = False, patience: int | None = None, val_fraction: float = 0.2,
+             seed: int = 0, device: str = "auto", store: str | Path | None = None, name: str | None = None,
+             resume: bool = False, max_steps_per_epoch: int | None = None, progress: Progress | None = None,
+             val_every: int = 1) -> dict[str, Any]:
+    """Fine-tune ``base`` on the cases in ``data`` (run folder ``output``) and register the result in ``store``."""
+    from .models import export_package
+    from .training import TrainConfig, Trainer
+
+    progress = progress or Progress("none")
+    store = Path(store) if store else user_models_dir()
+    base = Path(base)
+    card = verify_package(base) if (base / PACKAGE_CARD).is_file() else read_model_card(base)
+    preset, network = card["preset"], card["network"]
+    labels = {int(k): v for k, v in preset["labels"].items()}
+    out = Path(output)
+    if not resume:
+        cases = list_cases(data)
+        if len(cases) < 2:
+            raise InputError(f"fine-tuning needs at least 2 annotated cases (one is held out for validation); {data} has "
+                             f"{len(cases)}")
+        for c in cases:
+            if c.label is None:
+                raise InputError(f"case {c.id} has no segmentation; every fine-tuning case needs one")
+            validate_case(c, len(preset["channels"]), list(labels))
+    with finetune_lock(store):
+        cfg = TrainConfig(task=preset["name"], data=str(data), output=str(out), dsd=dsd, epochs=epochs, lr=lr,
+                          val_every=val_every, val_fraction=val_fraction, seed=seed, device=device,
+                          max_steps_per_epoch=max_steps_per_epoch, preset=preset, network=network,
+                          init_from=str(base), freeze_encoder=freeze_encoder, patience=patience)
+        t0 = time.time()
+        result = Trainer(cfg, progress=progress, resume=resume).fit()
+        split = json.loads((out / "split.json").read_text(encoding="utf-8"))
+        from .data import Case
+
+        val = [Case(**c) for c in split["val"]]
+        train = [Case(**c) for c in split["train"]]
+        progress.log("evaluating the base model and the fine-tuned model on the held-out case(s)")
+        before = _evaluate(base, val, device, labels)
+        after = _evaluate(out, val, device, labels)
+        model_id = next_model_id(store, card.get("id") or base.name, name)
+        history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+        extra = {
+            "id": model_id, "version": model_id.rsplit("-v", 1)[-1],
+            "title": f"{card.get('title') or preset.get('title') or base.name} — fine-tuned ({model_id})",
+            "task": preset["name"], "inputs": list(preset["channels"]),
+            "base_model": {"id": card.get("id") or base.name, "path": str(base), "sha256": card.get("sha256"),
+                           "version": card.get("version")},
+            "licence": card.get("licence") or {"id": "unknown", "non_commercial": True,
+                                               "text": "licence of the base model and of your data"},
+            "training_data": {"name": f"user cases from {data}", "licence": "the user's own data",
+                              "train_cases": len(train), "val_cases": len(val)},
+            "split": {"seed": seed, "by": "patient", "val_ids": [c.id for c in val], "train_ids": [c.id for c in train]},
+            "training": {"epochs": len(history), "seed": seed, "dsd": dsd, "lr": lr, "freeze_encoder": freeze_encoder,
+                         "patience": patience, "stopped_early": result.get("stopped_early", False),
+                         "wall_time_minutes": round((time.time() - t0) / 60, 2), "hardware": device},
+            "validation": {"cases": len(val), "per_class": after["per_class"], "mean_dice": after["mean_dice"],
+                           "base_model": before},
+            "versions": _versions(),
+        }
+        package = export_package(out, store / model_id, extra)
+    progress.log(f"registered {model_id} in {store}: held-out Dice {before['mean_dice']:.4f} (base) -> "
+                 f"{after['mean_dice']:.4f} (fine-tuned)")
+    return {"model_id": model_id, "package": str(package), "before": before, "after": after, "run": str(out),
+            "stopped_early": result.get("stopped_early", False)}
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import monai
+    import numpy
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "numpy": numpy.__version__}
+
+
+# --------------------------------------------------------------------------------------------- zip in / out
+def export_zip(package: str | Path, zip_path: str | Path) -> Path:
+    """Write a verified model package as a zip (files at the top level of a folder named like the package)."""
+    package = Path(package)
+    verify_package(package)
+    zip_path = Path(zip_path)
+    if zip_path.exists():
+        raise InputError(f"{zip_path} already exists; choose another file name")
+    tmp = zip_path.with_name(zip_path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(package.iterdir()):
+            if f.is_file():
+                z.write(f, f"{package.name}/{f.name}")
+    os.replace(tmp, zip_path)
+    return zip_path
+
+
+def import_zip(zip_path: str | Path, store: str | Path | None = None) -> Path:
+    """Safely extract a model package zip into the store; the sha256 of every file is checked before it appears
+    there, and an existing model is never overwritten."""
+    store = Path(store) if store else user_models_dir()
+    zip_path = Path(zip_path)
+    if not zipfile.is_zipfile(zip_path):
+        raise InputError(f"{zip_path} is not a zip file")
+    store.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as z:
+        members = z.infolist()
+        tops = set()
+        for m in members:
+            name = m.filename
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\\" in name:
+                raise InputError(f"{zip_path}: refusing '{name}', a path outside the package")
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                raise InputError(f"{zip_path}: refusing '{name}', a symbolic link")
+            if len(parts) != 2 and not m.is_dir():
+                raise InputError(f"{zip_path}: '{name}' is not a file directly inside one package folder")
+            tops.add(parts[0])
+        if len(tops) != 1:
+            raise InputError(f"{zip_path}: expected one package folder, found {sorted(tops)}")
+        model_id = tops.pop()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_id):
+            raise InputError(f"{zip_path}: '{model_id}' is not a valid model id")
+        target = store / model_id
+        if target.exists():
+            raise InputError(f"a model '{model_id}' already exists in {store}; remove or rename it first")
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=store))
+        try:
+            for m in members:
+                if m.is_dir():
+                    continue
+                dest = tmp / Path(m.filename).name
+                with z.open(m) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            verify_package(tmp)
+            card = read_model_card(tmp)
+            if card.get("id") and card["id"] != model_id:
+                raise InputError(f"{zip_path}: the folder '{model_id}' does not match the card's id '{card['id']}'")
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return target
+
+
+def check_store_model(model_id: str, store: str | Path | None = None) -> Path:
+    store = Path(store) if store else user_models_dir()
+    path = store / model_id
+    if not path.is_dir():
+        known = sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) if store.is_dir() else []
+        raise ConfigError(f"no model '{model_id}' in {store}; known: {', '.join(known) or 'none'}")
+    return path
