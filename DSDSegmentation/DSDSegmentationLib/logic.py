@@ -6,6 +6,8 @@ so the same code runs inside Slicer and headless on a real MRML scene from ``sli
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -121,22 +123,24 @@ class DSDSegmentationLogic:
             raise InputError(f"could not write the segmentation to {path}")
         return Path(path)
 
-    def export_labelmap(self, segmentation_node: Any, reference_volume: Any, preset: dict[str, Any], path: str | Path) -> Path:
-        """Segments → a labelmap file on the reference volume's grid with the model's label values (segments are
-        matched by name, so the values do not depend on segment order)."""
+    def export_labelmap(self, segmentation_node: Any, reference_volume: Any, preset: dict[str, Any], path: str | Path,
+                        mapping: dict[int, str] | None = None) -> Path:
+        """Segments → a labelmap file on the reference volume's grid with the model's label values. ``mapping``
+        (label value → segment id) defaults to matching by name; the values never depend on segment order."""
         labels = {int(k): v for k, v in preset["labels"].items()}
         segmentation = segmentation_node.GetSegmentation()
+        if mapping is None:
+            mapping = {v: segmentation.GetSegmentIdBySegmentName(n) for v, n in labels.items() if v}
         color_table = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "dsdseg_export_colors")
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "dsdseg_export")
         try:
             color_table.SetTypeToUser()
             color_table.SetNumberOfColors(max(labels) + 1)
-            for value, name in labels.items():
-                color_table.SetColor(value, name, 0.5, 0.5, 0.5, 1.0)
             ids = vtk.vtkStringArray()
-            for value, name in sorted(labels.items()):
-                sid = segmentation.GetSegmentIdBySegmentName(name)
+            for value, sid in sorted(mapping.items()):
                 if value and sid:
+                    # the colour table maps each segment to its label value through the segment's name
+                    color_table.SetColor(value, segmentation.GetSegment(sid).GetName(), 0.5, 0.5, 0.5, 1.0)
                     ids.InsertNextValue(sid)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                     segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
@@ -150,6 +154,131 @@ class DSDSegmentationLogic:
         finally:
             self.scene.RemoveNode(labelmap)
             self.scene.RemoveNode(color_table)
+
+    # ------------------------------------------------------------------------------------------------ fine-tuning
+    @staticmethod
+    def match_segments(segmentation_node: Any, preset: dict[str, Any]) -> dict[int, dict[str, str]]:
+        """Label value → ``{"segment_id", "segment", "by"}`` for the model's labels: by terminology (type and type
+        modifier codes) first, then by name (case-insensitive); labels without a match are left out."""
+        segmentation = segmentation_node.GetSegmentation()
+        segments = [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i))
+                    for i in range(segmentation.GetNumberOfSegments())]
+        terms = preset.get("terminology") or {}
+
+        def codes(tag: str) -> tuple[str, str]:
+            parts = tag.split("~")
+            if len(parts) < 4:
+                return ("", "")
+            return tuple(p.split("^")[1] if p.count("^") == 2 else "" for p in (parts[2], parts[3]))  # type: ignore[return-value]
+
+        found: dict[int, dict[str, str]] = {}
+        used: set[str] = set()
+        for value, name in sorted((int(k), v) for k, v in preset["labels"].items()):
+            if value == 0:
+                continue
+            entry = terms.get(str(value)) or terms.get(value)
+            match = None
+            if entry:
+                want = (entry["type"].split("^")[1], (entry.get("type_modifier") or "^^").split("^")[1])
+                match = next(((sid, seg, "terminology") for sid, seg in segments if sid not in used
+                              and seg.GetTerminology() and codes(seg.GetTerminology()) == want), None)
+            if match is None:
+                match = next(((sid, seg, "name") for sid, seg in segments if sid not in used
+                              and seg.GetName().strip().lower() == name.lower()), None)
+            if match is not None:
+                used.add(match[0])
+                found[value] = {"segment_id": match[0], "segment": match[1].GetName(), "by": match[2]}
+        return found
+
+    def build_finetune_dataset(self, pairs: Sequence[tuple[Any, Any]], preset: dict[str, Any], folder: str | Path,
+                               mappings: Sequence[dict[int, str]] | None = None) -> dict[str, Any]:
+        """Write (volume, segmentation) pairs as an MSD-layout dataset for ``dsdseg finetune``.
+
+        Each segmentation is exported on its volume's grid with the model's label values (segments matched by
+        terminology, then name, or by ``mappings[i]``: label value → segment id). Refuses, naming the case and the
+        problem: fewer than 2 cases, a missing or multi-channel volume, a label with no segment, an empty segment
+        (or one that does not overlap its volume). Nothing is written unless every case passes."""
+        labels = {int(k): v for k, v in preset["labels"].items()}
+        if len(pairs) < 2:
+            raise InputError(f"fine-tuning needs at least 2 annotated cases (one is held out for validation), got {len(pairs)}")
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder} is not empty; choose a new folder for the fine-tuning dataset")
+        plans = []
+        for i, (volume, seg) in enumerate(pairs):
+            case = f"case_{i + 1:03d}"
+            what = f"{case} ({volume.GetName() if volume else 'no volume'} / {seg.GetName() if seg else 'no segmentation'})"
+            if seg is None or volume is None:
+                raise InputError(f"{what}: both a volume and a segmentation are needed")
+            self.check_inputs([volume], {"preset": {"channels": preset["channels"][:1]}})
+            if len(preset["channels"]) != 1:
+                raise InputError("fine-tuning from the scene supports single-input models; use a dataset folder for "
+                                 f"{len(preset['channels'])}-input models")
+            if mappings is not None:
+                mapping = {int(v): sid for v, sid in mappings[i].items() if sid}
+            else:
+                mapping = {v: m["segment_id"] for v, m in self.match_segments(seg, preset).items()}
+            missing = [labels[v] for v in labels if v and v not in mapping]
+            if missing:
+                have = [seg.GetSegmentation().GetNthSegment(k).GetName() for k in range(seg.GetSegmentation().GetNumberOfSegments())]
+                raise InputError(f"{what}: no segment for {', '.join(repr(m) for m in missing)}; its segments are "
+                                 f"{have or 'none'} (rename them, set their terminology, or map them by hand)")
+            plans.append((case, volume, seg, mapping, what))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-dataset-", dir=folder.parent))
+        try:
+            (tmp / "imagesTr").mkdir()
+            (tmp / "labelsTr").mkdir()
+            cases = []
+            for case, volume, seg, mapping, what in plans:
+                image = self.write_volume(volume, tmp / "imagesTr" / f"{case}.nrrd")
+                label = self.export_labelmap(seg, volume, preset, tmp / "labelsTr" / f"{case}.nrrd", mapping)
+                counts = self._label_counts(label)
+                empty = [labels[v] for v in mapping if counts.get(v, 0) == 0]
+                if empty:
+                    raise InputError(f"{what}: segment(s) {', '.join(repr(e) for e in empty)} are empty on the volume's "
+                                     "grid (nothing painted, or the segmentation does not overlap the volume)")
+                cases.append({"image": f"./imagesTr/{case}.nrrd", "label": f"./labelsTr/{case}.nrrd",
+                              "volume": volume.GetName(), "segmentation": seg.GetName(),
+                              "mapping": {str(v): seg.GetSegmentation().GetSegment(sid).GetName() for v, sid in mapping.items()}})
+            dataset = {"name": f"fine-tuning cases for {preset['name']}", "labels": {str(k): v for k, v in labels.items()},
+                       "modality": {str(i): c for i, c in enumerate(preset["channels"])}, "numTraining": len(cases),
+                       "training": [{"image": c["image"], "label": c["label"]} for c in cases]}
+            (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
+            (tmp / "cases.json").write_text(json.dumps(cases, indent=2), encoding="utf-8")
+            if folder.exists():
+                folder.rmdir()
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return {"folder": str(folder), "cases": cases}
+
+    @staticmethod
+    def _label_counts(path: Path) -> dict[int, int]:
+        node = slicer.vtkMRMLLabelMapVolumeNode()
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.ReadData(node)
+        import numpy as np
+
+        values, counts = np.unique(slicer.util.arrayFromVolume(node), return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts)}
+
+    def start_finetune(self, base: str | Path, data: str | Path, output: str | Path, epochs: int = 30, lr: float = 1e-3,
+                       dsd: str = "dsd", freeze_encoder: bool = False, patience: int | None = None,
+                       device: str = "auto", store: str | Path | None = None, name: str | None = None,
+                       resume: bool = False, max_steps: int | None = None) -> WorkerProcess:
+        """Start ``dsdseg finetune`` in the background; its JSON lines carry ``epoch`` records (loss, validation
+        Dice) for the plot. Cancel = Stop: the last finished epoch's checkpoint stays, ``resume=True`` goes on."""
+        args = ["finetune", "--output", str(output), "--epochs", str(epochs), "--lr", str(lr), "--dsd", dsd,
+                "--device", device]
+        if not resume:
+            args += ["--base", str(base), "--data", str(data)]
+        args += (["--resume"] if resume else []) + (["--freeze-encoder"] if freeze_encoder else [])
+        args += (["--patience", str(patience)] if patience else []) + (["--store", str(store)] if store else [])
+        args += (["--name", name] if name else []) + (["--max-steps", str(max_steps)] if max_steps else [])
+        return WorkerProcess(args, python=self.python, env=self.env)
 
     # ------------------------------------------------------------------------------------------------ worker
     def start(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,

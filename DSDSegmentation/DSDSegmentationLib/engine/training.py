@@ -302,6 +302,7 @@ class Trainer:
                     atomic_save({**state, "optimizer": None, "scheduler": None, "scaler": None}, self.out / "best.pt")
                 atomic_write_text(self.out / "history.json", json.dumps(self.history, indent=1))
                 self._plot()
+                self.progress.update("epoch", epoch + 1, self.epochs, "", record=record, best=self.best)
                 msg = f"epoch {epoch + 1}/{self.epochs} loss {record.get('loss/total', float('nan')):.4f} ({record['seconds']:.1f} s)"
                 if "val_dice" in record:
                     msg += f" val Dice {record['val_dice']:.4f}" + (" (best)" if improved else "")

@@ -1,0 +1,206 @@
+"""Fine-tuning from the scene and the CLI: dataset builder, background run, Stop/Resume, user store, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+
+from DSDSegmentationLib.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.demo import default_model  # noqa: E402
+from DSDSegmentationLib.engine.cards import list_models, read_model_card, verify_package  # noqa: E402
+from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
+from DSDSegmentationLib.engine.finetune import LOCK_NAME, export_zip, finetune, import_zip  # noqa: E402
+from DSDSegmentationLib.engine.models_sha import sha256_of  # noqa: E402
+from DSDSegmentationLib.headless import setup_headless  # noqa: E402
+from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+
+CASES = ["hippocampus_052", "hippocampus_057", "hippocampus_064", "hippocampus_084"]  # held out from the base model
+
+
+@pytest.fixture
+def scene():
+    scene, _app, _mods = setup_headless()
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def base() -> Path:
+    return default_model()
+
+
+def scene_pairs(scene, logic, hippocampus_dir: Path, preset: dict, n: int = 3):
+    pairs = []
+    for case in CASES[:n]:
+        vol = logic.load_volume(hippocampus_dir / "imagesTr" / f"{case}.nii.gz", name=case)
+        seg = logic.import_labelmap(hippocampus_dir / "labelsTr" / f"{case}.nii.gz", vol, preset, show_3d=False)
+        seg.SetName(f"{case} corrected")
+        pairs.append((vol, seg))
+    return pairs
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def wait(worker, timeout: float = 600, until=None) -> list[dict]:
+    records, t0 = [], time.time()
+    while worker.running and time.time() - t0 < timeout:
+        records += worker.poll()
+        if until and until(records):
+            return records
+        time.sleep(0.1)
+    records += worker.poll()
+    return records
+
+
+def test_segments_matched_by_terminology_then_name(scene, base: Path, hippocampus_dir: Path) -> None:
+    logic = DSDSegmentationLogic(scene, warm=False)
+    preset = read_model_card(base)["preset"]
+    (vol, seg), = scene_pairs(scene, logic, hippocampus_dir, preset, n=1)
+    segmentation = seg.GetSegmentation()
+    anterior = segmentation.GetSegmentIdBySegmentName("anterior hippocampus")
+    posterior = segmentation.GetSegmentIdBySegmentName("posterior hippocampus")
+    segmentation.GetSegment(anterior).SetName("Segment_1")  # renamed in Segment Editor: terminology still says it
+    segmentation.GetSegment(posterior).SetTerminology("")  # no terminology: the name says it
+    segmentation.GetSegment(posterior).SetName("Posterior Hippocampus")
+    found = DSDSegmentationLogic.match_segments(seg, preset)
+    assert found[1] == {"segment_id": anterior, "segment": "Segment_1", "by": "terminology"}
+    assert found[2] == {"segment_id": posterior, "segment": "Posterior Hippocampus", "by": "name"}
+
+
+def test_scene_to_finetuned_model_in_the_selector(scene, base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    logic = DSDSegmentationLogic(scene, warm=False)
+    preset = read_model_card(base)["preset"]
+    pairs = scene_pairs(scene, logic, hippocampus_dir, preset)
+    # reverse the segment order of one case: label values must not depend on it
+    segmentation = pairs[0][1].GetSegmentation()
+    first = segmentation.GetNthSegmentID(0)
+    segmentation.SetSegmentIndex(first, segmentation.GetNumberOfSegments() - 1)
+    built = logic.build_finetune_dataset(pairs, preset, tmp_path / "dataset")
+    assert len(built["cases"]) == 3
+    from DSDSegmentationLib.engine.io import load_volume
+
+    exported, _ = load_volume(tmp_path / "dataset" / "labelsTr" / "case_001.nrrd")
+    original, _ = load_volume(hippocampus_dir / "labelsTr" / f"{CASES[0]}.nii.gz")
+    assert np.array_equal(exported.astype(int), np.rint(original).astype(int)), "exported labels equal the manual ones"
+    before = fingerprint(base)
+    store = tmp_path / "store"
+    worker = logic.start_finetune(base, tmp_path / "dataset", tmp_path / "run", epochs=2, max_steps=2, store=store,
+                                  device="cpu")
+    records = wait(worker)
+    result = worker.wait()
+    assert result.ok, result.message
+    epochs = [r for r in records if r.get("stage") == "epoch"]
+    assert [r["done"] for r in epochs] == [1, 2] and "loss/total" in epochs[0]["record"]
+    done = next(r for r in records if r.get("stage") == "done")
+    models = {m["id"]: m for m in list_models([tmp_path / "none", store])}
+    assert models[done["model_id"]]["status"] == "ok"
+    card = read_model_card(Path(done["package"]))
+    assert card["base_model"]["id"] == "hippocampus-dsd" and card["base_model"]["sha256"] == read_model_card(base)["sha256"]
+    assert card["training_data"]["train_cases"] + card["training_data"]["val_cases"] == 3
+    assert "base_model" in card["validation"] and card["versions"]["torch"]
+    assert fingerprint(base) == before, "the base model is never modified"
+    seg = DSDSegmentationLogic(scene, warm=False).segment([pairs[0][0]], done["package"], device="cpu")
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def test_stop_then_resume_keeps_base_and_earlier_models(scene, base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    logic = DSDSegmentationLogic(scene, warm=False)
+    preset = read_model_card(base)["preset"]
+    logic.build_finetune_dataset(scene_pairs(scene, logic, hippocampus_dir, preset), preset, tmp_path / "dataset")
+    store = tmp_path / "store"
+    earlier = store / "earlier-v1"
+    shutil.copytree(base, earlier)
+    kept = {"base": fingerprint(base), "earlier": fingerprint(earlier)}
+    run = tmp_path / "run"
+    worker = logic.start_finetune(base, tmp_path / "dataset", run, epochs=3, max_steps=2, store=store, device="cpu")
+    wait(worker, until=lambda recs: any(r.get("stage") == "epoch" for r in recs))
+    worker.cancel()  # Stop
+    assert not worker.wait().ok
+    history = json.loads((run / "history.json").read_text())
+    assert 1 <= len(history) < 3 and (run / "last.pt").is_file()
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["earlier-v1"], "nothing registered"
+    worker = logic.start_finetune(base, tmp_path / "dataset", run, epochs=3, max_steps=2, store=store, device="cpu",
+                                  resume=True)
+    wait(worker)
+    assert worker.wait().ok
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3], "resume continues where Stop left off"
+    assert {"base": fingerprint(base), "earlier": fingerprint(earlier)} == kept
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["earlier-v1", "hippocampus-dsd-ft-v1"]
+
+
+def test_bad_scene_inputs_are_named(scene, base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    logic = DSDSegmentationLogic(scene, warm=False)
+    preset = read_model_card(base)["preset"]
+    pairs = scene_pairs(scene, logic, hippocampus_dir, preset)
+    with pytest.raises(InputError, match="at least 2 annotated cases"):
+        logic.build_finetune_dataset(pairs[:1], preset, tmp_path / "a")
+    seg = pairs[1][1].GetSegmentation()
+    seg.RemoveSegment(seg.GetSegmentIdBySegmentName("posterior hippocampus"))
+    with pytest.raises(InputError, match=r"case_002 .*no segment for 'posterior hippocampus'"):
+        logic.build_finetune_dataset(pairs, preset, tmp_path / "b")
+    # an empty segment (nothing painted)
+    seg.AddEmptySegment("posterior", "posterior hippocampus")
+    with pytest.raises(InputError, match=r"case_002 .*'posterior hippocampus'.* empty"):
+        logic.build_finetune_dataset(pairs, preset, tmp_path / "c")
+    # a segmentation drawn on another volume far away: nothing overlaps this volume
+    vol, far = pairs[2]
+    moved = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "far")
+    moved.SetAndObserveImageData(vol.GetImageData())
+    moved.SetOrigin(500, 500, 500)
+    far_seg = logic.import_labelmap(hippocampus_dir / "labelsTr" / f"{CASES[2]}.nii.gz", moved, preset, show_3d=False)
+    with pytest.raises(InputError, match="empty on the volume's grid"):
+        logic.build_finetune_dataset([pairs[0], (vol, far_seg)], preset, tmp_path / "d")
+    for name in "abcd":
+        assert not (tmp_path / name).exists(), "nothing is written unless every case passes"
+
+
+def test_cli_refusals_lock_and_zip(base: Path, hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "one"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    shutil.copy(hippocampus_dir / "imagesTr" / f"{CASES[0]}.nii.gz", data / "imagesTr")
+    shutil.copy(hippocampus_dir / "labelsTr" / f"{CASES[0]}.nii.gz", data / "labelsTr")
+    assert cli(["finetune", "--base", str(base), "--data", str(data), "--output", str(tmp_path / "r"),
+                "--store", str(tmp_path / "store"), "--progress", "none"]) == 2
+    assert "at least 2 annotated cases" in capsys.readouterr().err
+    # one fine-tune at a time: a live owner blocks, a dead one's lock is taken over
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    (store / LOCK_NAME).write_text(str(os.getpid()))
+    shutil.copy(hippocampus_dir / "imagesTr" / f"{CASES[1]}.nii.gz", data / "imagesTr")
+    shutil.copy(hippocampus_dir / "labelsTr" / f"{CASES[1]}.nii.gz", data / "labelsTr")
+    with pytest.raises(InputError, match="another fine-tune is running"):
+        finetune(base, data, tmp_path / "r2", epochs=1, max_steps_per_epoch=1, store=store, device="cpu")
+    (store / LOCK_NAME).write_text("999999999")
+    result = finetune(base, data, tmp_path / "r3", epochs=1, max_steps_per_epoch=1, store=store, device="cpu")
+    assert not (store / LOCK_NAME).exists()
+    # export / import as zip; the sha256 is checked and nothing is overwritten
+    zipped = export_zip(result["package"], tmp_path / "m.zip")
+    other = tmp_path / "other-store"
+    imported = import_zip(zipped, other)
+    verify_package(imported)
+    with pytest.raises(InputError, match="already exists"):
+        import_zip(zipped, other)
+
+
+def test_unsafe_zip_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("pkg/model.json", "{}")
+        z.writestr("../evil.txt", "x")
+    with pytest.raises(InputError, match="outside the package"):
+        import_zip(bad, tmp_path / "store")
+    assert not (tmp_path / "evil.txt").exists()
