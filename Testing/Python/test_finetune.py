@@ -154,23 +154,36 @@ def test_bad_scene_inputs_are_named(scene, base: Path, hippocampus_dir: Path, tm
     with pytest.raises(InputError, match=r"case_002 .*'posterior hippocampus'.* empty"):
         logic.build_finetune_dataset(pairs, preset, tmp_path / "c")
     # a segmentation drawn on another volume far away: nothing overlaps this volume
-    vol, far = pairs[2]
-    moved = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "far")
-    moved.SetAndObserveImageData(vol.GetImageData())
-    moved.SetOrigin(500, 500, 500)
-    far_seg = logic.import_labelmap(hippocampus_dir / "labelsTr" / f"{CASES[2]}.nii.gz", moved, preset, show_3d=False)
+    vol = pairs[2][0]
+    labelmap = logic.load_volume(hippocampus_dir / "labelsTr" / f"{CASES[2]}.nii.gz", labelmap=True)
+    labelmap.SetOrigin(500, 500, 500)
+    far_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "far")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, far_seg)
+    far = far_seg.GetSegmentation()
+    assert far.GetNumberOfSegments() == 2
+    for i, name in enumerate(["anterior hippocampus", "posterior hippocampus"]):
+        far.GetNthSegment(i).SetName(name)
     with pytest.raises(InputError, match="empty on the volume's grid"):
         logic.build_finetune_dataset([pairs[0], (vol, far_seg)], preset, tmp_path / "d")
     for name in "abcd":
         assert not (tmp_path / name).exists(), "nothing is written unless every case passes"
 
 
+def add_case(source: Path, data: Path, case: str) -> None:
+    """Copy one case into an MSD-layout folder and list it in its dataset.json."""
+    shutil.copy(source / "imagesTr" / f"{case}.nii.gz", data / "imagesTr")
+    shutil.copy(source / "labelsTr" / f"{case}.nii.gz", data / "labelsTr")
+    ds = json.loads((source / "dataset.json").read_text())
+    listed = json.loads((data / "dataset.json").read_text())["training"] if (data / "dataset.json").is_file() else []
+    listed.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    (data / "dataset.json").write_text(json.dumps({**ds, "training": listed, "numTraining": len(listed)}))
+
+
 def test_cli_refusals_lock_and_zip(base: Path, hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "one"
     (data / "imagesTr").mkdir(parents=True)
     (data / "labelsTr").mkdir()
-    shutil.copy(hippocampus_dir / "imagesTr" / f"{CASES[0]}.nii.gz", data / "imagesTr")
-    shutil.copy(hippocampus_dir / "labelsTr" / f"{CASES[0]}.nii.gz", data / "labelsTr")
+    add_case(hippocampus_dir, data, CASES[0])
     assert cli(["finetune", "--base", str(base), "--data", str(data), "--output", str(tmp_path / "r"),
                 "--store", str(tmp_path / "store"), "--progress", "none"]) == 2
     assert "at least 2 annotated cases" in capsys.readouterr().err
@@ -178,8 +191,7 @@ def test_cli_refusals_lock_and_zip(base: Path, hippocampus_dir: Path, tmp_path: 
     store = tmp_path / "store"
     store.mkdir(exist_ok=True)
     (store / LOCK_NAME).write_text(str(os.getpid()))
-    shutil.copy(hippocampus_dir / "imagesTr" / f"{CASES[1]}.nii.gz", data / "imagesTr")
-    shutil.copy(hippocampus_dir / "labelsTr" / f"{CASES[1]}.nii.gz", data / "labelsTr")
+    add_case(hippocampus_dir, data, CASES[1])
     with pytest.raises(InputError, match="another fine-tune is running"):
         finetune(base, data, tmp_path / "r2", epochs=1, max_steps_per_epoch=1, store=store, device="cpu")
     (store / LOCK_NAME).write_text("999999999")
