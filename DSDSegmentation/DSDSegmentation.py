@@ -99,6 +99,15 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
+        self._pairs: list[tuple[str, str]] = []
+        self._finetune = None
+        self._finetuneRun: Optional[dict] = None
+        self._finetuneResult: Optional[dict] = None
+        self._plotTable = None
+        self._finetuneStarted = 0.0
+        self._finetuneTimer = qt.QTimer()
+        self._finetuneTimer.setInterval(500)
+        self._finetuneTimer.connect("timeout()", self._pollFinetune)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -111,11 +120,17 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
+        self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.cancelRun()
+        if self._finetune is not None:
+            self._finetune.cancel()  # never left running after Slicer closes; Resume can continue it later
         if self.logic:
             self.logic.shutdown()
         self.removeObservers()
@@ -260,6 +275,133 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = None
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             self._resetButton()
+
+    # ---------------------------------------------------------------------------------------------- fine-tune
+    def onAddPair(self) -> None:
+        volume = self.ui.finetuneVolumeSelector.currentNode()
+        seg = self.ui.finetuneSegmentationSelector.currentNode()
+        if volume is None or seg is None:
+            slicer.util.errorDisplay(_("Pick a volume and its corrected segmentation first."))
+            return
+        if any(v == volume.GetID() and s == seg.GetID() for v, s in self._pairs):
+            return
+        self._pairs.append((volume.GetID(), seg.GetID()))
+        self._updatePairsTable()
+
+    def onRemovePair(self) -> None:
+        rows = sorted({i.row() for i in self.ui.pairsTable.selectedIndexes()}, reverse=True)
+        for row in rows:
+            del self._pairs[row]
+        self._updatePairsTable()
+
+    def _updatePairsTable(self) -> None:
+        """One row per case: volume, segmentation, and how each model label maps to a segment."""
+        table = self.ui.pairsTable
+        table.setHorizontalHeaderLabels([_("Volume"), _("Segmentation"), _("Label → segment")])
+        table.setRowCount(len(self._pairs))
+        model = self.currentModel()
+        for row, (vid, sid) in enumerate(self._pairs):
+            volume, seg = slicer.mrmlScene.GetNodeByID(vid), slicer.mrmlScene.GetNodeByID(sid)
+            mapping = ""
+            if model and model["card"] and seg:
+                preset = model["card"]["preset"]
+                found = self.logic.bridge().match_segments(seg, preset)
+                mapping = "; ".join(f"{preset['labels'][str(v)]} → {m['segment']} ({m['by']})" for v, m in found.items())
+                missing = [n for k, n in preset["labels"].items() if k != "0" and int(k) not in found]
+                if missing:
+                    mapping += ("; " if mapping else "") + _("missing: ") + ", ".join(missing)
+            for col, text in enumerate((volume.GetName() if volume else "?", seg.GetName() if seg else "?", mapping)):
+                table.setItem(row, col, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+
+    def onFinetuneButton(self) -> None:
+        if self._finetune is not None:  # Stop: the last finished epoch's checkpoint is kept
+            self._finetune.cancel()
+            self.ui.finetuneStatusLabel.text = _("Stopping… the last finished epoch is kept; Resume continues from it.")
+            return
+        self._startFinetune(resume=False)
+
+    def onResumeButton(self) -> None:
+        if self._finetune is None and self._finetuneRun:
+            self._startFinetune(resume=True)
+
+    def _startFinetune(self, resume: bool) -> None:
+        import time as _time
+
+        from DSDSegmentationLib.engine.cards import user_models_dir
+
+        with slicer.util.tryWithErrorDisplay(_("Could not start fine-tuning."), waitCursor=True):
+            model = self.currentModel()
+            if not model or model["status"] != "ok":
+                raise ValueError(_("Select a usable base model in the Inputs section."))
+            if not self.logic.ensureDependencies():
+                return
+            bridge = self.logic.bridge()
+            if not resume:
+                work = user_models_dir().parent / "finetune" / _time.strftime("%Y%m%d-%H%M%S")
+                folder = self.ui.finetuneFolderEdit.currentPath
+                if folder:
+                    data = folder
+                else:
+                    pairs = [(slicer.mrmlScene.GetNodeByID(v), slicer.mrmlScene.GetNodeByID(s)) for v, s in self._pairs]
+                    data = bridge.build_finetune_dataset(pairs, model["card"]["preset"], work / "data")["folder"]
+                self._finetuneRun = {"base": model["path"], "data": data, "output": str(work / "run")}
+                self._plotTable, chart = bridge.training_plot(f"Fine-tune {model['id']}")
+                self.ui.plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(chart.GetID())
+            run = self._finetuneRun
+            self._finetune = bridge.start_finetune(
+                run["base"], run["data"], run["output"], epochs=self.ui.epochsSpinBox.value,
+                lr=self.ui.lrSpinBox.value, dsd="dsd" if self.ui.dsdCheckBox.checked else "plain",
+                freeze_encoder=self.ui.freezeEncoderCheckBox.checked, device=self._parameterNode.device,
+                name=self.ui.modelNameEdit.text or None, resume=resume)
+            self._finetuneStarted = _time.time()
+            self._finetuneResult = None
+            self.ui.finetuneButton.text = _("Stop")
+            self.ui.resumeButton.enabled = False
+            self.ui.finetuneStatusLabel.text = _("Preparing the cases…")
+            self._finetuneTimer.start()
+
+    def _pollFinetune(self) -> None:
+        import time as _time
+
+        worker = self._finetune
+        if worker is None:
+            self._finetuneTimer.stop()
+            return
+        for rec in worker.poll():
+            if rec.get("stage") == "epoch":
+                self.logic.bridge().add_epoch(self._plotTable, rec["record"])
+                done, total = int(rec["done"]), int(rec["total"])
+                self.ui.finetuneProgressBar.maximum = total
+                self.ui.finetuneProgressBar.value = done
+                per_epoch = (_time.time() - self._finetuneStarted) / max(done, 1)
+                best = rec.get("best", -1)
+                self.ui.finetuneStatusLabel.text = _("Epoch {d}/{t}, loss {l:.4f}, best validation Dice {b}, about {m:.0f} min left").format(
+                    d=done, t=total, l=rec["record"].get("loss/total", float("nan")),
+                    b=f"{best:.3f}" if best >= 0 else "–", m=per_epoch * (total - done) / 60)
+            elif rec.get("stage") == "done":
+                self._finetuneResult = rec
+            elif rec.get("message") and rec.get("stage") in ("log", "error"):
+                self.ui.finetuneStatusLabel.text = rec["message"]
+        if worker.running:
+            return
+        self._finetuneTimer.stop()
+        self._finetune = None
+        self.ui.finetuneButton.text = _("Fine-tune")
+        result = worker.wait()
+        if result.ok and self._finetuneResult:
+            r = self._finetuneResult
+            self.refreshModels()
+            index = self.ui.modelComboBox.findData(r["package"])
+            if index >= 0:
+                self.ui.modelComboBox.setCurrentIndex(index)
+            self.ui.finetuneStatusLabel.text = _("New model {id}: held-out Dice {b:.3f} (base) → {a:.3f}").format(
+                id=r["model_id"], b=r["before"]["mean_dice"], a=r["after"]["mean_dice"])
+            self._finetuneRun = None
+        else:
+            self.ui.resumeButton.enabled = bool(self._finetuneRun)
+            self.ui.finetuneStatusLabel.text = _("Stopped: {m}").format(m=result.message) if result.status != "cancelled" \
+                else _("Stopped. Resume continues from the last finished epoch.")
 
     def _resetButton(self) -> None:
         self.ui.applyButton.text = _("Apply")

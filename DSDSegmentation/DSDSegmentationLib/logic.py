@@ -280,6 +280,39 @@ class DSDSegmentationLogic:
         args += (["--name", name] if name else []) + (["--max-steps", str(max_steps)] if max_steps else [])
         return WorkerProcess(args, python=self.python, env=self.env)
 
+    def training_plot(self, name: str = "DSD fine-tune") -> tuple[Any, Any]:
+        """A table node (epoch, loss, validation Dice) and a plot chart node showing both curves."""
+        table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} history")
+        for column in ("epoch", "loss", "validation Dice"):
+            array = vtk.vtkDoubleArray()
+            array.SetName(column)
+            table.AddColumn(array)
+        chart = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} curves")
+        chart.SetTitle(name)
+        chart.SetXAxisTitle("epoch")
+        chart.SetYAxisTitle("loss / Dice")
+        for column, color in (("loss", (0.85, 0.35, 0.2)), ("validation Dice", (0.2, 0.45, 0.85))):
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {column}")
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("epoch")
+            series.SetYColumnName(column)
+            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+            series.SetColor(*color)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        return table, chart
+
+    @staticmethod
+    def add_epoch(table: Any, record: dict[str, Any]) -> None:
+        """Append one ``epoch`` progress record (from the fine-tune worker) to the plot's table."""
+        import math
+
+        row = table.AddEmptyRow()
+        values = (record.get("epoch", row + 1), record.get("loss/total", math.nan), record.get("val_dice", math.nan))
+        for column, value in enumerate(values):
+            table.GetTable().GetColumn(column).SetValue(row, float(value))
+        table.GetTable().Modified()
+        table.Modified()
+
     # ------------------------------------------------------------------------------------------------ worker
     def start(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
               segmentation_node: Any = None) -> SegmentationRun:

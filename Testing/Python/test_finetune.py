@@ -216,3 +216,16 @@ def test_unsafe_zip_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="outside the package"):
         import_zip(bad, tmp_path / "store")
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_training_plot_nodes(scene) -> None:
+    logic = DSDSegmentationLogic(scene, warm=False)
+    table, chart = logic.training_plot()
+    logic.add_epoch(table, {"epoch": 1, "loss/total": 2.5})
+    logic.add_epoch(table, {"epoch": 2, "loss/total": 2.0, "val_dice": 0.81})
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == 2
+    assert [t.GetValue(1, c).ToDouble() for c in range(3)] == [2.0, 2.0, 0.81]
+    assert np.isnan(t.GetValue(0, 2).ToDouble())
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    assert chart.GetNthPlotSeriesNode(1).GetYColumnName() == "validation Dice"
