@@ -146,8 +146,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.input:
         if not args.output:
             raise InputError("--output is required with --input (a .nii.gz or .nrrd file)")
-        out = predictor.predict_to_file(args.input, args.output)
-        _report(args, {"stage": "done", "output": str(out), "notes": predictor.notes})
+        out = predictor.predict_to_file(args.input, args.output, uncertainty_output=args.uncertainty)
+        _report(args, {"stage": "done", "output": str(out), "uncertainty": args.uncertainty, "notes": predictor.notes})
         return EXIT_OK
     if not args.output_dir:
         raise InputError("--output-dir is required with --batch")
@@ -241,8 +241,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 progress.log(f"model loaded in {time.perf_counter() - t0:.2f} s")
             pred = predictors[key]
             pred.progress, pred.tta, pred.notes = progress, bool(req.get("tta", False)), []
-            out = pred.predict_to_file(req["inputs"], req["output"])
-            print(json.dumps({"stage": "done", "id": rid, "output": str(out), "notes": pred.notes}), flush=True)
+            out = pred.predict_to_file(req["inputs"], req["output"], uncertainty_output=req.get("uncertainty"))
+            print(json.dumps({"stage": "done", "id": rid, "output": str(out), "uncertainty": req.get("uncertainty"),
+                              "notes": pred.notes}), flush=True)
         except DSDError as e:
             print(json.dumps({"stage": "error", "id": rid, "kind": "error", "message": str(e), "exit_code": EXIT_BAD_INPUT}), flush=True)
         except (MemoryError, RuntimeError) as e:
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overlap", type=float)
     pr.add_argument("--sw-batch-size", type=int, default=4)
     pr.add_argument("--tta", action="store_true", help="average over flips (8x slower)")
+    pr.add_argument("--uncertainty", help="also write a voxel uncertainty map (normalised entropy of the class "
+                    "probabilities, with --tta of their flip average) to this file (--input only)")
     progress_arg(pr)
     pr.set_defaults(func=_cmd_predict)
 

@@ -55,7 +55,9 @@ def test_agrees_with_monai() -> None:
 def test_empty_cases_are_defined() -> None:
     z = np.zeros((10, 10, 10), bool)
     s = box(z.shape, (2, 2, 2), (5, 5, 5))
-    assert class_metrics(z, z, (1, 1, 1)) == {"volume_pred_ml": 0.0, "volume_ref_ml": 0.0, "dice": 1.0, "hd95": 0.0, "assd": 0.0, "empty": "both"}
+    assert class_metrics(z, z, (1, 1, 1)) == {"volume_pred_ml": 0.0, "volume_ref_ml": 0.0, "volume_diff_ml": 0.0,
+                                              "volume_diff_pct": None, "tolerance_mm": 1.0, "dice": 1.0, "hd95": 0.0,
+                                              "assd": 0.0, "surface_dice": 1.0, "empty": "both"}
     missed = class_metrics(z, s, (1, 1, 1))
     assert (missed["dice"], missed["hd95"], missed["assd"], missed["empty"]) == (0.0, None, None, "prediction")
     extra = class_metrics(s, z, (1, 1, 1))
@@ -72,3 +74,22 @@ def test_case_metrics_and_summary() -> None:
     assert rows[0]["classes"]["one"]["dice"] == 1.0 and rows[0]["classes"]["one"]["hd95"] == 0.0
     s = summarize(rows)
     assert s["two"]["dice"]["mean"] == 0.0 and s["two"]["hd95"]["mean"] is None and s["two"]["undefined_distance"] == 1
+
+
+def test_surface_dice_and_volume_difference_on_spheres() -> None:
+    spacing = (0.8, 0.8, 2.0)
+    a = sphere((80, 80, 40), (40, 40, 20), 20.0, spacing)
+    b = sphere((80, 80, 40), (40, 40, 20), 26.0, spacing)
+    assert class_metrics(a, b, spacing, tolerance_mm=4.0)["surface_dice"] < 0.05  # every boundary point is ~6 mm off
+    assert class_metrics(a, b, spacing, tolerance_mm=8.0)["surface_dice"] > 0.95
+    m = class_metrics(a, b, spacing)
+    assert m["volume_diff_pct"] == pytest.approx(100 * (20**3 / 26**3 - 1), abs=3.0)
+    assert m["volume_diff_ml"] == pytest.approx(m["volume_pred_ml"] - m["volume_ref_ml"])
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.5, 0.7, 3.0)])
+def test_surface_dice_of_shifted_box_in_mm(spacing) -> None:
+    a = box((30, 30, 30), (5, 5, 5), (15, 15, 15))
+    b = box((30, 30, 30), (7, 5, 5), (17, 15, 15))
+    assert class_metrics(a, b, spacing, tolerance_mm=2 * spacing[0] + 1e-3)["surface_dice"] == pytest.approx(1.0)
+    assert class_metrics(a, b, spacing, tolerance_mm=0.5 * spacing[0])["surface_dice"] < 0.9

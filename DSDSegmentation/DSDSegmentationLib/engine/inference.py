@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from .errors import InputError
-from .io import load_channels, save_labelmap
+from .io import load_channels, save_image, save_labelmap
 from .models import LoadedModel, load_model
 from .progress import Progress
 from .training import resolve_device
@@ -91,8 +91,10 @@ class Predictor:
                 self.progress.log(note)
         raise AssertionError("unreachable")
 
-    def predict(self, images: list[str] | str) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (x, y, z) uint8 on the input's grid and the input's affine."""
+    def predict(self, images: list[str] | str, uncertainty: bool = False):
+        """Labels (x, y, z) uint8 on the input's grid and the input's affine; with ``uncertainty`` also a float32
+        map on the same grid: the entropy of the (flip-TTA averaged) class probabilities divided by log K, 0 where
+        the model is certain, 1 where all classes are equally likely."""
         paths = [images] if isinstance(images, (str, Path)) else [str(p) for p in images]
         what = f"input {Path(paths[0]).name}"
         raw, affine = load_channels(paths, what=what, resample=True, notes=self.notes)
@@ -106,14 +108,24 @@ class Predictor:
         if img.applied_operations:  # orientation / spacing / crop to undo
             pred = MetaTensor(probs[0], meta=dict(img.meta), applied_operations=list(img.applied_operations))
             inv = self.transforms.inverse({"image": pred})["image"]
-        labels = torch.as_tensor(inv).argmax(0).numpy().astype(np.uint8)
+        inv = torch.as_tensor(inv)
+        labels = inv.argmax(0).numpy().astype(np.uint8)
         if labels.shape != raw.shape[1:]:
             raise RuntimeError(f"internal error: inverted prediction has shape {labels.shape}, input {raw.shape[1:]}")
-        return labels, affine
+        if not uncertainty:
+            return labels, affine
+        p = inv.float().clamp_min(1e-8)
+        p = p / p.sum(0, keepdim=True)  # resampling back to the input grid may blur the sums slightly
+        entropy = -(p * p.log()).sum(0) / float(np.log(p.shape[0]))
+        return labels, affine, entropy.clamp(0, 1).numpy().astype(np.float32)
 
-    def predict_to_file(self, images: list[str] | str, output: str | Path) -> Path:
-        labels, affine = self.predict(images)
+    def predict_to_file(self, images: list[str] | str, output: str | Path, uncertainty_output: str | Path | None = None) -> Path:
         first = images if isinstance(images, (str, Path)) else images[0]
+        if uncertainty_output:
+            labels, affine, unc = self.predict(images, uncertainty=True)
+            save_image(unc, affine, uncertainty_output, reference=first)
+        else:
+            labels, affine = self.predict(images)
         return save_labelmap(labels, affine, output, reference=first)
 
 

@@ -97,10 +97,15 @@ def _resample_onto(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarr
 
 def save_labelmap(labels: np.ndarray, affine: np.ndarray, path: str | Path, reference: str | Path | None = None) -> Path:
     """Write an integer labelmap atomically as .nii/.nii.gz (reference header kept) or .nrrd / .seg.nrrd."""
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    return save_image(labels.astype(dtype), affine, path, reference)
+
+
+def save_image(data: np.ndarray, affine: np.ndarray, path: str | Path, reference: str | Path | None = None) -> Path:
+    """Write a 3D array (its own dtype, e.g. a float32 uncertainty map) atomically, like :func:`save_labelmap`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    data = labels.astype(dtype)
+    dtype = data.dtype
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd)
     try:

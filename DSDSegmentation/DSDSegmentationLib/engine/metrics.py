@@ -17,21 +17,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
 
 from .errors import InputError
 from .io import load_volume
 
 
-def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, Any]:
-    """Metrics of one binary structure (boolean arrays of equal shape)."""
+def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float],
+                  tolerance_mm: float = 1.0) -> dict[str, Any]:
+    """Metrics of one binary structure (boolean arrays of equal shape): Dice, HD95 and ASSD (mm), volumes and their
+    difference (ml, and % of the reference), and surface Dice at ``tolerance_mm`` (share of both boundaries within
+    the tolerance of the other, MONAI's definition)."""
     p, r = pred.astype(bool), ref.astype(bool)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    out: dict[str, Any] = {"volume_pred_ml": float(p.sum()) * voxel_ml, "volume_ref_ml": float(r.sum()) * voxel_ml}
+    vp, vr = float(p.sum()) * voxel_ml, float(r.sum()) * voxel_ml
+    out: dict[str, Any] = {"volume_pred_ml": vp, "volume_ref_ml": vr, "volume_diff_ml": vp - vr,
+                           "volume_diff_pct": 100.0 * (vp - vr) / vr if vr > 0 else None, "tolerance_mm": tolerance_mm}
     if not p.any() and not r.any():
-        return {**out, "dice": 1.0, "hd95": 0.0, "assd": 0.0, "empty": "both"}
+        return {**out, "dice": 1.0, "hd95": 0.0, "assd": 0.0, "surface_dice": 1.0, "empty": "both"}
     if not p.any() or not r.any():
-        return {**out, "dice": 0.0, "hd95": None, "assd": None, "empty": "prediction" if not p.any() else "reference"}
+        return {**out, "dice": 0.0, "hd95": None, "assd": None, "surface_dice": 0.0,
+                "empty": "prediction" if not p.any() else "reference"}
     inter = np.logical_and(p, r).sum()
     dice = 2.0 * inter / (p.sum() + r.sum())
     pt = torch.from_numpy(p)[None, None]
@@ -40,14 +46,18 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float
         warnings.simplefilter("ignore", FutureWarning)
         hd95 = float(compute_hausdorff_distance(pt, rt, include_background=True, percentile=95, spacing=list(spacing))[0, 0])
         assd = float(compute_average_surface_distance(pt, rt, include_background=True, symmetric=True, spacing=list(spacing))[0, 0])
-    return {**out, "dice": float(dice), "hd95": hd95, "assd": assd, "empty": None}
+        nsd = float(compute_surface_dice(torch.stack([~pt[0, 0], pt[0, 0]])[None].float(),
+                                         torch.stack([~rt[0, 0], rt[0, 0]])[None].float(), class_thresholds=[tolerance_mm],
+                                         include_background=False, spacing=list(spacing))[0, 0])
+    return {**out, "dice": float(dice), "hd95": hd95, "assd": assd, "surface_dice": nsd, "empty": None}
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str], spacing: tuple[float, float, float]) -> dict[str, dict[str, Any]]:
+def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str], spacing: tuple[float, float, float],
+                 tolerance_mm: float = 1.0) -> dict[str, dict[str, Any]]:
     """Per foreground class of ``labels``: metrics keyed by class name."""
     if pred.shape != ref.shape:
         raise InputError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    return {name: class_metrics(pred == v, ref == v, spacing) for v, name in sorted(labels.items()) if v != 0}
+    return {name: class_metrics(pred == v, ref == v, spacing, tolerance_mm) for v, name in sorted(labels.items()) if v != 0}
 
 
 def evaluate_files(pairs: list[tuple[str, str, str]], labels: dict[int, str]) -> list[dict[str, Any]]:
@@ -72,8 +82,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     names = list(rows[0]["classes"]) if rows else []
     for name in names:
         s: dict[str, Any] = {}
-        for m in ("dice", "hd95", "assd"):
-            vals = [r["classes"][name][m] for r in rows if r["classes"][name][m] is not None]
+        for m in ("dice", "hd95", "assd", "surface_dice"):
+            vals = [r["classes"][name].get(m) for r in rows if r["classes"][name].get(m) is not None]
             s[m] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None, "n": len(vals)}
         s["undefined_distance"] = sum(1 for r in rows if r["classes"][name]["hd95"] is None)
         summary[name] = s
@@ -87,10 +97,12 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     (out_dir / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=2), encoding="utf-8")
     with open(out_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["case", "class", "dice", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml", "empty"])
+        w.writerow(["case", "class", "dice", "hd95_mm", "assd_mm", "surface_dice", "tolerance_mm", "volume_pred_ml",
+                    "volume_ref_ml", "volume_diff_ml", "empty"])
         for r in rows:
             for name, m in r["classes"].items():
-                w.writerow([r["case"], name, m["dice"], _num(m["hd95"]), _num(m["assd"]), m["volume_pred_ml"], m["volume_ref_ml"], m["empty"] or ""])
+                w.writerow([r["case"], name, m["dice"], _num(m["hd95"]), _num(m["assd"]), m["surface_dice"], m["tolerance_mm"],
+                            m["volume_pred_ml"], m["volume_ref_ml"], m["volume_diff_ml"], m["empty"] or ""])
     return summary
 
 
