@@ -1,0 +1,229 @@
+"""Visual QA of segmentation boundaries on the MRML scene (Qt-free, runs in Slicer and headless).
+
+``compare`` puts, for a segmentation and a reference on one volume: a table node of metrics per segment (Dice,
+HD95, ASSD, surface Dice at a tolerance, volume difference), both segmentations as outlines in contrasting colours,
+one model per segment coloured by signed distance to the reference boundary (diverging map, range in mm), and a
+markups node at the worst boundary errors, worst first. ``uncertainty_overlay`` shows a voxel uncertainty map and
+scores each segment by it, for when there is no reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+from .engine.errors import InputError
+from .engine.metrics import class_metrics
+from .engine.qa import boundary_errors, uncertainty_scores
+
+PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
+REF_OUTLINE = (0.1, 0.9, 0.9)  # cyan
+METRIC_COLUMNS = ("Segment", "Dice", "HD95 (mm)", "ASSD (mm)", "Surface Dice", "Volume (ml)", "Reference volume (ml)",
+                  "Volume difference (ml)", "Volume difference (%)")
+
+
+@dataclass
+class QAResult:
+    table: Any
+    models: dict[str, Any]
+    markups: Any
+    metrics: dict[str, dict[str, Any]]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    color_node: Any = None
+
+
+def _spacing_kji(volume: Any) -> tuple[float, float, float]:
+    s = volume.GetSpacing()
+    return (s[2], s[1], s[0])
+
+
+def _ijk_to_ras(volume: Any, kji: list[int]) -> list[float]:
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return list(m.MultiplyPoint([kji[2], kji[1], kji[0], 1.0])[:3])
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+class QALogic:
+    """Boundary QA nodes for one scene."""
+
+    def __init__(self, scene: Any):
+        self.scene = scene
+
+    # ------------------------------------------------------------------------------------------------ compare
+    def common_segments(self, segmentation: Any, reference: Any) -> list[tuple[str, str, str]]:
+        """(name, segment id in the segmentation, segment id in the reference) for segments named alike."""
+        seg, ref = segmentation.GetSegmentation(), reference.GetSegmentation()
+        pairs = []
+        for i in range(seg.GetNumberOfSegments()):
+            name = seg.GetNthSegment(i).GetName()
+            rid = ref.GetSegmentIdBySegmentName(name)
+            if rid:
+                pairs.append((name, seg.GetNthSegmentID(i), rid))
+        if not pairs:
+            raise InputError(f"'{segmentation.GetName()}' and '{reference.GetName()}' have no segment names in common; "
+                             "QA compares segments of the same name")
+        return pairs
+
+    def compare(self, segmentation: Any, reference: Any, volume: Any, tolerance_mm: float = 1.0, worst: int = 5,
+                clamp_mm: float = 5.0) -> QAResult:
+        """Metrics table, outlines, distance-coloured surfaces and worst-error markups (see the module doc)."""
+        if volume is None or volume.GetImageData() is None:
+            raise InputError("QA needs the volume both segmentations lie on (its grid is where metrics are computed)")
+        spacing = _spacing_kji(volume)
+        metrics: dict[str, dict[str, Any]] = {}
+        errors: list[dict[str, Any]] = []
+        pairs = self.common_segments(segmentation, reference)
+        for name, sid, rid in pairs:
+            p = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0
+            r = slicer.util.arrayFromSegmentBinaryLabelmap(reference, rid, volume) > 0
+            metrics[name] = class_metrics(p, r, spacing, tolerance_mm)
+            for e in boundary_errors(p, r, spacing, count=worst):
+                errors.append({**e, "segment": name, "ras": _ijk_to_ras(volume, e["ijk"])})
+        errors.sort(key=lambda e: -(e["distance_mm"] if e["distance_mm"] is not None else np.inf))
+        errors = errors[:worst]
+        table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
+        self.show_outlines(segmentation, reference)
+        color = self.distance_color_node(clamp_mm)
+        models = {name: self.distance_model(segmentation, sid, reference, rid, f"QA {name} distance", color, clamp_mm)
+                  for name, sid, rid in pairs}
+        markups = self._error_markups(f"QA worst errors {segmentation.GetName()}", errors)
+        return QAResult(table, models, markups, metrics, errors, color)
+
+    def _metrics_table(self, name: str, metrics: dict[str, dict[str, Any]]) -> Any:
+        table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        for column in METRIC_COLUMNS:
+            array = vtk.vtkStringArray() if column == "Segment" else vtk.vtkDoubleArray()
+            array.SetName(column)
+            table.AddColumn(array)
+        t = table.GetTable()
+        for seg_name, m in metrics.items():
+            row = table.AddEmptyRow()
+            values = (m["dice"], m["hd95"], m["assd"], m["surface_dice"], m["volume_pred_ml"], m["volume_ref_ml"],
+                      m["volume_diff_ml"], m["volume_diff_pct"])
+            t.GetColumn(0).SetValue(row, seg_name)
+            for c, v in enumerate(values, start=1):
+                t.GetColumn(c).SetValue(row, np.nan if v is None else float(v))
+        table.SetColumnDescription("Surface Dice", f"share of both boundaries within {next(iter(metrics.values()))['tolerance_mm']} mm of the other")
+        t.Modified()
+        return table
+
+    def show_outlines(self, segmentation: Any, reference: Any) -> None:
+        """Both as outlines only, the segmentation yellow and the reference cyan (override colours: the segments'
+        own colours are not changed)."""
+        for node, rgb in ((segmentation, PRED_OUTLINE), (reference, REF_OUTLINE)):
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            d = node.GetDisplayNode()
+            d.SetVisibility(True)
+            d.SetVisibility2DFill(False)
+            d.SetVisibility2DOutline(True)
+            d.SetSliceIntersectionThickness(2)
+            seg = node.GetSegmentation()
+            for i in range(seg.GetNumberOfSegments()):
+                d.SetSegmentOverrideColor(seg.GetNthSegmentID(i), *rgb)
+
+    def distance_color_node(self, clamp_mm: float) -> Any:
+        """Diverging colours for signed distance: blue = inside the reference (missed), white = on it,
+        red = outside it (extra), saturated at ±``clamp_mm``."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", "QA signed distance (mm)")
+        ctf = vtk.vtkColorTransferFunction()
+        ctf.AddRGBPoint(-clamp_mm, 0.13, 0.35, 0.85)
+        ctf.AddRGBPoint(0.0, 0.97, 0.97, 0.97)
+        ctf.AddRGBPoint(clamp_mm, 0.85, 0.15, 0.12)
+        node.SetAndObserveColorTransferFunction(ctf)
+        return node
+
+    def distance_model(self, segmentation: Any, sid: str, reference: Any, rid: str, name: str, color_node: Any,
+                       clamp_mm: float) -> Any:
+        """The segment's closed surface with point scalars ``Distance`` = signed distance (mm) to the reference
+        segment's surface: > 0 outside the reference, < 0 inside."""
+        surfaces = []
+        for node, segment_id in ((segmentation, sid), (reference, rid)):
+            node.CreateClosedSurfaceRepresentation()
+            poly = vtk.vtkPolyData()
+            node.GetClosedSurfaceRepresentation(segment_id, poly)
+            if poly.GetNumberOfPoints() == 0:
+                raise InputError(f"segment '{name}' of '{node.GetName()}' has no surface (empty segment)")
+            normals = vtk.vtkPolyDataNormals()  # consistent outward normals: the sign of the distance depends on them
+            normals.SetInputData(poly)
+            normals.ConsistencyOn()
+            normals.AutoOrientNormalsOn()
+            normals.SplittingOff()
+            normals.Update()
+            surfaces.append(normals.GetOutput())
+        dist = vtk.vtkDistancePolyDataFilter()
+        dist.SetInputData(0, surfaces[0])
+        dist.SetInputData(1, surfaces[1])
+        dist.SignedDistanceOn()
+        dist.ComputeSecondDistanceOff()
+        dist.Update()
+        out = vtk.vtkPolyData()
+        out.DeepCopy(dist.GetOutput())
+        out.GetPointData().SetActiveScalars("Distance")
+        model = self.scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+        model.SetAndObservePolyData(out)
+        model.CreateDefaultDisplayNodes()
+        d = model.GetDisplayNode()
+        d.SetActiveScalarName("Distance")
+        d.SetAndObserveColorNodeID(color_node.GetID())
+        d.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
+        d.SetScalarRange(-clamp_mm, clamp_mm)
+        d.SetScalarVisibility(True)
+        d.SetVisibility2D(False)
+        return model
+
+    def _error_markups(self, name: str, errors: list[dict[str, Any]]) -> Any:
+        markups = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        markups.CreateDefaultDisplayNodes()
+        for i, e in enumerate(errors):
+            d = "whole segment missed" if e["distance_mm"] is None else f"{e['distance_mm']:.1f} mm {e['kind']}"
+            idx = markups.AddControlPoint(vtk.vtkVector3d(*e["ras"]), f"{i + 1}")
+            markups.SetNthControlPointDescription(idx, f"{e['segment']}: {d}")
+            markups.SetNthControlPointLocked(idx, True)
+        return markups
+
+    # ------------------------------------------------------------------------------------------------ uncertainty
+    def uncertainty_overlay(self, uncertainty_file: str | Path, segmentation: Any, volume: Any,
+                            labels: dict[int, str]) -> tuple[Any, Any]:
+        """Load a voxel uncertainty map (0..1) as a volume with a heat colour map, and a table scoring each
+        segment (mean uncertainty over the segment and a one-voxel band around it), highest first."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume.GetName()} uncertainty")
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(uncertainty_file))
+        if not storage.ReadData(node):
+            self.scene.RemoveNode(node)
+            raise InputError(f"could not read the uncertainty map {uncertainty_file}")
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        heat = self.scene.GetFirstNodeByName("Inferno") or self.scene.GetFirstNodeByName("ColdToHotRainbow")
+        if heat is not None:
+            display.SetAndObserveColorNodeID(heat.GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        unc = slicer.util.arrayFromVolume(node)
+        seg = segmentation.GetSegmentation()
+        label_array = np.zeros(unc.shape, np.uint8)
+        for value, name in labels.items():
+            sid = seg.GetSegmentIdBySegmentName(name)
+            if value and sid:
+                label_array[slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0] = value
+        scores = uncertainty_scores(unc, label_array, labels)
+        table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volume.GetName()} uncertainty per segment")
+        for column, cls in (("Segment", vtk.vtkStringArray), ("Mean uncertainty", vtk.vtkDoubleArray)):
+            a = cls()
+            a.SetName(column)
+            table.AddColumn(a)
+        for name, score in sorted(scores.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1)):
+            row = table.AddEmptyRow()
+            table.GetTable().GetColumn(0).SetValue(row, name)
+            table.GetTable().GetColumn(1).SetValue(row, np.nan if score is None else score)
+        return node, table

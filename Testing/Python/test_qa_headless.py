@@ -1,0 +1,121 @@
+"""Boundary QA on a real MRML scene (slicer-core): table, outlines, distance-coloured surfaces, worst errors,
+uncertainty overlay — on analytic shapes with known offsets and an anisotropic, oblique volume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+
+import vtk  # noqa: E402
+from vtkmodules.util.numpy_support import vtk_to_numpy  # noqa: E402
+
+from DSDSegmentationLib.engine.metrics import class_metrics  # noqa: E402
+from DSDSegmentationLib.headless import setup_headless  # noqa: E402
+from DSDSegmentationLib.qa_logic import PRED_OUTLINE, QALogic  # noqa: E402
+
+SPACING_KJI = (2.0, 0.8, 1.0)  # slices 2 mm apart
+
+
+@pytest.fixture
+def scene():
+    scene, _app, _mods = setup_headless()
+    yield scene
+    scene.Clear(1)
+
+
+def make_volume(scene, shape=(40, 60, 60)):
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "image")
+    slicer.util.updateVolumeFromArray(vol, np.zeros(shape, np.float32))
+    a = math.radians(20)
+    m = np.array([[math.cos(a), -math.sin(a), 0, 5], [math.sin(a), math.cos(a), 0, -3], [0, 0, 1, 10], [0, 0, 0, 1]])
+    m[:3, :3] = m[:3, :3] @ np.diag([SPACING_KJI[2], SPACING_KJI[1], SPACING_KJI[0]])
+    vol.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+    return vol
+
+
+def ball(shape, center_mm, radius_mm):
+    grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING_KJI)], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grid, center_mm)) <= radius_mm**2
+
+
+def segmentation(scene, vol, name, masks):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    for seg_name, mask in masks.items():
+        sid = node.GetSegmentation().AddEmptySegment(seg_name, seg_name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, sid, vol)
+    return node
+
+
+def test_compare_on_spheres_with_a_bump(scene) -> None:
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    centre = (40.0, 24.0, 30.0)
+    ref = ball(shape, centre, 10.0)
+    pred = ball(shape, centre, 12.0) | ball(shape, (40.0, 24.0, 44.0), 4.0)  # 2 mm too big, plus a bump ~6 mm out
+    seg = segmentation(scene, vol, "model", {"lesion": pred})
+    refn = segmentation(scene, vol, "manual", {"lesion": ref})
+    result = QALogic(scene).compare(seg, refn, vol, tolerance_mm=1.0, worst=3)
+    # metrics: the engine's, on the volume's grid, in mm
+    expected = class_metrics(pred, ref, SPACING_KJI, 1.0)
+    t = result.table.GetTable()
+    assert t.GetValue(0, 0).ToString() == "lesion"
+    assert t.GetValue(0, 1).ToDouble() == pytest.approx(expected["dice"], abs=1e-6)
+    assert t.GetValue(0, 2).ToDouble() == pytest.approx(expected["hd95"], abs=1e-6)
+    assert t.GetValue(0, 4).ToDouble() == pytest.approx(expected["surface_dice"], abs=1e-6)
+    assert t.GetValue(0, 7).ToDouble() > 0  # too big
+    # distance-coloured surface: about +2 mm over most of the sphere, the bump up to ~6 mm, never far inside
+    d = vtk_to_numpy(result.models["lesion"].GetPolyData().GetPointData().GetArray("Distance"))
+    assert np.median(d) == pytest.approx(2.0, abs=0.8)
+    assert d.max() > 4.5 and d.min() > -1.5
+    assert result.models["lesion"].GetDisplayNode().GetActiveScalarName() == "Distance"
+    # worst errors: the first one sits on the bump (in RAS, through the oblique geometry)
+    assert 1 <= result.markups.GetNumberOfControlPoints() <= 3
+    first = result.errors[0]
+    assert first["kind"] == "extra" and first["distance_mm"] > 4.0
+    assert first["ijk"][2] * SPACING_KJI[2] > 44.0  # on the bump's side (column axis)
+    pos = [0.0, 0.0, 0.0]
+    result.markups.GetNthControlPointPosition(0, pos)
+    np.testing.assert_allclose(pos, first["ras"], atol=1e-6)
+    assert "lesion" in result.markups.GetNthControlPointDescription(0)
+    # outlines in contrasting colours, no fill
+    d0 = seg.GetDisplayNode()
+    assert d0.GetVisibility2DOutline() and not d0.GetVisibility2DFill()
+    sid = seg.GetSegmentation().GetNthSegmentID(0)
+    assert tuple(round(c, 3) for c in d0.GetSegmentOverrideColor(sid)) == PRED_OUTLINE
+
+
+def test_missing_segment_and_no_common_names(scene) -> None:
+    from DSDSegmentationLib.engine.errors import InputError
+
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    a = segmentation(scene, vol, "a", {"x": ball(shape, (40.0, 24.0, 30.0), 8.0)})
+    b = segmentation(scene, vol, "b", {"y": ball(shape, (40.0, 24.0, 30.0), 8.0)})
+    with pytest.raises(InputError, match="no segment names in common"):
+        QALogic(scene).compare(a, b, vol)
+
+
+def test_uncertainty_overlay_scores_segments(scene, tmp_path: Path) -> None:
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    calm = ball(shape, (40.0, 24.0, 20.0), 6.0)
+    doubtful = ball(shape, (40.0, 24.0, 45.0), 6.0)
+    seg = segmentation(scene, vol, "model", {"calm": calm, "doubtful": doubtful})
+    unc = np.zeros(shape, np.float32)
+    unc[ball(shape, (40.0, 24.0, 45.0), 8.0)] = 0.8
+    matrix = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(matrix)
+    m = slicer.util.arrayFromVTKMatrix(matrix)
+    nib.save(nib.Nifti1Image(unc.transpose(2, 1, 0), m), tmp_path / "unc.nii.gz")
+    node, table = QALogic(scene).uncertainty_overlay(tmp_path / "unc.nii.gz", seg, vol, {0: "bg", 1: "calm", 2: "doubtful"})
+    t = table.GetTable()
+    assert t.GetValue(0, 0).ToString() == "doubtful" and t.GetValue(0, 1).ToDouble() > 0.5
+    assert t.GetValue(1, 0).ToString() == "calm" and t.GetValue(1, 1).ToDouble() < 0.05
