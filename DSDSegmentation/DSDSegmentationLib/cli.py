@@ -210,6 +210,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_qa(args: argparse.Namespace) -> int:
+    from .qa_report import write_qa_report
+
+    try:
+        import vtk  # noqa: F401  (3D renders)
+    except ImportError as e:
+        raise InputError("dsdseg qa renders surfaces with VTK: pip install vtk==9.6.2 (Slicer's Python has it)") from e
+    report = write_qa_report(args.pred, args.ref, _labels_for(args.labels), args.output, image_file=args.image,
+                             tolerance_mm=args.tolerance, worst=args.worst)
+    if args.progress == "json":
+        _report(args, {"stage": "done", "output": args.output, "metrics": report["metrics"]})
+    else:
+        for name, m in report["metrics"].items():
+            hd = "n/a" if m["hd95"] is None else f"{m['hd95']:.2f}"
+            print(f"{name:28s} Dice {m['dice']:.3f}  HD95 {hd} mm  surface Dice@{args.tolerance} mm {m['surface_dice']:.3f}  "
+                  f"volume {m['volume_diff_ml']:+.2f} ml")
+        print(f"report: {Path(args.output) / 'index.html'}")
+    return EXIT_OK
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Warm worker: one JSON request per stdin line, JSON progress and results on stdout, models kept loaded.
 
@@ -393,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="report folder")
     progress_arg(e)
     e.set_defaults(func=_cmd_evaluate)
+
+    q = sub.add_parser("qa", help="boundary QA report: metrics, worst-error slices with outlines, distance-coloured surfaces")
+    q.add_argument("pred", help="segmentation (labelmap file)")
+    q.add_argument("ref", help="reference labelmap on the same grid")
+    q.add_argument("--labels", required=True, help="preset name, dataset folder or model that names the labels")
+    q.add_argument("--image", help="the image, drawn under the outlines")
+    q.add_argument("--output", required=True, help="report folder (index.html, qa.json, PNGs)")
+    q.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
+    q.add_argument("--worst", type=int, default=5, help="how many worst boundary errors to show")
+    progress_arg(q)
+    q.set_defaults(func=_cmd_qa)
 
     sv = sub.add_parser("serve", help="warm worker: JSON requests on stdin, models stay loaded (used by Slicer)")
     sv.set_defaults(func=_cmd_serve, progress="json")

@@ -1,0 +1,66 @@
+"""`dsdseg qa` report and the uncertainty map of `dsdseg predict --uncertainty`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from DSDSegmentationLib.cli import main as cli
+from DSDSegmentationLib.engine.metrics import class_metrics
+
+pytest.importorskip("vtk", reason="vtk is part of the test install (.ci/setup)")
+
+
+def ball(shape, centre, radius, spacing):
+    grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+def test_qa_report_on_a_sphere_with_a_bump(tmp_path: Path) -> None:
+    spacing = (0.8, 1.0, 2.0)
+    shape = (60, 50, 30)
+    ref = ball(shape, (24, 25, 30), 10.0, spacing)
+    pred = ball(shape, (24, 25, 30), 11.0, spacing) | ball(shape, (38, 25, 30), 4.0, spacing)
+    affine = np.diag([*spacing, 1.0])
+    image = (ref * 100 + np.random.default_rng(0).normal(0, 10, shape)).astype(np.float32)
+    files = {}
+    for name, arr in (("pred", pred.astype(np.uint8)), ("ref", ref.astype(np.uint8)), ("img", image)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, affine), files[name])
+    out = tmp_path / "qa"
+    assert cli(["qa", str(files["pred"]), str(files["ref"]), "--labels", "hippocampus", "--image", str(files["img"]),
+                "--output", str(out), "--worst", "3", "--progress", "none"]) == 0
+    report = json.loads((out / "qa.json").read_text())
+    expected = class_metrics(pred, ref, spacing, 1.0)
+    got = report["metrics"]["anterior hippocampus"]
+    assert got["dice"] == pytest.approx(expected["dice"]) and got["hd95"] == pytest.approx(expected["hd95"])
+    assert report["metrics"]["posterior hippocampus"]["empty"] == "both"
+    first = report["worst_errors"][0]
+    assert first["kind"] == "extra" and first["distance_mm"] > 3.5 and first["ijk"][0] * spacing[0] > 34
+    from PIL import Image
+
+    for png in [e["png"] for e in report["worst_errors"]] + list(report["surfaces"].values()):
+        assert np.asarray(Image.open(png).convert("RGB"), dtype=float).std() > 10, f"{png} looks blank"
+    page = (out / "index.html").read_text()
+    assert "anterior hippocampus" in page and "errors/error_1.png" in page and "surfaces/anterior_hippocampus.png" in page
+
+
+def test_uncertainty_is_high_where_the_model_is_wrong(tmp_path: Path) -> None:
+    from DSDSegmentationLib.demo import default_model, default_sample
+
+    case = default_sample()
+    img = case / "imagesTr" / "hippocampus_015.nii.gz"
+    lab, unc = tmp_path / "lab.nii.gz", tmp_path / "unc.nii.gz"
+    assert cli(["predict", "--model", str(default_model()), "-i", str(img), "-o", str(lab), "--uncertainty", str(unc),
+                "--tta", "--device", "cpu", "--progress", "none"]) == 0
+    u = nib.load(unc).get_fdata()
+    pred = nib.load(lab).get_fdata()
+    ref = nib.load(case / "labelsTr" / "hippocampus_015.nii.gz").get_fdata()
+    assert u.shape == ref.shape and 0 <= u.min() and u.max() <= 1
+    wrong = pred != ref
+    assert wrong.any()
+    assert u[wrong].mean() > 5 * u[~wrong].mean()
