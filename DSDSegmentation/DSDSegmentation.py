@@ -99,6 +99,8 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
+        self._qa = None
+        self._qaError = -1
         self._pairs: list[tuple[str, str]] = []
         self._finetune = None
         self._finetuneRun: Optional[dict] = None
@@ -120,6 +122,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.nextErrorButton.connect("clicked(bool)", self.onNextError)
+        self.ui.uncertaintyButton.connect("clicked(bool)", self.onUncertainty)
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
         self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
@@ -265,6 +270,11 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode.show3D:
             seg.CreateClosedSurfaceRepresentation()
         slicer.util.setSliceViewerLayers(background=run.inputs[0], fit=True)
+        if run.uncertainty_node is not None:
+            slicer.util.setSliceViewerLayers(foreground=run.uncertainty_node, foregroundOpacity=0.5)
+            self.ui.qaTableView.setMRMLTableNode(run.uncertainty_table)
+            self.ui.qaStatusLabel.text = _("Uncertainty overlay: bright = the model is unsure. Segments are listed "
+                                           "from the most to the least uncertain; look there first.")
         self.ui.statusLabel.text = _("Done: {n} segments in '{name}'.").format(
             n=seg.GetSegmentation().GetNumberOfSegments(), name=seg.GetName())
 
@@ -275,6 +285,52 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = None
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             self._resetButton()
+
+    # ---------------------------------------------------------------------------------------------- QA
+    def onCompare(self) -> None:
+        from DSDSegmentationLib.qa_logic import QALogic
+
+        with slicer.util.tryWithErrorDisplay(_("Could not compare the segmentations."), waitCursor=True):
+            seg, ref = self.ui.qaSegmentationSelector.currentNode(), self.ui.qaReferenceSelector.currentNode()
+            volume = self.ui.qaVolumeSelector.currentNode()
+            if seg is None or ref is None or seg is ref:
+                raise ValueError(_("Pick two different segmentations: the one to check and the reference."))
+            self._qa = QALogic(slicer.mrmlScene).compare(seg, ref, volume, tolerance_mm=self.ui.qaToleranceSpinBox.value)
+            self.ui.qaTableView.setMRMLTableNode(self._qa.table)
+            self._qaError = -1
+            self.ui.nextErrorButton.enabled = self._qa.markups.GetNumberOfControlPoints() > 0
+            legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(next(iter(self._qa.models.values())))
+            if legend:
+                legend.SetTitleText("mm")
+            self.ui.qaStatusLabel.text = _("Yellow outline: {s}; cyan: {r}. Surfaces: blue inside the reference, red outside "
+                                           "(±5 mm). {n} worst error point(s).").format(
+                s=seg.GetName(), r=ref.GetName(), n=self._qa.markups.GetNumberOfControlPoints())
+            self.onNextError()
+
+    def onNextError(self) -> None:
+        if not self._qa:
+            return
+        n = self._qa.markups.GetNumberOfControlPoints()
+        if n == 0:
+            return
+        self._qaError = (self._qaError + 1) % n
+        slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(self._qa.markups.GetID(), self._qaError, True)
+        self.ui.qaStatusLabel.text = _("Error {i}/{n}: {d}").format(
+            i=self._qaError + 1, n=n, d=self._qa.markups.GetNthControlPointDescription(self._qaError))
+
+    def onUncertainty(self) -> None:
+        if self._run is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the segmentation."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            p = self._parameterNode
+            self._run = self.logic.bridge().start(self._inputs(), p.modelPath, device=p.device, tta=True,
+                                                  segmentation_node=p.outputSegmentation, uncertainty=True)
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.progressBar.visible = True
+            self.ui.statusLabel.text = _("Segmenting with flip TTA and an uncertainty map…")
+            self._timer.start()
 
     # ---------------------------------------------------------------------------------------------- fine-tune
     def onAddPair(self) -> None:

@@ -37,6 +37,9 @@ class SegmentationRun:
     card: dict[str, Any]
     segmentation_node: Any = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    uncertainty: Path | None = None  # voxel uncertainty map asked of the worker
+    uncertainty_node: Any = None  # after finish: the overlay volume ...
+    uncertainty_table: Any = None  # ... and the per-segment scores
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -315,25 +318,31 @@ class DSDSegmentationLogic:
 
     # ------------------------------------------------------------------------------------------------ worker
     def start(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
-              segmentation_node: Any = None) -> SegmentationRun:
-        """Write the inputs and start the worker; poll ``run.worker`` and call :meth:`finish` when it ends."""
+              segmentation_node: Any = None, uncertainty: bool = False) -> SegmentationRun:
+        """Write the inputs and start the worker; poll ``run.worker`` and call :meth:`finish` when it ends.
+        With ``uncertainty`` the worker also writes a voxel uncertainty map, loaded as an overlay by finish."""
         card = read_model_card(model)
         self.check_inputs(volume_nodes, card)
         temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=self.temp_root))
         try:
             files = [self.write_volume(n, temp_dir / f"input_{i:04d}.nrrd") for i, n in enumerate(volume_nodes)]
             output = temp_dir / "segmentation.nrrd"
+            unc = temp_dir / "uncertainty.nrrd" if uncertainty else None
             if self.server is not None:
-                worker = self.server.submit({"command": "predict", "model": str(model), "inputs": [str(f) for f in files],
-                                             "output": str(output), "device": device, "tta": tta})
+                request = {"command": "predict", "model": str(model), "inputs": [str(f) for f in files],
+                           "output": str(output), "device": device, "tta": tta}
+                if unc:
+                    request["uncertainty"] = str(unc)
+                worker = self.server.submit(request)
             else:
                 args = ["predict", "--model", str(model), "-o", str(output), "--device", device]
                 args += [a for f in files for a in ("-i", str(f))] + (["--tta"] if tta else [])
+                args += ["--uncertainty", str(unc)] if unc else []
                 worker = WorkerProcess(args, python=self.python, env=self.env)
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
-        return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node)
+        return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node, uncertainty=unc)
 
     def cancel(self, run: SegmentationRun) -> None:
         """Stop the worker and its children and remove the temporary files; no node is created."""
@@ -348,7 +357,14 @@ class DSDSegmentationLogic:
             run.records = result.records
             if not result.ok:
                 raise InputError(f"segmentation {result.status}: {result.message}")
-            return self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node)
+            seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node)
+            if run.uncertainty is not None:
+                from .qa_logic import QALogic
+
+                labels = {int(k): v for k, v in run.card["preset"]["labels"].items()}
+                run.uncertainty_node, run.uncertainty_table = QALogic(self.scene).uncertainty_overlay(
+                    run.uncertainty, seg, run.inputs[0], labels)
+            return seg
         finally:
             run.cleanup()
 

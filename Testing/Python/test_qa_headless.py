@@ -119,3 +119,22 @@ def test_uncertainty_overlay_scores_segments(scene, tmp_path: Path) -> None:
     t = table.GetTable()
     assert t.GetValue(0, 0).ToString() == "doubtful" and t.GetValue(0, 1).ToDouble() > 0.5
     assert t.GetValue(1, 0).ToString() == "calm" and t.GetValue(1, 1).ToDouble() < 0.05
+
+
+def test_segment_with_uncertainty_overlay(scene) -> None:
+    from DSDSegmentationLib.demo import default_model, default_sample
+    from DSDSegmentationLib.logic import DSDSegmentationLogic
+
+    logic = DSDSegmentationLogic(scene, warm=True)
+    try:
+        vol = logic.load_volume(default_sample() / "imagesTr" / "hippocampus_040.nii.gz")
+        run = logic.start([vol], default_model(), device="cpu", tta=True, uncertainty=True)
+        seg = logic.finish(run)
+    finally:
+        logic.shutdown()
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    unc = slicer.util.arrayFromVolume(run.uncertainty_node)
+    assert unc.shape == slicer.util.arrayFromVolume(vol).shape and 0 <= unc.min() and unc.max() <= 1
+    t = run.uncertainty_table.GetTable()
+    assert t.GetNumberOfRows() == 2 and 0 < t.GetValue(0, 1).ToDouble() < 1
+    assert not run.temp_dir.exists()
