@@ -6,7 +6,7 @@ Usage:  .venv/bin/python Testing/Benchmarks/package_model.py --run output/bench_
 
 Evaluates the run's best checkpoint on its own validation split (Dice, HD95, ASSD per class on each case's original
 grid, CPU seconds per case), then writes the package (head-free weights, model.json, SHA256SUMS) with: labels,
-colours and terminology (from the current built-in preset of the task), inputs, preprocessing, backbone and DSD
+colours, terminology and interactive region (from the current built-in preset of the task), inputs, preprocessing, backbone and DSD
 settings, training data and its licence, split, seed, epochs, wall time, package versions and the metrics.
 """
 
@@ -87,7 +87,8 @@ def main() -> None:
     }
     validation["mean_dice"] = round(statistics.mean(v["dice"] for v in validation["per_class"].values()), 4)
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
-                   "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title}
+                   "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
+                   "roi": preset.roi}
     extra = {
         "id": args.id, "version": args.version, "title": preset.title, "task": task,
         "inputs": list(preset.channels),

@@ -35,6 +35,9 @@ class TaskPreset:
     network: dict[str, Any] = field(default_factory=lambda: {"backbone": "basicunet", "options": {}})
     training: dict[str, Any] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)
+    # interactive use: field of view around a click (mm), whether a region is required, whether the structure
+    # comes in a left and a right copy (named from the volume's RAS orientation)
+    roi: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = {int(k): str(v) for k, v in self.labels.items()}
@@ -61,6 +64,12 @@ class TaskPreset:
         for n in self.normalization:
             if n.get("kind") not in NORMALIZATIONS:
                 raise ConfigError(f"preset '{self.name}': normalization kind must be one of {NORMALIZATIONS}, got {n}")
+        if self.roi:
+            unknown = set(self.roi) - {"size_mm", "required", "sides"}
+            size = self.roi.get("size_mm")
+            if unknown or not (isinstance(size, list) and len(size) == 3 and all(float(v) > 0 for v in size)):
+                raise ConfigError(f"preset '{self.name}': roi needs size_mm (three positive mm) and optional required, "
+                                  f"sides; got {self.roi}")
         if self.spacing is not None and len(self.spacing) != 3:
             raise ConfigError(f"preset '{self.name}': spacing needs 3 values (non-positive keeps the native one)")
 

@@ -1,0 +1,190 @@
+"""Click or ROI prompts (Qt-free): segment a region of a volume and paste the result into a full-grid segmentation.
+
+A region is a box in physical (RAS) space: centred on a click with the model's field of view (``roi.size_mm`` of
+its card), or a markups ROI. The box is mapped to voxel indices of the volume whatever its IJKToRAS (oblique
+included), clamped at the borders, cropped, segmented by the same worker as a full run, and pasted back: only the
+voxels inside the region change. For models whose structure comes in two copies (hippocampus), the side is taken
+from the volume's RAS frame (the click's x against the volume's centre: x > centre is the patient's right), so a
+second click on the other side adds new segments instead of replacing the first.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import slicer
+import vtk
+
+from .engine.cards import read_model_card
+from .engine.errors import InputError
+from .engine.terminology import tag_string
+from .logic import DEFAULT_COLORS, DSDSegmentationLogic, SegmentationRun
+
+SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
+
+
+@dataclass
+class RegionRun:
+    """A running region segmentation: the worker run on the crop plus where to paste it."""
+
+    run: SegmentationRun
+    volume: Any
+    crop: Any
+    lo: tuple[int, int, int]  # IJK start (inclusive)
+    hi: tuple[int, int, int]  # IJK end (exclusive)
+    side: str | None
+    segmentation_node: Any
+
+
+def _matrix(volume: Any, which: str) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    getattr(volume, f"Get{which}Matrix")(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """IJK bounds [lo, hi) of the RAS box ``center ± size/2`` in ``volume``, clamped to the volume.
+    Raises if the centre is outside the volume."""
+    dims = volume.GetImageData().GetDimensions()
+    ras_to_ijk = _matrix(volume, "RASToIJK")
+    c = ras_to_ijk @ np.array([*center_ras, 1.0])
+    if any(v < -0.5 or v > d - 0.5 for v, d in zip(c[:3], dims)):
+        raise InputError(f"the point {tuple(round(float(v), 1) for v in center_ras)} (RAS) is outside the volume "
+                         f"'{volume.GetName()}'; click inside it")
+    half = np.asarray(size_mm, float) / 2
+    corners = [ras_to_ijk @ np.array([*(np.asarray(center_ras) + np.array(s) * half), 1.0])
+               for s in itertools.product((-1, 1), repeat=3)]
+    ijk = np.array([p[:3] for p in corners])
+    lo = np.maximum(np.floor(ijk.min(0) + 0.5), 0).astype(int)
+    hi = np.minimum(np.ceil(ijk.max(0) + 0.5), dims).astype(int)
+    if np.any(hi - lo < 2):
+        raise InputError("the region is too thin inside the volume; click further from the border")
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
+
+
+def side_of(volume: Any, point_ras: Sequence[float]) -> str:
+    """'right' or 'left' from the RAS frame: x greater than the volume centre's x is the patient's right."""
+    dims = volume.GetImageData().GetDimensions()
+    centre = _matrix(volume, "IJKToRAS") @ np.array([(d - 1) / 2 for d in dims] + [1.0])
+    return "right" if point_ras[0] > centre[0] else "left"
+
+
+class InteractiveLogic:
+    """Region runs on top of the module's bridge (same warm worker, same import rules)."""
+
+    def __init__(self, bridge: DSDSegmentationLogic):
+        self.bridge = bridge
+        self.scene = bridge.scene
+
+    def crop(self, volume: Any, lo: Sequence[int], hi: Sequence[int]) -> Any:
+        """A new volume node holding voxels [lo, hi) of ``volume`` with the matching geometry."""
+        arr = slicer.util.arrayFromVolume(volume)  # KJI
+        sub = np.ascontiguousarray(arr[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]])
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume.GetName()} region")
+        slicer.util.updateVolumeFromArray(node, sub)
+        m = _matrix(volume, "IJKToRAS")
+        m[:3, 3] = (m @ np.array([lo[0], lo[1], lo[2], 1.0]))[:3]
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+        return node
+
+    def start(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,
+              segmentation_node: Any = None, device: str = "auto") -> RegionRun:
+        """Crop around ``center_ras`` (size: ``size_mm`` or the card's field of view) and start the worker."""
+        card = read_model_card(model)
+        roi = card["preset"].get("roi") or {}
+        size = size_mm or roi.get("size_mm")
+        if size is None:
+            raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
+        lo, hi = region_ijk(volume, center_ras, size)
+        side = side_of(volume, center_ras) if roi.get("sides") else None
+        crop = self.crop(volume, lo, hi)
+        try:
+            run = self.bridge.start([crop], model, device=device)
+        except BaseException:
+            self.scene.RemoveNode(crop)
+            raise
+        return RegionRun(run, volume, crop, lo, hi, side, segmentation_node)
+
+    def start_roi(self, volume: Any, model: str | Path, roi_node: Any, segmentation_node: Any = None,
+                  device: str = "auto") -> RegionRun:
+        """Segment inside a markups ROI (its axis-aligned RAS bounds)."""
+        bounds = [0.0] * 6
+        roi_node.GetRASBounds(bounds)
+        center = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
+        size = [bounds[1] - bounds[0], bounds[3] - bounds[2], bounds[5] - bounds[4]]
+        return self.start(volume, model, center, size, segmentation_node, device)
+
+    def cancel(self, region: RegionRun) -> None:
+        self.bridge.cancel(region.run)
+        self.scene.RemoveNode(region.crop)
+
+    def finish(self, region: RegionRun) -> Any:
+        """Paste the region's labels into the full-grid segmentation (created beside the volume if none)."""
+        run = region.run
+        try:
+            result = run.worker.wait()
+            if not result.ok:
+                raise InputError(f"segmentation {result.status}: {result.message}")
+            labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(run.output))
+            if not storage.ReadData(labelmap):
+                raise InputError(f"could not read the worker's result {run.output}")
+            labels = slicer.util.arrayFromVolume(labelmap)
+            return self.paste(region, labels, run.card["preset"])
+        finally:
+            run.cleanup()
+            self.scene.RemoveNode(region.crop)
+
+    def paste(self, region: RegionRun, labels: np.ndarray, preset: dict[str, Any]) -> Any:
+        volume, lo, hi = region.volume, region.lo, region.hi
+        seg = region.segmentation_node
+        if seg is None:
+            seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
+            seg.CreateDefaultDisplayNodes()
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            self.bridge.place_beside(seg, volume)
+            region.segmentation_node = seg
+        segmentation = seg.GetSegmentation()
+        colors = {int(k): v for k, v in (preset.get("label_colors") or {}).items()}
+        terms = {int(k): v for k, v in (preset.get("terminology") or {}).items()}
+        dims = volume.GetImageData().GetDimensions()
+        for value, name in sorted((int(k), v) for k, v in preset["labels"].items()):
+            if value == 0:
+                continue
+            full_name = f"{region.side} {name}" if region.side else name
+            sid = segmentation.GetSegmentIdBySegmentName(full_name)
+            if sid:
+                full = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).astype(np.uint8)
+            else:
+                rgb = colors.get(value, DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)])
+                sid = segmentation.AddEmptySegment("", full_name, [c / 255.0 for c in rgb])
+                full = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+                if value in terms:
+                    entry = dict(terms[value])
+                    if region.side:
+                        entry["region"] = entry.get("region") or entry["type"]
+                        entry["region_modifier"] = SIDES[region.side]
+                    segmentation.GetSegment(sid).SetTerminology(tag_string(entry))
+            full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (labels == value)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, volume)
+        return seg
+
+    def segment_at(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,
+                   segmentation_node: Any = None, device: str = "auto") -> tuple[Any, RegionRun]:
+        """Blocking: crop, segment, paste. Returns the segmentation and the finished region run."""
+        region = self.start(volume, model, center_ras, size_mm, segmentation_node, device)
+        try:
+            while region.run.worker.running:
+                region.run.worker.poll()
+                import time
+
+                time.sleep(0.02)
+        except BaseException:
+            self.cancel(region)
+            raise
+        return self.finish(region), region

@@ -1,0 +1,120 @@
+"""Click prompts on a real MRML scene: a real MSD hippocampus case embedded in a larger, oblique volume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+
+from DSDSegmentationLib.demo import default_model, default_sample  # noqa: E402
+from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
+from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
+from DSDSegmentationLib.headless import setup_headless  # noqa: E402
+from DSDSegmentationLib.interactive import InteractiveLogic  # noqa: E402
+from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+
+BIG = (110, 96, 80)  # i, j, k
+
+
+@pytest.fixture
+def scene():
+    scene, _app, _mods = setup_headless()
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def logic(scene):
+    bridge = DSDSegmentationLogic(scene, warm=True)
+    yield InteractiveLogic(bridge)
+    bridge.shutdown()
+
+
+def embed(scene):
+    """Two real cases (015 near the +i side, 040 near the -i side) in a larger volume with an oblique IJKToRAS.
+    Returns the volume node, its IJK array (i, j, k) and each case's offset."""
+    rng = np.random.default_rng(0)
+    sample = default_sample()
+    cases = {}
+    for cid in ("hippocampus_015", "hippocampus_040"):
+        cases[cid] = (np.asanyarray(nib.load(sample / "imagesTr" / f"{cid}.nii.gz").dataobj).astype(np.float32),
+                      np.rint(np.asanyarray(nib.load(sample / "labelsTr" / f"{cid}.nii.gz").dataobj)).astype(np.uint8))
+    base = float(np.median(cases["hippocampus_015"][0]))
+    big = (base + rng.normal(0, base * 0.1, BIG)).astype(np.float32)
+    offsets = {"hippocampus_015": (64, 20, 20), "hippocampus_040": (4, 24, 18)}
+    labels = np.zeros(BIG, np.uint8)
+    for cid, (img, lab) in cases.items():
+        o = offsets[cid]
+        sl = tuple(slice(a, a + n) for a, n in zip(o, img.shape))
+        big[sl], labels[sl] = img, lab
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "whole head")
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(big.transpose(2, 1, 0)))
+    a = math.radians(25)
+    m = np.array([[math.cos(a), 0, math.sin(a), -40], [0, 1, 0, 12], [-math.sin(a), 0, math.cos(a), 7], [0, 0, 0, 1]])
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+    return node, big, labels, offsets, m
+
+
+def ras_of(m, ijk):
+    return list((m @ np.array([*ijk, 1.0]))[:3])
+
+
+def centroid(labels, offset, shape=(60, 60, 60)):
+    sl = tuple(slice(a, a + n) for a, n in zip(offset, shape))
+    idx = np.argwhere(labels[sl] > 0).mean(0)
+    return [float(v + o) for v, o in zip(idx, offset)]
+
+
+def test_click_equals_model_on_the_crop_and_second_side_adds(scene, logic, tmp_path: Path) -> None:
+    vol, big, labels, offsets, m = embed(scene)
+    click = ras_of(m, centroid(labels, offsets["hippocampus_015"]))
+    seg, region = logic.segment_at(vol, default_model(), click, device="cpu")
+    assert region.side == "right"  # +i maps to +x (right) here
+    lo, hi = region.lo, region.hi
+    # the same crop, outside MRML, through the engine
+    crop = big[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    aff = m.copy()
+    aff[:3, 3] = ras_of(m, lo)
+    nib.save(nib.Nifti1Image(crop, aff), tmp_path / "crop.nii.gz")
+    expected, _ = Predictor(default_model(), device="cpu").predict([str(tmp_path / "crop.nii.gz")])
+    segmentation = seg.GetSegmentation()
+    first = {}
+    for value, name in ((1, "right anterior hippocampus"), (2, "right posterior hippocampus")):
+        sid = segmentation.GetSegmentIdBySegmentName(name)
+        assert sid, [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).transpose(2, 1, 0) > 0  # i, j, k
+        inside = arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        assert np.array_equal(inside, expected == value)
+        outside = arr.copy()
+        outside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
+        assert not outside.any(), "voxels outside the region are untouched"
+        first[name] = arr
+        tag = segmentation.GetSegment(sid).GetTerminology()
+        assert "SCT^5366008^Hippocampus" in tag and tag.endswith("SCT^24028007^Right")
+    truth = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    dice = 2 * ((expected > 0) & (truth > 0)).sum() / ((expected > 0).sum() + (truth > 0).sum())
+    assert dice > 0.7, f"the click region segments the embedded hippocampus (Dice {dice:.3f})"
+    # a second click on the other side adds left segments and leaves the right ones as they were
+    click2 = ras_of(m, centroid(labels, offsets["hippocampus_040"]))
+    seg2, region2 = logic.segment_at(vol, default_model(), click2, segmentation_node=seg, device="cpu")
+    assert seg2 is seg and region2.side == "left"
+    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
+    assert names == ["left anterior hippocampus", "left posterior hippocampus", "right anterior hippocampus",
+                     "right posterior hippocampus"]
+    for name, arr in first.items():
+        again = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetSegmentIdBySegmentName(name), vol)
+        assert np.array_equal(again.transpose(2, 1, 0) > 0, arr)
+
+
+def test_clicks_near_the_border_and_outside(scene, logic) -> None:
+    vol, big, labels, offsets, m = embed(scene)
+    seg, region = logic.segment_at(vol, default_model(), ras_of(m, (2, 3, 1)), device="cpu")
+    assert region.lo == (0, 0, 0) and all(h <= n for h, n in zip(region.hi, BIG))
+    with pytest.raises(InputError, match="outside the volume"):
+        logic.start(vol, default_model(), ras_of(m, (-30, 10, 10)))
+    assert scene.GetFirstNodeByName("whole head region") is None, "no crop node is left behind"
