@@ -101,6 +101,18 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self._poll)
         self._qa = None
         self._qaError = -1
+        self._interactiveLogic = None
+        self._prompts: dict = {}
+        self._regions: dict = {}
+        self._region = None
+        self._pendingPrompt = None
+        self._debounce = qt.QTimer()
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(300)
+        self._debounce.connect("timeout()", self._runPrompt)
+        self._regionTimer = qt.QTimer()
+        self._regionTimer.setInterval(50)
+        self._regionTimer.connect("timeout()", self._pollRegion)
         self._pairs: list[tuple[str, str]] = []
         self._finetune = None
         self._finetuneRun: Optional[dict] = None
@@ -122,6 +134,8 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.placePointButton.connect("toggled(bool)", self.onPlacePoint)
+        self.ui.placeRoiButton.connect("toggled(bool)", self.onPlaceRoi)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.nextErrorButton.connect("clicked(bool)", self.onNextError)
         self.ui.uncertaintyButton.connect("clicked(bool)", self.onUncertainty)
@@ -134,6 +148,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.cancelRun()
+        if self._region is not None:
+            self._interactive().cancel(self._region[0])
+            self._region = None
         if self._finetune is not None:
             self._finetune.cancel()  # never left running after Slicer closes; Resume can continue it later
         if self.logic:
@@ -222,8 +239,19 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         model = self.currentModel()
         ready = bool(self._parameterNode and model and model["status"] == "ok" and all(self._inputs()))
-        self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Segment the input volume(s)") if ready else _("Select a usable model and every input volume")
+        needs_prompt = False
+        roi = (model["card"]["preset"].get("roi") or {}) if model and model["card"] else {}
+        volume = self._parameterNode.inputVolume0 if self._parameterNode else None
+        if roi.get("required") and volume is not None and volume.GetImageData() is not None:
+            # a volume no larger than the model's field of view is already a region; a whole head is not
+            extent = [d * sp for d, sp in zip(volume.GetImageData().GetDimensions(), volume.GetSpacing())]
+            needs_prompt = max(e / s for e, s in zip(sorted(extent), sorted(roi["size_mm"]))) > 1.5
+        self.ui.applyButton.enabled = ready and not needs_prompt
+        if needs_prompt:
+            self.ui.applyButton.toolTip = _("This model segments a region around a click: use Click to segment")
+            self.ui.interactiveCollapsibleButton.collapsed = False
+        else:
+            self.ui.applyButton.toolTip = _("Segment the input volume(s)") if ready else _("Select a usable model and every input volume")
 
     # ---------------------------------------------------------------------------------------------- running
     def onApplyButton(self) -> None:
@@ -285,6 +313,113 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = None
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             self._resetButton()
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    def _interactive(self):
+        if self._interactiveLogic is None:
+            from DSDSegmentationLib.interactive import InteractiveLogic
+
+            self._interactiveLogic = InteractiveLogic(self.logic.bridge())
+        return self._interactiveLogic
+
+    def _promptNode(self, cls: str, name: str):
+        node = self._prompts.get(cls)
+        if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
+            node = slicer.mrmlScene.AddNewNodeByClass(cls, name)
+            node.CreateDefaultDisplayNodes()
+            for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
+                self.addObserver(node, event, self._onPromptChanged)
+            self._prompts[cls] = node
+        return node
+
+    def _place(self, cls: str, name: str, checked: bool) -> None:
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        if not checked:
+            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+            return
+        if not self.logic.ensureDependencies():
+            return
+        node = self._promptNode(cls, name)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetReferenceActivePlaceNodeClassName(cls)
+        selection.SetActivePlaceNodeID(node.GetID())
+        interaction.SetPlaceModePersistence(0)
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def onPlacePoint(self, checked: bool) -> None:
+        self.ui.placeRoiButton.checked = False
+        self._place("vtkMRMLMarkupsFiducialNode", "DSD clicks", checked)
+
+    def onPlaceRoi(self, checked: bool) -> None:
+        self.ui.placePointButton.checked = False
+        self._place("vtkMRMLMarkupsROINode", "DSD region", checked)
+
+    def _onPromptChanged(self, caller, event, callData=None) -> None:
+        defined = event == slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
+        if not defined and not self.ui.liveCheckBox.checked:
+            return
+        self.ui.placePointButton.checked = False
+        self.ui.placeRoiButton.checked = False
+        if caller.IsA("vtkMRMLMarkupsROINode"):
+            self._pendingPrompt = (caller, -1)
+        else:
+            n = caller.GetNumberOfControlPoints()
+            index = n - 1 if defined else caller.GetDisplayNode().GetActiveControlPoint()
+            self._pendingPrompt = (caller, index if index is not None and index >= 0 else n - 1)
+        self._debounce.start()  # a burst of moves runs once, 300 ms after the last
+
+    def _runPrompt(self) -> None:
+        if self._pendingPrompt is None:
+            return
+        node, index = self._pendingPrompt
+        self._pendingPrompt = None
+        model, volume = self.currentModel(), self._parameterNode.inputVolume0 if self._parameterNode else None
+        if not model or model["status"] != "ok" or volume is None:
+            self.ui.interactiveStatusLabel.text = _("Select a usable model and the input volume first.")
+            return
+        key = (node.GetID(), index)
+        if self._region is not None:  # the next prompt cancels the run in flight
+            self._interactive().cancel(self._region[0])
+            self._region = None
+        try:
+            seg = self._parameterNode.outputSegmentation or (self._regions[key].segmentation_node if key in self._regions else None)
+            if seg is None and self._regions:
+                seg = next(iter(self._regions.values())).segmentation_node
+            if index < 0:
+                region = self._interactive().start_roi(volume, model["path"], node, seg, device=self._parameterNode.device)
+            else:
+                pos = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(index, pos)
+                region = self._interactive().start(volume, model["path"], pos, segmentation_node=seg,
+                                                   device=self._parameterNode.device)
+        except Exception as e:  # noqa: BLE001 - e.g. a click outside the volume: say so, change nothing
+            self.ui.interactiveStatusLabel.text = str(e)
+            return
+        self._region = (region, key)
+        self.ui.interactiveStatusLabel.text = _("Segmenting the region…")
+        self._regionTimer.start()
+
+    def _pollRegion(self) -> None:
+        if self._region is None:
+            self._regionTimer.stop()
+            return
+        region, key = self._region
+        region.run.worker.poll()
+        if region.run.worker.running:
+            return
+        self._regionTimer.stop()
+        self._region = None
+        try:
+            seg = self._interactive().finish(region, previous=self._regions.get(key))
+        except Exception as e:  # noqa: BLE001
+            self.ui.interactiveStatusLabel.text = str(e)
+            return
+        self._regions[key] = region
+        self._parameterNode.outputSegmentation = seg
+        seg.GetDisplayNode().SetVisibility(True)
+        side = f" ({region.side})" if region.side else ""
+        self.ui.interactiveStatusLabel.text = _("Segmented region{side}: voxels {lo} to {hi}.").format(
+            side=side, lo=list(region.lo), hi=list(region.hi))
 
     # ---------------------------------------------------------------------------------------------- QA
     def onCompare(self) -> None:

@@ -122,8 +122,9 @@ class InteractiveLogic:
         self.bridge.cancel(region.run)
         self.scene.RemoveNode(region.crop)
 
-    def finish(self, region: RegionRun) -> Any:
-        """Paste the region's labels into the full-grid segmentation (created beside the volume if none)."""
+    def finish(self, region: RegionRun, previous: RegionRun | None = None) -> Any:
+        """Paste the region's labels into the full-grid segmentation (created beside the volume if none).
+        ``previous``: the earlier run of the same prompt (a moved point or ROI), whose region is cleared first."""
         run = region.run
         try:
             result = run.worker.wait()
@@ -135,10 +136,26 @@ class InteractiveLogic:
             if not storage.ReadData(labelmap):
                 raise InputError(f"could not read the worker's result {run.output}")
             labels = slicer.util.arrayFromVolume(labelmap)
+            if previous is not None and previous.segmentation_node is not None:
+                region.segmentation_node = region.segmentation_node or previous.segmentation_node
+                self.clear(previous, run.card["preset"])
             return self.paste(region, labels, run.card["preset"])
         finally:
             run.cleanup()
             self.scene.RemoveNode(region.crop)
+
+    def clear(self, region: RegionRun, preset: dict[str, Any]) -> None:
+        """Erase what an earlier region run of the same prompt wrote (its segments, inside its region only)."""
+        seg = region.segmentation_node
+        segmentation = seg.GetSegmentation()
+        for value, name in ((int(k), v) for k, v in preset["labels"].items()):
+            sid = segmentation.GetSegmentIdBySegmentName(f"{region.side} {name}" if region.side else name)
+            if value == 0 or not sid:
+                continue
+            full = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, region.volume).astype(np.uint8)
+            lo, hi = region.lo, region.hi
+            full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = 0
+            slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, region.volume)
 
     def paste(self, region: RegionRun, labels: np.ndarray, preset: dict[str, Any]) -> Any:
         volume, lo, hi = region.volume, region.lo, region.hi

@@ -118,3 +118,18 @@ def test_clicks_near_the_border_and_outside(scene, logic) -> None:
     with pytest.raises(InputError, match="outside the volume"):
         logic.start(vol, default_model(), ras_of(m, (-30, 10, 10)))
     assert scene.GetFirstNodeByName("whole head region") is None, "no crop node is left behind"
+
+
+def test_moved_point_replaces_its_own_earlier_result(scene, logic) -> None:
+    vol, big, labels, offsets, m = embed(scene)
+    c = centroid(labels, offsets["hippocampus_015"])
+    seg, first = logic.segment_at(vol, default_model(), ras_of(m, c), device="cpu")
+    moved = logic.start(vol, default_model(), ras_of(m, [c[0], c[1] + 6, c[2]]), segmentation_node=seg, device="cpu")
+    logic.finish(moved, previous=first)
+    sid = seg.GetSegmentation().GetSegmentIdBySegmentName("right posterior hippocampus")
+    arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).transpose(2, 1, 0) > 0
+    lo, hi = moved.lo, moved.hi
+    outside = arr.copy()
+    outside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
+    assert not outside.any(), "nothing of the first run is left outside the moved region"
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
