@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--output", required=True)
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--replace", action="store_true", help="replace an existing package at --output")
+    ap.add_argument("--note", default="", help="how the run was made (e.g. CPU shared with other runs), kept in the card")
     args = ap.parse_args()
     run = Path(args.run)
     cfg = json.loads((run / "config.json").read_text())
@@ -102,10 +104,13 @@ def main() -> None:
                      "lr": cfg["resolved"]["lr"], "batch_size": cfg["resolved"]["batch_size"],
                      "samples_per_volume": cfg["resolved"]["samples_per_volume"],
                      "wall_time_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
-                     "hardware": f"CPU, {torch.get_num_threads()} threads ({platform.machine()})",
+                     "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU",
+                     "note": args.note,
                      "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in history)},
         "validation": validation,
-        "expected_seconds": {"cpu": round(statistics.median(secs), 3), "cpu_note": "median per validation case, 2-core CPU",
+        "expected_seconds": {"cpu": round(statistics.median(secs), 3),
+                             "cpu_note": f"median per validation case, {torch.get_num_threads()} torch thread(s) on a "
+                                         f"{os.cpu_count()}-core CPU" + (f"; {args.note}" if args.note else ""),
                              "gpu": None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
                      "numpy": numpy.__version__},
