@@ -229,3 +229,34 @@ def test_training_plot_nodes(scene) -> None:
     assert np.isnan(t.GetValue(0, 2).ToDouble())
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     assert chart.GetNthPlotSeriesNode(1).GetYColumnName() == "validation Dice"
+
+
+def test_encoder_freeze_keeps_encoder_weights(base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    data = tmp_path / "two"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for case in CASES[:2]:
+        add_case(hippocampus_dir, data, case)
+    result = finetune(base, data, tmp_path / "run", epochs=1, max_steps_per_epoch=2, store=tmp_path / "store",
+                      device="cpu", freeze_encoder=True)
+    before = torch.load(base / "weights.pt", weights_only=True)
+    after = torch.load(Path(result["package"]) / "weights.pt", weights_only=True)
+    encoder = [k for k in before if k.split(".")[0] in ("conv_0", "down_1", "down_2", "down_3")]
+    decoder = [k for k in before if k.split(".")[0].startswith("upcat") or k.startswith("final_conv")]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder), "frozen encoder stages are unchanged"
+    assert any(not torch.equal(before[k], after[k]) for k in decoder), "the decoder was trained"
+
+
+def test_early_stopping_counts_validations_without_improvement(tmp_path: Path) -> None:
+    from DSDSegmentationLib.engine.training import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(task="hippocampus", data=str(tmp_path), output=str(tmp_path / "r"), patience=2))
+    trainer.history = [{"epoch": 1, "val_dice": 0.5}, {"epoch": 2}, {"epoch": 3, "val_dice": 0.7}, {"epoch": 4, "val_dice": 0.6}]
+    assert not trainer._patience_exhausted()
+    trainer.history.append({"epoch": 5, "val_dice": 0.69})
+    assert trainer._patience_exhausted()
+    trainer.history.append({"epoch": 6, "val_dice": 0.71})
+    assert not trainer._patience_exhausted()
