@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import slicer
 import vtk
 
-from .engine.cards import read_model_card
+from .engine.cards import read_model_card, verify_package
 from .engine.errors import InputError
 from .engine.terminology import CONTEXT_NAME, tag_string
 from .process import ServeWorker, WorkerProcess, WorkerResult
@@ -321,7 +321,7 @@ class DSDSegmentationLogic:
               segmentation_node: Any = None, uncertainty: bool = False) -> SegmentationRun:
         """Write the inputs and start the worker; poll ``run.worker`` and call :meth:`finish` when it ends.
         With ``uncertainty`` the worker also writes a voxel uncertainty map, loaded as an overlay by finish."""
-        card = read_model_card(model)
+        card = verify_package(model) if (Path(model) / "model.json").is_file() else read_model_card(model)
         self.check_inputs(volume_nodes, card)
         temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=self.temp_root))
         try:

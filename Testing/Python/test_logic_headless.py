@@ -187,7 +187,7 @@ def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_p
     pkg = tmp_path.parent / (tmp_path.name + "_pkg")
     assert cli(["export", "--model", str(model), "--output", str(pkg)]) == 0
     (pkg / "weights.pt").unlink()
-    with pytest.raises(InputError, match="weights file weights.pt is missing"):
+    with pytest.raises(InputError, match="weights.pt is missing"):  # checked before any worker starts
         logic.segment([vol], pkg, device="cpu")
     assert list(tmp_path.iterdir()) == []
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
