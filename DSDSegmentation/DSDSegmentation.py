@@ -327,8 +327,8 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
             node = slicer.mrmlScene.AddNewNodeByClass(cls, name)
             node.CreateDefaultDisplayNodes()
-            for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
-                self.addObserver(node, event, self._onPromptChanged)
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPromptDefined)
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onPromptMoved)
             self._prompts[cls] = node
         return node
 
@@ -354,8 +354,13 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.placePointButton.checked = False
         self._place("vtkMRMLMarkupsROINode", "DSD region", checked)
 
-    def _onPromptChanged(self, caller, event, callData=None) -> None:
-        defined = event == slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
+    def _onPromptDefined(self, caller, event) -> None:
+        self._onPromptChanged(caller, defined=True)
+
+    def _onPromptMoved(self, caller, event) -> None:
+        self._onPromptChanged(caller, defined=False)
+
+    def _onPromptChanged(self, caller, defined: bool) -> None:
         if not defined and not self.ui.liveCheckBox.checked:
             return
         self.ui.placePointButton.checked = False
@@ -538,7 +543,11 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     data = bridge.build_finetune_dataset(pairs, model["card"]["preset"], work / "data")["folder"]
                 self._finetuneRun = {"base": model["path"], "data": data, "output": str(work / "run")}
                 self._plotTable, chart = bridge.training_plot(f"Fine-tune {model['id']}")
-                self.ui.plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(chart.GetID())
+                view = self.ui.plotWidget.mrmlPlotViewNode()
+                if view is None:
+                    view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "DSD fine-tune plot view")
+                    self.ui.plotWidget.setMRMLPlotViewNode(view)
+                view.SetPlotChartNodeID(chart.GetID())
             run = self._finetuneRun
             self._finetune = bridge.start_finetune(
                 run["base"], run["data"], run["output"], epochs=self.ui.epochsSpinBox.value,
