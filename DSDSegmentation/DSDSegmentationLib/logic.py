@@ -234,7 +234,7 @@ class DSDSegmentationLogic:
             (tmp / "labelsTr").mkdir()
             cases = []
             for case, volume, seg, mapping, what in plans:
-                image = self.write_volume(volume, tmp / "imagesTr" / f"{case}.nrrd")
+                self.write_volume(volume, tmp / "imagesTr" / f"{case}.nrrd")
                 label = self.export_labelmap(seg, volume, preset, tmp / "labelsTr" / f"{case}.nrrd", mapping)
                 counts = self._label_counts(label)
                 empty = [labels[v] for v in mapping if counts.get(v, 0) == 0]

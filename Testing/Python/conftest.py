@@ -24,3 +24,14 @@ def _deterministic() -> None:
 def hippocampus_dir() -> Path:
     """MSD Task04 hippocampus folder (a clear error, not a skip, when the data is missing)."""
     return find_shared_data() / "Task04_Hippocampus"
+
+
+@pytest.fixture
+def scene():
+    """A real MRML scene (slicer-core, no Qt) with the module logics the bridge needs; cleared afterwards."""
+    pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+    from DSDSegmentationLib.headless import setup_headless
+
+    scene, _app, _mods = setup_headless()
+    yield scene
+    scene.Clear(1)

@@ -19,17 +19,9 @@ from DSDSegmentationLib.engine.cards import list_models, read_model_card, verify
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.finetune import LOCK_NAME, export_zip, finetune, import_zip  # noqa: E402
 from DSDSegmentationLib.engine.models_sha import sha256_of  # noqa: E402
-from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
 
 CASES = ["hippocampus_052", "hippocampus_057", "hippocampus_064", "hippocampus_084"]  # held out from the base model
-
-
-@pytest.fixture
-def scene():
-    scene, _app, _mods = setup_headless()
-    yield scene
-    scene.Clear(1)
 
 
 @pytest.fixture

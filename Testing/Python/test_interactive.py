@@ -14,18 +14,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test i
 from DSDSegmentationLib.demo import default_model, default_sample  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
-from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 from DSDSegmentationLib.interactive import InteractiveLogic  # noqa: E402
 from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
 
 BIG = (110, 96, 80)  # i, j, k
-
-
-@pytest.fixture
-def scene():
-    scene, _app, _mods = setup_headless()
-    yield scene
-    scene.Clear(1)
 
 
 @pytest.fixture

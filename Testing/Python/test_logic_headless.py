@@ -13,7 +13,6 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
-from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 
 from DSDSegmentationLib.cli import main as cli  # noqa: E402
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
@@ -21,13 +20,6 @@ from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.terminology import CONTEXT_NAME, tag_string  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    scene, _app, _mods = setup_headless()
-    yield scene
-    scene.Clear(1)
 
 
 @pytest.fixture

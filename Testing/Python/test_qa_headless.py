@@ -16,17 +16,9 @@ import vtk  # noqa: E402
 from vtkmodules.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 from DSDSegmentationLib.engine.metrics import class_metrics  # noqa: E402
-from DSDSegmentationLib.headless import setup_headless  # noqa: E402
 from DSDSegmentationLib.qa_logic import PRED_OUTLINE, QALogic  # noqa: E402
 
 SPACING_KJI = (2.0, 0.8, 1.0)  # slices 2 mm apart
-
-
-@pytest.fixture
-def scene():
-    scene, _app, _mods = setup_headless()
-    yield scene
-    scene.Clear(1)
 
 
 def make_volume(scene, shape=(40, 60, 60)):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .cards import PACKAGE_CARD, read_model_card, user_models_dir, verify_package
-from .data import list_cases, split_by_patient, validate_case
+from .data import list_cases, validate_case
 from .errors import ConfigError, InputError
 from .progress import Progress
 
