@@ -41,7 +41,7 @@ def run_demo(output: str | Path, model: str | Path | None = None, sample: str | 
     from .rendering import render_3d, render_slice
 
     vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_WARNING)
-    out = Path(output)
+    out = Path(output).resolve()  # the scene bundle writer needs absolute paths
     model = Path(model or default_model())
     sample = Path(sample or default_sample())
     card = read_model_card(model)
