@@ -168,6 +168,17 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelRun()
+        if self._region is not None:
+            self._regionTimer.stop()
+            self._interactive().cancel(self._region[0])
+            self._region = None
+        self._pendingPrompt = None
+        self._prompts.clear()  # their nodes go with the scene
+        self._regions.clear()
+        self._qa = None
+        self.ui.nextErrorButton.enabled = False
+        self._pairs.clear()
+        self._updatePairsTable()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -691,6 +702,8 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         self.test_models_listed()
         self.setUp()
         self.test_segment_with_builtin_model()
+        self.setUp()
+        self.test_click_and_qa()
 
     def test_models_listed(self) -> None:
         if MODULE_DIR not in sys.path:
@@ -734,3 +747,40 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
             self.delayDisplay(f"{name}: Dice {dice:.3f}")
             self.assertGreater(dice, 0.75)
         self.delayDisplay("Segmentation test passed")
+
+    def test_click_and_qa(self) -> None:
+        """A click on the bundled sample's hippocampus segments the region, then QA compares it with the manual
+        segmentation (table, distance surfaces, worst-error points)."""
+        import numpy as np
+
+        logic = DSDSegmentationLogic()
+        self.assertTrue(logic.ensureDependencies())
+        from DSDSegmentationLib.demo import default_model, default_sample
+        from DSDSegmentationLib.engine.cards import read_model_card
+        from DSDSegmentationLib.engine.data import list_cases
+        from DSDSegmentationLib.interactive import InteractiveLogic
+        from DSDSegmentationLib.qa_logic import QALogic
+
+        case = list_cases(default_sample())[0]
+        volume = slicer.util.loadVolume(case.images[0])
+        label = slicer.util.loadLabelVolume(case.label)
+        ijk = np.argwhere(slicer.util.arrayFromVolume(label) > 0).mean(0)[::-1]  # KJI -> IJK
+        m = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(m)
+        click = list(m.MultiplyPoint([*ijk, 1.0])[:3])
+        try:
+            seg, region = InteractiveLogic(logic.bridge()).segment_at(volume, default_model(), click, device="cpu")
+        finally:
+            logic.shutdown()
+        names = sorted(seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments()))
+        self.assertEqual(len(names), 2)
+        self.assertIsNone(region.side, "a crop around one hippocampus has no midline: no side in the names")
+        preset = read_model_card(default_model())["preset"]
+        reference = logic.bridge().import_labelmap(case.label, volume, preset, show_3d=False)
+        result = QALogic(slicer.mrmlScene).compare(seg, reference, volume)
+        self.assertEqual(result.table.GetNumberOfRows(), 2)
+        self.assertEqual(len(result.models), 2)
+        for name, metrics in result.metrics.items():
+            self.delayDisplay(f"{name}: Dice {metrics['dice']:.3f}, HD95 {metrics['hd95']:.2f} mm")
+            self.assertGreater(metrics["dice"], 0.7)
+        self.delayDisplay("Click and QA test passed")

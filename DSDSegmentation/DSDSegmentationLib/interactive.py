@@ -4,8 +4,9 @@ A region is a box in physical (RAS) space: centred on a click with the model's f
 its card), or a markups ROI. The box is mapped to voxel indices of the volume whatever its IJKToRAS (oblique
 included), clamped at the borders, cropped, segmented by the same worker as a full run, and pasted back: only the
 voxels inside the region change. For models whose structure comes in two copies (hippocampus), the side is taken
-from the volume's RAS frame (the click's x against the volume's centre: x > centre is the patient's right), so a
-second click on the other side adds new segments instead of replacing the first.
+from the volume's RAS frame (the click's x against the volume's centre: x > centre is the patient's right; only
+for volumes at least twice the field of view wide), so a second click on the other side adds new segments
+instead of replacing the first.
 """
 
 from __future__ import annotations
@@ -66,10 +67,15 @@ def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float
     return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
 
 
-def side_of(volume: Any, point_ras: Sequence[float]) -> str:
-    """'right' or 'left' from the RAS frame: x greater than the volume centre's x is the patient's right."""
+def side_of(volume: Any, point_ras: Sequence[float], size_mm: Sequence[float]) -> str | None:
+    """'right' or 'left' from the RAS frame: x greater than the volume centre's x is the patient's right. None when
+    the volume is less than twice the field of view wide in x (a crop around one structure: no midline in it)."""
     dims = volume.GetImageData().GetDimensions()
-    centre = _matrix(volume, "IJKToRAS") @ np.array([(d - 1) / 2 for d in dims] + [1.0])
+    m = _matrix(volume, "IJKToRAS")
+    xs = [(m @ np.array([*c, 1.0]))[0] for c in itertools.product(*[(0, d - 1) for d in dims])]
+    if max(xs) - min(xs) < 2 * float(size_mm[0]):
+        return None
+    centre = m @ np.array([(d - 1) / 2 for d in dims] + [1.0])
     return "right" if point_ras[0] > centre[0] else "left"
 
 
@@ -100,7 +106,7 @@ class InteractiveLogic:
         if size is None:
             raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
         lo, hi = region_ijk(volume, center_ras, size)
-        side = side_of(volume, center_ras) if roi.get("sides") else None
+        side = side_of(volume, center_ras, size) if roi.get("sides") else None
         crop = self.crop(volume, lo, hi)
         try:
             run = self.bridge.start([crop], model, device=device)

@@ -125,3 +125,18 @@ def test_moved_point_replaces_its_own_earlier_result(scene, logic) -> None:
     outside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
     assert not outside.any(), "nothing of the first run is left outside the moved region"
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def test_no_side_on_a_crop_around_one_hippocampus(scene, logic) -> None:
+    """An MSD crop is narrower than twice the field of view: no midline, so the names carry no side."""
+    vol = logic.bridge.load_volume(default_sample() / "imagesTr" / "hippocampus_015.nii.gz")
+    dims = vol.GetImageData().GetDimensions()
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    seg, region = logic.segment_at(vol, default_model(), list(m.MultiplyPoint([d / 2 for d in dims] + [1.0])[:3]),
+                                   device="cpu")
+    assert region.side is None
+    names = sorted(seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments()))
+    assert names == ["anterior hippocampus", "posterior hippocampus"]
