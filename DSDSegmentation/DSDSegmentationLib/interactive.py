@@ -12,6 +12,7 @@ instead of replacing the first.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -204,8 +205,6 @@ class InteractiveLogic:
         try:
             while region.run.worker.running:
                 region.run.worker.poll()
-                import time
-
                 time.sleep(0.02)
         except BaseException:
             self.cancel(region)
