@@ -26,7 +26,8 @@ from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 from DSDSegmentationLib.engine.tasks import load_preset
 
-DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2015_DeepMedicSample"}
+DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2018_2mm",
+            "brain_tumour_2seq": "BraTS2018_2mm", "brain_tumour_2015": "BraTS2015_DeepMedicSample"}
 
 
 def minutes_to(history: list[dict], target: float) -> float | None:

@@ -303,16 +303,19 @@ def test_task_must_match_dataset_labels(hippocampus_dir: Path, tmp_path: Path, c
 
 @pytest.mark.parametrize("task,folder,case", [
     ("cardiac", "ACDC_subset", "patient005_frame01"),
-    ("brain_tumour", "BraTS2015_DeepMedicSample", "brats_2013_pat0004_1"),
+    ("brain_tumour_2015", "BraTS2015_DeepMedicSample", "brats_2013_pat0004_1"),
+    ("brain_tumour", "BraTS2018_2mm", "Brats18_2013_11_1"),
+    ("brain_tumour_2seq", "BraTS2018_2mm", "Brats18_2013_11_1"),
 ])
 def test_other_presets_train_and_predict_on_input_grid(hippocampus_dir: Path, tmp_path: Path, task: str, folder: str, case: str) -> None:
     from DSDSegmentationLib.engine.data import list_cases
+    from DSDSegmentationLib.engine.tasks import load_preset
 
     data = hippocampus_dir.parent / folder
     run = tmp_path / "run"
     assert run_cli("train", "--task", task, "--data", data, "--output", run, "--epochs", "1", "--max-cases", "3",
                    "--max-steps", "1", "--progress", "none") == 0
-    (c,) = [c for c in list_cases(data) if c.id == case]
+    (c,) = [c for c in list_cases(data, channels=load_preset(task).channels) if c.id == case]
     args = [a for p in c.images for a in ("-i", p)]
     out = tmp_path / "pred.nrrd"
     assert run_cli("predict", "--model", run, *args, "-o", out, "--progress", "none") == 0
@@ -320,6 +323,10 @@ def test_other_presets_train_and_predict_on_input_grid(hippocampus_dir: Path, tm
     lab, lab_aff = load_volume(out)
     assert lab.shape == img.shape[:3]
     np.testing.assert_allclose(lab_aff, img_aff, atol=1e-4)
+    # outputs carry the dataset's label values (BraTS 2018: 0, 1, 2, 4 — never the class index 3)
+    assert set(np.unique(lab).tolist()) <= set(load_preset(task).label_values)
+    if task == "brain_tumour_2seq":
+        assert len(c.images) == 2 and c.images[1].endswith("_0002.nii.gz")  # FLAIR and T1c picked by name
 
 
 def test_channels_on_other_grids_are_resampled_onto_the_first(tmp_path: Path) -> None:

@@ -73,6 +73,15 @@ def _msd_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
     n_channels = len(meta.get("modality") or meta.get("channel_names") or {}) or None
     cases = []
     for e in meta.get("training", []):
+        if isinstance(e.get("image"), list):  # one file per channel, listed
+            images = [root / p for p in e["image"]]
+            missing = [str(p) for p in images if not p.is_file()]
+            cid = re.sub(r"_\d{4}$", "", strip_suffix(images[0].name)) if images else "?"
+            if not images or missing:
+                raise InputError(f"case {cid}: channel file(s) listed in dataset.json are missing: {', '.join(missing) or 'none listed'}")
+            label = root / e["label"] if e.get("label") else None
+            cases.append(Case(cid, [str(p) for p in images], str(label) if label else None, str(e.get("patient", cid))))
+            continue
         image = root / e["image"]
         cid = strip_suffix(image.name)
         if image.is_file():
@@ -126,10 +135,44 @@ def _list_cases(path: Path) -> list[Case]:
     return cases
 
 
-def list_cases(source: str | Path, limit: int | None = None) -> list[Case]:
+def dataset_channels(source: str | Path) -> list[str] | None:
+    """Channel names of a dataset folder's dataset.json (MSD ``modality`` or nnU-Net ``channel_names``), or None."""
+    meta_path = Path(source) / "dataset.json"
+    if not meta_path.is_file():
+        return None
+    meta = read_json(meta_path)
+    names = meta.get("modality") or meta.get("channel_names")
+    if not isinstance(names, dict) or not names:
+        return None
+    return [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
+
+
+def select_channels(cases: list[Case], available: list[str] | None, wanted: list[str], source: str | Path) -> list[Case]:
+    """Keep the channels a task needs, by name, when the dataset has more (e.g. FLAIR + T1c out of four BraTS
+    sequences). Names match case-insensitively; a missing one is an error naming what the dataset has."""
+    if not available or len(available) == len(wanted) and [a.lower() for a in available] == [w.lower() for w in wanted]:
+        return cases
+    low = [a.lower() for a in available]
+    missing = [w for w in wanted if w.lower() not in low]
+    if missing:
+        if len(available) == len(wanted):
+            return cases  # same count, other names (e.g. "MRI" for "T1 MRI"): channels are taken in order
+        raise InputError(f"{source}: the task needs channel(s) {wanted}; the dataset has {available} (missing {missing})")
+    idx = [low.index(w.lower()) for w in wanted]
+    out = []
+    for c in cases:
+        if len(c.images) != len(available):
+            raise InputError(f"case {c.id}: {len(c.images)} image file(s) for the dataset's {len(available)} channels "
+                             f"{available}; channels can only be selected from one file per channel")
+        out.append(Case(c.id, [c.images[i] for i in idx], c.label, c.patient))
+    return out
+
+
+def list_cases(source: str | Path, limit: int | None = None, channels: list[str] | None = None) -> list[Case]:
     """Cases of a dataset folder (MSD or nnU-Net raw ``dataset.json``) or of a list file (.json / .csv).
 
     List files hold ``image`` (one path, a list, or ``a;b`` for channels), ``label`` and optional ``patient``.
+    With ``channels`` (a task's channel names), a dataset folder with more, named channels gives only those.
     """
     source = Path(source)
     if source.is_file():
@@ -147,6 +190,8 @@ def list_cases(source: str | Path, limit: int | None = None) -> list[Case]:
     if dup:
         raise InputError(f"{source}: duplicate case id(s) {dup[:5]}")
     cases.sort(key=lambda c: c.id)
+    if channels is not None and not source.is_file():
+        cases = select_channels(cases, dataset_channels(source), list(channels), source)
     return cases[:limit] if limit else cases
 
 

@@ -43,7 +43,7 @@ class Predictor:
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = resolve_device(device)
         self.network = self.model.network.to(self.device).eval()
-        self.overlap = self.model.preset.inference.get("overlap", 0.5) if overlap is None else overlap
+        self.overlap = self.model.preset.inference["overlap"] if overlap is None else overlap
         self.sw_batch_size = sw_batch_size
         self.tta = tta
         self.progress = progress or Progress("none")
@@ -52,7 +52,7 @@ class Predictor:
 
     def _window(self, x: torch.Tensor, sw_device: torch.device, stitch: torch.device) -> torch.Tensor:
         return sliding_window_inference(x, self.model.net_config.patch_size, self.sw_batch_size, self.network,
-                                        overlap=self.overlap, mode="gaussian", sw_device=sw_device, device=stitch,
+                                        overlap=self.overlap, mode=self.model.preset.inference["blend"], sw_device=sw_device, device=stitch,
                                         progress=False)
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ class Predictor:
             pred = MetaTensor(probs[0], meta=dict(img.meta), applied_operations=list(img.applied_operations))
             inv = self.transforms.inverse({"image": pred})["image"]
         inv = torch.as_tensor(inv)
-        labels = inv.argmax(0).numpy().astype(np.uint8)
+        labels = self.model.preset.classes_to_values(inv.argmax(0).numpy())
         if labels.shape != raw.shape[1:]:
             raise RuntimeError(f"internal error: inverted prediction has shape {labels.shape}, input {raw.shape[1:]}")
         if not uncertainty:

@@ -31,11 +31,49 @@ def load_volume(path: str | Path, what: str = "volume") -> tuple[np.ndarray, np.
         import nibabel as nib
 
         img = nib.load(str(path))
-        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=float)
+        return np.asanyarray(img.dataobj), nifti_affine(img, path)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
         raise InputError(f"{what}: cannot read {path}: {e}") from e
+
+
+class GeometryWarning(UserWarning):
+    """A file's geometry was read by a documented rule other than its header's affine."""
+
+
+def nifti_affine(img, path: str | Path = "") -> np.ndarray:
+    """The voxel→RAS affine of a NIfTI image, with one documented exception (the "unit-sform rule").
+
+    Some datasets (ACDC) store an sform whose axes all have length 1 mm while ``pixdim`` holds the true voxel
+    size (e.g. 1.56 × 1.56 × 10 mm) and the qform is unset. Read as stored, such a volume would be 1 mm isotropic
+    in physical space and a model would learn voxel units. The rule: when the header's affine has unit-length
+    axes, no valid qform says otherwise (qform_code 0, or a qform with the same unit axes), and ``pixdim[1:4]``
+    differs from 1 by more than 1 %, the axes are scaled to ``pixdim`` (directions and origin kept) and a
+    :class:`GeometryWarning` names the file. Every other file keeps its header's affine.
+    """
+    import warnings
+
+    affine = np.asarray(img.affine, dtype=float)
+    header = img.header
+    try:
+        pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+        qcode = int(header["qform_code"])
+    except (KeyError, TypeError, ValueError):
+        return affine
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.allclose(norms, 1.0, atol=1e-4) or not np.all(pixdim > 0):
+        return affine
+    if qcode > 0 and not np.allclose(np.linalg.norm(header.get_qform()[:3, :3], axis=0), 1.0, atol=1e-4):
+        return affine  # a valid qform disagrees with the sform: nibabel's choice (the sform) stands
+    if np.allclose(pixdim, 1.0, rtol=0.01):
+        return affine
+    fixed = affine.copy()
+    fixed[:3, :3] = affine[:3, :3] * pixdim[None, :]
+    warnings.warn(f"{Path(path).name}: the header's affine has 1 mm axes but pixdim says "
+                  f"{' x '.join(f'{v:g}' for v in pixdim)} mm; using pixdim (unit-sform rule)", GeometryWarning,
+                  stacklevel=3)
+    return fixed
 
 
 def _nrrd_affine(header: dict, ndim: int) -> np.ndarray:

@@ -16,6 +16,41 @@ from .terminology import validate_entry
 PRESET_DIR = Path(__file__).parent / "presets"
 NORMALIZATIONS = ("zscore", "percentile", "ct_window", "none")
 
+# The one place where training and inference settings get their defaults; a preset's ``training`` / ``inference``
+# block may only hold these keys (a misspelt key is an error, never silently the default).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "batch_size": 2, "samples_per_volume": 2, "pos": 1.0, "neg": 1.0, "lr": 3e-3, "epochs": 100, "val_every": 5,
+    "rot90_axes": [0, 1], "augment": {},
+}
+# augmentation strengths; 0 switches one off. rotate_deg/scale act in the plane of ``rot90_axes`` (in-plane for
+# anisotropic data); gamma is the log-range of the contrast exponent; bias_field the coefficient range of MONAI's
+# RandBiasField; noise the std of Gaussian noise (normalised units); blur the max Gaussian sigma (voxels);
+# slice_shift the max in-plane shift (voxels) of single slices along the last axis (cine slice misalignment).
+AUGMENT_DEFAULTS: dict[str, float] = {"rotate_deg": 0.0, "scale": 0.0, "gamma": 0.0, "bias_field": 0.0, "noise": 0.0,
+                                      "blur": 0.0, "slice_shift": 0.0, "prob": 0.2}
+INFERENCE_DEFAULTS: dict[str, Any] = {"overlap": 0.5, "blend": "gaussian"}
+
+
+def _typed_block(given: dict[str, Any] | None, defaults: dict[str, Any], what: str) -> dict[str, Any]:
+    """``given`` merged over ``defaults``; an unknown key or a value of the wrong kind is a ConfigError."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+    out = dict(defaults)
+    for k, v in given.items():
+        d = defaults[k]
+        if isinstance(d, bool) or isinstance(d, str):
+            ok = isinstance(v, type(d))
+        elif isinstance(d, (int, float)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(d, float) or float(v).is_integer())
+        else:
+            ok = isinstance(v, type(d))
+        if not ok:
+            raise ConfigError(f"{what}: '{k}' must be a {type(d).__name__}, got {v!r}")
+        out[k] = int(v) if isinstance(d, int) and not isinstance(d, bool) else v
+    return out
+
 
 @dataclass
 class TaskPreset:
@@ -47,8 +82,21 @@ class TaskPreset:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if 0 not in self.labels:
             raise ConfigError(f"preset '{self.name}': labels must include 0 (background)")
-        if sorted(self.labels) != list(range(len(self.labels))):
-            raise ConfigError(f"preset '{self.name}': label values must be 0..K-1 without gaps, got {sorted(self.labels)}")
+        if any(v < 0 or v > 65535 for v in self.labels):
+            raise ConfigError(f"preset '{self.name}': label values must be within 0..65535, got {sorted(self.labels)}")
+        what = f"preset '{self.name}'"
+        self.training = _typed_block(self.training, TRAINING_DEFAULTS, f"{what} training")
+        self.training["augment"] = _typed_block(self.training["augment"], AUGMENT_DEFAULTS, f"{what} training.augment")
+        self.inference = _typed_block(self.inference, INFERENCE_DEFAULTS, f"{what} inference")
+        for k in ("batch_size", "samples_per_volume", "epochs", "val_every"):
+            if self.training[k] < 1:
+                raise ConfigError(f"{what} training: '{k}' must be at least 1, got {self.training[k]}")
+        if not self.training["lr"] > 0:
+            raise ConfigError(f"{what} training: 'lr' must be positive, got {self.training['lr']}")
+        if not 0 <= float(self.inference["overlap"]) < 1:
+            raise ConfigError(f"{what} inference: 'overlap' must be in [0, 1), got {self.inference['overlap']}")
+        if self.inference["blend"] not in ("gaussian", "constant"):
+            raise ConfigError(f"{what} inference: 'blend' must be 'gaussian' or 'constant', got {self.inference['blend']!r}")
         for table, what in ((self.label_colors, "label_colors"), (self.terminology, "terminology")):
             stray = sorted(set(table) - set(self.labels) | ({0} & set(table)))
             if stray:
@@ -76,6 +124,35 @@ class TaskPreset:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def label_values(self) -> list[int]:
+        """Label values in class order: network output channel i is label value ``label_values[i]``. Values may
+        have gaps (BraTS: 0, 1, 2, 4); files always carry the values, the network the class indices."""
+        return sorted(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.labels[v] for v in self.label_values]
+
+    def values_to_classes(self, label: "Any") -> "Any":
+        """A label array (values) as class indices; identity when the values are 0..K-1."""
+        import numpy as np
+
+        values = self.label_values
+        if values == list(range(len(values))):
+            return label
+        lut = np.zeros(max(values) + 1, dtype=np.int64)
+        lut[values] = np.arange(len(values))
+        arr = np.asarray(label).astype(np.int64)
+        return lut[np.clip(arr, 0, max(values))]
+
+    def classes_to_values(self, classes: "Any") -> "Any":
+        """Class indices (e.g. an argmax) as label values, uint8 or uint16."""
+        import numpy as np
+
+        values = np.asarray(self.label_values, dtype=np.uint8 if max(self.label_values) < 256 else np.uint16)
+        return values[np.asarray(classes, dtype=np.int64)]
 
     def network_config(self, **overrides: Any) -> NetworkConfig:
         net = {"backbone": self.network.get("backbone", "basicunet"), "options": dict(self.network.get("options", {}))}

@@ -114,11 +114,11 @@ class Trainer:
         self.progress = progress or Progress("none")
         self.preset: TaskPreset = TaskPreset.from_dict(config.preset) if config.preset else load_preset(config.task)
         tr = self.preset.training
-        self.epochs = int(config.epochs or tr.get("epochs", 100))
-        self.batch_size = int(config.batch_size or tr.get("batch_size", 2))
-        self.samples = int(config.samples_per_volume or tr.get("samples_per_volume", 2))
-        self.lr = float(config.lr or tr.get("lr", 3e-3))
-        self.val_every = int(config.val_every or tr.get("val_every", 5))
+        self.epochs = int(config.epochs or tr["epochs"])
+        self.batch_size = int(config.batch_size or tr["batch_size"])
+        self.samples = int(config.samples_per_volume or tr["samples_per_volume"])
+        self.lr = float(config.lr or tr["lr"])
+        self.val_every = int(config.val_every or tr["val_every"])
         self.out = Path(config.output)
         self.resume = resume
         self._init_distributed()
@@ -182,7 +182,7 @@ class Trainer:
             return [to_case(c) for c in split["train"]], [to_case(c) for c in split["val"]]
         if (self.out / "last.pt").exists():
             raise InputError(f"{self.out} already holds a training run; use --resume or another --output folder")
-        cases = list_cases(self.cfg.data, self.cfg.max_cases)
+        cases = list_cases(self.cfg.data, self.cfg.max_cases, channels=self.preset.channels)
         declared = dataset_labels(self.cfg.data) if Path(self.cfg.data).is_dir() else None
         if declared and sorted(declared) != sorted(self.preset.labels):
             raise ConfigError(f"the dataset declares labels {declared} but task '{self.preset.name}' has "
@@ -289,7 +289,7 @@ class Trainer:
             is_val = (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs
             if is_val and _rank() == 0:
                 dice = self.validate(model, val_ds)
-                record.update({f"val_dice/{self.preset.labels[c]}": d for c, d in dice.items()})
+                record.update({f"val_dice/{self.preset.class_names[c]}": d for c, d in dice.items()})
                 record["val_dice"] = float(np.mean(list(dice.values())))
             self.history.append(record)
             if _rank() == 0:
@@ -370,7 +370,7 @@ class Trainer:
         for i, item in enumerate(val_ds):
             x = item["image"][None].to(self.device)
             logits = sliding_window_inference(x, self.net_config.patch_size, self.cfg.sw_batch_size, model,
-                                              overlap=self.preset.inference.get("overlap", 0.5), mode="gaussian")
+                                              overlap=self.preset.inference["overlap"], mode=self.preset.inference["blend"])
             pred = logits.argmax(1, keepdim=True).cpu()
             # the functional form: MONAI's DiceMetric object would all-gather across DDP ranks, and only rank 0 validates
             scores.append(compute_dice(one_hot(pred, k), one_hot(item["label"][None].long(), k), include_background=False, ignore_empty=False)[0])

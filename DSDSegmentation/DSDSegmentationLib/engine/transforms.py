@@ -14,7 +14,13 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensity,
     Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    Randomizable,
     RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
@@ -36,8 +42,9 @@ class LoadCased(MapTransform):
     that is already a MetaTensor (inference loads and checks it once) is passed through.
     """
 
-    def __init__(self, keys=("image", "label"), allow_missing_keys: bool = True):
+    def __init__(self, keys=("image", "label"), allow_missing_keys: bool = True, preset: TaskPreset | None = None):
         super().__init__(keys, allow_missing_keys)
+        self.preset = preset  # label values → class indices (values with gaps, e.g. BraTS 0, 1, 2, 4)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -51,7 +58,10 @@ class LoadCased(MapTransform):
             lab, affine = load_volume(d["label"], "label")
             if lab.ndim != 3:
                 raise InputError(f"label {d['label']} must be 3D, got shape {lab.shape}")
-            d["label"] = MetaTensor(torch.from_numpy(np.rint(np.asarray(lab, dtype=np.float32))[None]),
+            lab = np.rint(np.asarray(lab, dtype=np.float32))
+            if self.preset is not None:
+                lab = self.preset.values_to_classes(lab).astype(np.float32)
+            d["label"] = MetaTensor(torch.from_numpy(lab[None]),
                                     affine=torch.as_tensor(affine, dtype=torch.float64),
                                     meta={"filename_or_obj": str(d["label"])})
         elif "label" in d and not d["label"]:
@@ -90,7 +100,7 @@ def preprocessing(preset: TaskPreset, with_label: bool = True) -> list:
     """Deterministic, invertible preprocessing shared by training, validation and inference."""
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    t: list = [LoadCased()]
+    t: list = [LoadCased(preset=preset)]
     if preset.orientation:
         t.append(Orientationd(keys, axcodes=preset.orientation, labels=None))
     if preset.spacing:
@@ -107,19 +117,82 @@ def training_transforms(preset: TaskPreset, samples: int | None = None) -> tuple
     keys = ["image", "label"]
     cached = Compose([*preprocessing(preset), SpatialPadd(keys, spatial_size=preset.patch_size, mode="constant"),
                       EnsureTyped(keys, track_meta=False)])
-    rot_axes = tuple(tr.get("rot90_axes", (0, 1)))
+    rot_axes = tuple(tr["rot90_axes"])
     random = Compose([
-        RandCropByPosNegLabeld(keys, "label", spatial_size=preset.patch_size, pos=tr.get("pos", 1.0), neg=tr.get("neg", 1.0),
-                               num_samples=samples or tr.get("samples_per_volume", 2)),
+        RandCropByPosNegLabeld(keys, "label", spatial_size=preset.patch_size, pos=tr["pos"], neg=tr["neg"],
+                               num_samples=samples or tr["samples_per_volume"]),
+        *_spatial_augment(preset, rot_axes),
         RandFlipd(keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys, prob=0.5, spatial_axis=2),
         RandRotate90d(keys, prob=0.25, spatial_axes=rot_axes) if preset.patch_size[rot_axes[0]] == preset.patch_size[rot_axes[1]] else Compose([]),
+        *_intensity_augment(preset),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         EnsureTyped("label", dtype=torch.long),
     ])
     return cached, random
+
+
+def _spatial_augment(preset: TaskPreset, plane: tuple[int, ...]) -> list:
+    """Rotation and scaling in the plane of ``rot90_axes`` (in-plane for anisotropic cine MRI) and single-slice
+    shifts along the last axis (breath-hold misalignment), from the preset's ``training.augment``."""
+    aug = preset.training["augment"]
+    keys = ["image", "label"]
+    out: list = []
+    if aug["rotate_deg"] or aug["scale"]:
+        rng = [0.0, 0.0, 0.0]
+        normal = ({0, 1, 2} - set(plane)).pop()
+        rng[normal] = np.deg2rad(aug["rotate_deg"])  # rotation about the axis normal to the plane
+        scale = [0.0, 0.0, 0.0]
+        for a in plane:
+            scale[a] = aug["scale"]
+        out.append(RandAffined(keys, prob=max(aug["prob"], 0.3), rotate_range=rng, scale_range=scale,
+                               mode=["bilinear", "nearest"], padding_mode="zeros"))
+    if aug["slice_shift"]:
+        out.append(RandSliceShiftd(keys, max_shift=aug["slice_shift"], prob=aug["prob"]))
+    return out
+
+
+def _intensity_augment(preset: TaskPreset) -> list:
+    """Scanner / sequence shift on the normalised image: bias field, gamma, blur, noise."""
+    aug = preset.training["augment"]
+    p = aug["prob"]
+    out: list = []
+    if aug["bias_field"]:
+        out.append(RandBiasFieldd("image", coeff_range=(0.0, aug["bias_field"]), degree=3, prob=p))
+    if aug["gamma"]:
+        g = float(aug["gamma"])
+        out.append(RandAdjustContrastd("image", gamma=(float(np.exp(-g)), float(np.exp(g))), prob=p))
+    if aug["blur"]:
+        s = (0.25, float(aug["blur"]))
+        out.append(RandGaussianSmoothd("image", sigma_x=s, sigma_y=s, sigma_z=s, prob=p))
+    if aug["noise"]:
+        out.append(RandGaussianNoised("image", std=float(aug["noise"]), prob=p))
+    return out
+
+
+class RandSliceShiftd(MapTransform, Randomizable):
+    """Shift one random slice (last axis) in-plane by up to ``max_shift`` voxels, image and label together."""
+
+    def __init__(self, keys, max_shift: float, prob: float):
+        MapTransform.__init__(self, keys)
+        self.max_shift = int(round(max_shift))
+        self.prob = prob
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        first = d[self.keys[0]]
+        nz = first.shape[-1]
+        if self.max_shift < 1 or nz < 2 or self.R.rand() >= self.prob:
+            return d
+        z = int(self.R.randint(nz))
+        dx, dy = (int(v) for v in self.R.randint(-self.max_shift, self.max_shift + 1, size=2))
+        for k in self.keys:
+            t = d[k]
+            t[..., z] = torch.roll(t[..., z], shifts=(dx, dy), dims=(-2, -1))
+            d[k] = t
+        return d
 
 
 def validation_transforms(preset: TaskPreset) -> Compose:
