@@ -328,7 +328,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------------------------------- prompts
     def _interactive(self):
         if self._interactiveLogic is None:
-            from DSDSegmentationLib.interactive import InteractiveLogic
+            from DSDSegmentationLib.bridge.interactive import InteractiveLogic
 
             self._interactiveLogic = InteractiveLogic(self.logic.bridge())
         return self._interactiveLogic
@@ -439,7 +439,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------------------------- QA
     def onCompare(self) -> None:
-        from DSDSegmentationLib.qa_logic import QALogic
+        from DSDSegmentationLib.bridge.qa_logic import QALogic
 
         with slicer.util.tryWithErrorDisplay(_("Could not compare the segmentations."), waitCursor=True):
             seg, ref = self.ui.qaSegmentationSelector.currentNode(), self.ui.qaReferenceSelector.currentNode()
@@ -634,11 +634,11 @@ class DSDSegmentationLogic(ScriptedLoadableModuleLogic):
         if self._bridge is None:
             if MODULE_DIR not in sys.path:
                 sys.path.insert(0, MODULE_DIR)
-            from DSDSegmentationLib.logic import DSDSegmentationLogic as Bridge
+            from DSDSegmentationLib.bridge.logic import SegmentationBridge
 
             python = shutil.which("PythonSlicer") or sys.executable
             env = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
-            self._bridge = Bridge(slicer.mrmlScene, python=python, env=env)
+            self._bridge = SegmentationBridge(slicer.mrmlScene, python=python, env=env)
         return self._bridge
 
     def shutdown(self) -> None:
@@ -719,7 +719,7 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
 
         logic = DSDSegmentationLogic()
         self.assertTrue(logic.ensureDependencies())  # before anything below imports torch or MONAI
-        from DSDSegmentationLib.demo import default_model, default_sample
+        from DSDSegmentationLib.bridge.demo import default_model, default_sample
         from DSDSegmentationLib.engine.cards import verify_package
         from DSDSegmentationLib.engine.data import list_cases
         from DSDSegmentationLib.engine.terminology import tag_string
@@ -755,11 +755,11 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
 
         logic = DSDSegmentationLogic()
         self.assertTrue(logic.ensureDependencies())
-        from DSDSegmentationLib.demo import default_model, default_sample
+        from DSDSegmentationLib.bridge.demo import default_model, default_sample
         from DSDSegmentationLib.engine.cards import read_model_card
         from DSDSegmentationLib.engine.data import list_cases
-        from DSDSegmentationLib.interactive import InteractiveLogic
-        from DSDSegmentationLib.qa_logic import QALogic
+        from DSDSegmentationLib.bridge.interactive import InteractiveLogic
+        from DSDSegmentationLib.bridge.qa_logic import QALogic
 
         case = list_cases(default_sample())[0]
         volume = slicer.util.loadVolume(case.images[0])

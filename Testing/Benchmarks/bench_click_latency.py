@@ -18,13 +18,13 @@ import nibabel as nib
 import numpy as np
 import vtk
 
-from DSDSegmentationLib.headless import setup_headless  # noqa: I001  (sets up slicer-core first)
+from DSDSegmentationLib.bridge.headless import setup_headless  # noqa: I001  (sets up slicer-core first)
 import slicer
 
 from DSDSegmentationLib.engine.cards import builtin_models_dir
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
-from DSDSegmentationLib.interactive import InteractiveLogic
-from DSDSegmentationLib.logic import DSDSegmentationLogic
+from DSDSegmentationLib.bridge.interactive import InteractiveLogic
+from DSDSegmentationLib.bridge.logic import SegmentationBridge
 
 
 def timed(fn, reps: int) -> tuple[float, float]:
@@ -46,7 +46,7 @@ def main() -> None:
     data = find_shared_data()
     rows = []
     scene, _app, _ = setup_headless()
-    bridge = DSDSegmentationLogic(scene, warm=True)
+    bridge = SegmentationBridge(scene, warm=True)
     inter = InteractiveLogic(bridge)
     try:
         # hippocampus: embed hippocampus_015 in a large noisy volume

@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from DSDSegmentationLib.demo import default_model
+from DSDSegmentationLib.bridge.demo import default_model
 from DSDSegmentationLib.engine.cards import read_model_card
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
 from DSDSegmentationLib.engine.finetune import finetune

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from DSDSegmentationLib.headless import setup_headless  # noqa: E402
+from DSDSegmentationLib.bridge.headless import setup_headless  # noqa: E402
 
 import slicer  # noqa: E402
 
-from DSDSegmentationLib.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.worker.cli import main as cli  # noqa: E402
 from DSDSegmentationLib.engine.cards import builtin_models_dir  # noqa: E402
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases  # noqa: E402
-from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
 
 
 def tiny_model(task: str, data: Path, out: Path) -> Path:
@@ -62,7 +62,7 @@ def main() -> None:
         dims = node.GetImageData().GetDimensions()
         colds, warms = [], []
         for _ in range(args.reps):
-            logic = DSDSegmentationLogic(scene, temp_root=tmp)
+            logic = SegmentationBridge(scene, temp_root=tmp)
             t0 = time.perf_counter()
             logic.segment([node], model, device="cpu")
             colds.append(time.perf_counter() - t0)

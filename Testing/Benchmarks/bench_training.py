@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from DSDSegmentationLib.cli import main as cli
+from DSDSegmentationLib.worker.cli import main as cli
 from DSDSegmentationLib.engine.data import Case, find_shared_data
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize

@@ -30,7 +30,7 @@ def hippocampus_dir() -> Path:
 def scene():
     """A real MRML scene (slicer-core, no Qt) with the module logics the bridge needs; cleared afterwards."""
     pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
-    from DSDSegmentationLib.headless import setup_headless
+    from DSDSegmentationLib.bridge.headless import setup_headless
 
     scene, _app, _mods = setup_headless()
     yield scene

@@ -10,11 +10,11 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
-from DSDSegmentationLib.demo import default_model, default_sample, run_demo  # noqa: E402
+from DSDSegmentationLib.bridge.demo import default_model, default_sample, run_demo  # noqa: E402
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.data import list_cases  # noqa: E402
 from DSDSegmentationLib.engine.terminology import tag_string  # noqa: E402
-from DSDSegmentationLib.headless import read_mrb, setup_headless  # noqa: E402
+from DSDSegmentationLib.bridge.headless import read_mrb, setup_headless  # noqa: E402
 
 
 def test_sample_data_ships_with_attribution() -> None:

@@ -29,9 +29,33 @@ def test_engine_source_has_no_forbidden_imports() -> None:
 
 def test_importing_engine_loads_no_gui_modules() -> None:
     code = (
-        "import sys, DSDSegmentationLib.engine, DSDSegmentationLib.cli;"
+        "import sys, DSDSegmentationLib.engine, DSDSegmentationLib.worker.cli;"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _imports(f: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return [n.split(".")[0] for n in names]
+
+
+def test_rooms_import_only_what_they_may() -> None:
+    """The four rooms are folders: engine (torch/MONAI), worker (engine + plain VTK for offscreen renders),
+    bridge (MRML + vtk, never Qt/CTK and never torch/MONAI: the worker runs the model), widget (the module file)."""
+    lib = Path(engine.__file__).parent.parent
+    assert sorted(p.name for p in lib.iterdir() if p.is_dir() and not p.name.startswith("__")) == ["bridge", "engine", "worker"]
+    assert sorted(p.name for p in lib.glob("*.py")) == ["__init__.py"], "every module lives in a room"
+    for f in (lib / "worker").glob("*.py"):
+        bad = set(_imports(f)) & {"slicer", "qt", "ctk", "mrml", "PythonQt"}
+        assert not bad, f"{f.name} imports {bad}"
+    for f in (lib / "bridge").glob("*.py"):
+        bad = set(_imports(f)) & {"qt", "ctk", "PythonQt", "torch", "monai"}
+        assert not bad, f"{f.name} imports {bad}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import os
 import shutil
 import time
@@ -13,13 +15,13 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
-from DSDSegmentationLib.cli import main as cli  # noqa: E402
-from DSDSegmentationLib.demo import default_model  # noqa: E402
+from DSDSegmentationLib.worker.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.bridge.demo import default_model  # noqa: E402
 from DSDSegmentationLib.engine.cards import list_models, read_model_card, verify_package  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.finetune import LOCK_NAME, export_zip, finetune, import_zip  # noqa: E402
 from DSDSegmentationLib.engine.models_sha import sha256_of  # noqa: E402
-from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
 
 CASES = ["hippocampus_052", "hippocampus_057", "hippocampus_064", "hippocampus_084"]  # held out from the base model
 
@@ -55,7 +57,7 @@ def wait(worker, timeout: float = 600, until=None) -> list[dict]:
 
 
 def test_segments_matched_by_terminology_then_name(scene, base: Path, hippocampus_dir: Path) -> None:
-    logic = DSDSegmentationLogic(scene, warm=False)
+    logic = SegmentationBridge(scene, warm=False)
     preset = read_model_card(base)["preset"]
     (vol, seg), = scene_pairs(scene, logic, hippocampus_dir, preset, n=1)
     segmentation = seg.GetSegmentation()
@@ -64,13 +66,13 @@ def test_segments_matched_by_terminology_then_name(scene, base: Path, hippocampu
     segmentation.GetSegment(anterior).SetName("Segment_1")  # renamed in Segment Editor: terminology still says it
     segmentation.GetSegment(posterior).SetTerminology("")  # no terminology: the name says it
     segmentation.GetSegment(posterior).SetName("Posterior Hippocampus")
-    found = DSDSegmentationLogic.match_segments(seg, preset)
+    found = SegmentationBridge.match_segments(seg, preset)
     assert found[1] == {"segment_id": anterior, "segment": "Segment_1", "by": "terminology"}
     assert found[2] == {"segment_id": posterior, "segment": "Posterior Hippocampus", "by": "name"}
 
 
 def test_scene_to_finetuned_model_in_the_selector(scene, base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
-    logic = DSDSegmentationLogic(scene, warm=False)
+    logic = SegmentationBridge(scene, warm=False)
     preset = read_model_card(base)["preset"]
     pairs = scene_pairs(scene, logic, hippocampus_dir, preset)
     # reverse the segment order of one case: label values must not depend on it
@@ -101,12 +103,12 @@ def test_scene_to_finetuned_model_in_the_selector(scene, base: Path, hippocampus
     assert card["training_data"]["train_cases"] + card["training_data"]["val_cases"] == 3
     assert "base_model" in card["validation"] and card["versions"]["torch"]
     assert fingerprint(base) == before, "the base model is never modified"
-    seg = DSDSegmentationLogic(scene, warm=False).segment([pairs[0][0]], done["package"], device="cpu")
+    seg = SegmentationBridge(scene, warm=False).segment([pairs[0][0]], done["package"], device="cpu")
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
 
 
 def test_stop_then_resume_keeps_base_and_earlier_models(scene, base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
-    logic = DSDSegmentationLogic(scene, warm=False)
+    logic = SegmentationBridge(scene, warm=False)
     preset = read_model_card(base)["preset"]
     logic.build_finetune_dataset(scene_pairs(scene, logic, hippocampus_dir, preset), preset, tmp_path / "dataset")
     store = tmp_path / "store"
@@ -132,7 +134,7 @@ def test_stop_then_resume_keeps_base_and_earlier_models(scene, base: Path, hippo
 
 
 def test_bad_scene_inputs_are_named(scene, base: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
-    logic = DSDSegmentationLogic(scene, warm=False)
+    logic = SegmentationBridge(scene, warm=False)
     preset = read_model_card(base)["preset"]
     pairs = scene_pairs(scene, logic, hippocampus_dir, preset)
     with pytest.raises(InputError, match="at least 2 annotated cases"):
@@ -182,13 +184,20 @@ def test_cli_refusals_lock_and_zip(base: Path, hippocampus_dir: Path, tmp_path: 
     # one fine-tune at a time: a live owner blocks, a dead one's lock is taken over
     store = tmp_path / "store"
     store.mkdir(exist_ok=True)
-    (store / LOCK_NAME).write_text(str(os.getpid()))
     add_case(hippocampus_dir, data, CASES[1])
-    with pytest.raises(InputError, match="another fine-tune is running"):
-        finetune(base, data, tmp_path / "r2", epochs=1, max_steps_per_epoch=1, store=store, device="cpu")
-    (store / LOCK_NAME).write_text("999999999")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from DSDSegmentationLib.engine.finetune import finetune_lock\n"
+                               f"with finetune_lock(Path({str(store)!r})):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"another fine-tune is running \\(process {holder.pid}\\)"):
+            finetune(base, data, tmp_path / "r2", epochs=1, max_steps_per_epoch=1, store=store, device="cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (store / LOCK_NAME).read_text() == str(holder.pid)  # left by the killed owner: stale
     result = finetune(base, data, tmp_path / "r3", epochs=1, max_steps_per_epoch=1, store=store, device="cpu")
-    assert not (store / LOCK_NAME).exists()
     # export / import as zip; the sha256 is checked and nothing is overwritten
     zipped = export_zip(result["package"], tmp_path / "m.zip")
     other = tmp_path / "other-store"
@@ -196,6 +205,42 @@ def test_cli_refusals_lock_and_zip(base: Path, hippocampus_dir: Path, tmp_path: 
     verify_package(imported)
     with pytest.raises(InputError, match="already exists"):
         import_zip(zipped, other)
+
+
+def test_stale_lock_taken_over_by_exactly_one_of_many(tmp_path: Path) -> None:
+    """Six fine-tunes start together over a stale lock: exactly one holds it (three trials)."""
+    import time
+
+    code = ("import sys, time; from pathlib import Path; from DSDSegmentationLib.engine.finetune import finetune_lock; "
+            "from DSDSegmentationLib.engine.errors import InputError\n"
+            "t = float(sys.argv[2])\nwhile time.time() < t: time.sleep(0.001)\n"
+            "try:\n with finetune_lock(Path(sys.argv[1])):\n  print('got', flush=True); time.sleep(1.5)\n"
+            "except InputError:\n print('busy', flush=True)\n")
+    for trial in range(3):
+        store = tmp_path / f"s{trial}"
+        store.mkdir()
+        (store / LOCK_NAME).write_text("999999999")  # stale: its owner is gone
+        start = time.time() + 2.0
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(store), str(start)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+        outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert outs == ["busy"] * 5 + ["got"], outs
+
+
+def test_concurrent_imports_of_one_zip(base: Path, tmp_path: Path) -> None:
+    zipped = export_zip(base, tmp_path / "m.zip")
+    code = ("import sys; from DSDSegmentationLib.engine.finetune import import_zip; "
+            "from DSDSegmentationLib.engine.errors import InputError\n"
+            "try:\n import_zip(sys.argv[1], sys.argv[2]); print('imported')\n"
+            "except InputError as e:\n print('refused' if 'already exists' in str(e) else 'other: ' + str(e))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(zipped), str(tmp_path / "store")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-500:] for r in results]
+    outs = sorted(r[0].strip() for r in results)
+    assert outs == ["imported"] + ["refused"] * 3, outs
+    verify_package(tmp_path / "store" / "hippocampus-dsd")
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["hippocampus-dsd"], "no temporary folder left"
 
 
 def test_unsafe_zip_is_refused(tmp_path: Path) -> None:
@@ -211,7 +256,7 @@ def test_unsafe_zip_is_refused(tmp_path: Path) -> None:
 
 
 def test_training_plot_nodes(scene) -> None:
-    logic = DSDSegmentationLogic(scene, warm=False)
+    logic = SegmentationBridge(scene, warm=False)
     table, chart = logic.training_plot()
     logic.add_epoch(table, {"epoch": 1, "loss/total": 2.5})
     logic.add_epoch(table, {"epoch": 2, "loss/total": 2.0, "val_dice": 0.81})

@@ -11,18 +11,18 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
-from DSDSegmentationLib.demo import default_model, default_sample  # noqa: E402
+from DSDSegmentationLib.bridge.demo import default_model, default_sample  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
-from DSDSegmentationLib.interactive import InteractiveLogic  # noqa: E402
-from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+from DSDSegmentationLib.bridge.interactive import InteractiveLogic  # noqa: E402
+from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
 
 BIG = (110, 96, 80)  # i, j, k
 
 
 @pytest.fixture
 def logic(scene):
-    bridge = DSDSegmentationLogic(scene, warm=True)
+    bridge = SegmentationBridge(scene, warm=True)
     yield InteractiveLogic(bridge)
     bridge.shutdown()
 

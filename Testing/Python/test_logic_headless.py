@@ -14,12 +14,12 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
 
-from DSDSegmentationLib.cli import main as cli  # noqa: E402
+from DSDSegmentationLib.worker.cli import main as cli  # noqa: E402
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.terminology import CONTEXT_NAME, tag_string  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
-from DSDSegmentationLib.logic import DSDSegmentationLogic  # noqa: E402
+from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def make_logic(scene):
     made = []
 
     def make(**kw):
-        made.append(DSDSegmentationLogic(scene, **kw))
+        made.append(SegmentationBridge(scene, **kw))
         return made[-1]
 
     yield make
@@ -48,7 +48,7 @@ def check_terminology(seg, preset: dict) -> None:
     """Every segment carries the card's codes, and Slicer's Terminologies logic, with the shipped custom context
     loaded, resolves each tag to that context's entry whose recommended colour is the segment's colour."""
     terms = slicer.vtkSlicerTerminologiesModuleLogic()
-    assert DSDSegmentationLogic.load_terminology_context(terms) == CONTEXT_NAME
+    assert SegmentationBridge.load_terminology_context(terms) == CONTEXT_NAME
     segmentation = seg.GetSegmentation()
     for value, entry in preset["terminology"].items():
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(preset["labels"][value]))
@@ -128,22 +128,43 @@ def test_cancel_leaves_no_node_process_or_files(scene, make_logic, model: Path, 
     run = logic.start([vol], model, device="cpu", tta=True)
     time.sleep(0.5)
     pid = logic.server.proc.proc.pid
+    t0 = time.perf_counter()
     logic.cancel(run)
+    assert time.perf_counter() - t0 < 10, "a cancel is answered between two sliding-window batches"
     assert run.worker.result().status == "cancelled"
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    assert any(r.get("stage") == "cancelled" for r in run.worker.records), "the worker itself confirmed the cancel"
+    os.kill(pid, 0)  # the warm worker (and its loaded model) is still there
     assert list(tmp_path.iterdir()) == []
     assert scene.GetNumberOfNodes() == n_nodes
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
-    # the next run starts a fresh warm worker
+    # the next run reuses the same warm worker: no cold start after a cancel
     seg = logic.segment([vol], model, device="cpu")
-    assert seg.GetSegmentation().GetNumberOfSegments() == 2 and logic.server.proc.proc.pid != pid
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2 and logic.server.proc.proc.pid == pid
+
+
+@pytest.mark.parametrize("cancelled", ["first", "second"])
+def test_one_cancel_stops_only_its_own_job(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path,
+                                           cancelled: str) -> None:
+    """Apply runs while a click starts on the same warm worker: cancelling one never ends the other."""
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    logic = make_logic(temp_root=tmp_path)
+    first = logic.start([vol], model, device="cpu", tta=True)
+    second = logic.start([vol], model, device="cpu")
+    pid = logic.server.proc.proc.pid
+    stop, keep = (first, second) if cancelled == "first" else (second, first)
+    time.sleep(0.3)
+    logic.cancel(stop)
+    assert stop.worker.result().status == "cancelled"
+    seg = logic.finish(keep)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    assert logic.server.proc.proc.pid == pid
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("warm", [True, False])
 def test_warm_and_one_shot_workers_agree(scene, model: Path, hippocampus_dir: Path, warm: bool) -> None:
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
-    logic = DSDSegmentationLogic(scene, warm=warm)
+    logic = SegmentationBridge(scene, warm=warm)
     try:
         first = logic.segment([vol], model, device="cpu")
         pid = logic.server.proc.proc.pid if warm else None
@@ -186,7 +207,7 @@ def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_p
 
 
 def test_offscreen_renders_show_the_segments(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
-    from DSDSegmentationLib.rendering import render_3d, render_slice
+    from DSDSegmentationLib.bridge.rendering import render_3d, render_slice
 
     app = slicer.modules.volumes.logic().GetMRMLApplicationLogic()
     vol, _, _ = oblique_volume(scene, hippocampus_dir)

@@ -18,7 +18,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from DSDSegmentationLib.cli import main as cli
+from DSDSegmentationLib.worker.cli import main as cli
 from DSDSegmentationLib.engine.io import load_volume
 
 TRAIN = ["--task", "hippocampus", "--max-cases", "8", "--max-steps", "3", "--val-every", "1", "--progress", "none"]
@@ -75,7 +75,7 @@ def test_resume_after_kill_continues_the_same_run(hippocampus_dir: Path, tmp_pat
     ref = tmp_path / "uninterrupted"
     assert run_cli(*args, "--output", ref) == 0
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "DSDSegmentationLib.cli", *args, "--output", str(run)]
+    cmd = [sys.executable, "-m", "DSDSegmentationLib.worker.cli", *args, "--output", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -156,7 +156,7 @@ def test_predict_batch_evaluate_and_tta(trained_run: Path, hippocampus_dir: Path
 
 def test_predict_json_progress_lines(trained_run: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.nii.gz"
-    r = subprocess.run([sys.executable, "-m", "DSDSegmentationLib.cli", "predict", "--model", str(trained_run), "-i",
+    r = subprocess.run([sys.executable, "-m", "DSDSegmentationLib.worker.cli", "predict", "--model", str(trained_run), "-i",
                         str(hippocampus_dir / "imagesTr" / "hippocampus_004.nii.gz"), "-o", str(out), "--progress", "json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -254,7 +254,7 @@ def test_ddp_two_gloo_processes_keep_weights_in_sync(hippocampus_dir: Path, tmp_
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "DSDSegmentationLib.cli", "train",
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "DSDSegmentationLib.worker.cli", "train",
                         "--data", str(hippocampus_dir), "--output", str(out), "--epochs", "1", "--device", "cpu", *TRAIN],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

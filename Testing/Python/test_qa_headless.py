@@ -16,7 +16,7 @@ import vtk  # noqa: E402
 from vtkmodules.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 from DSDSegmentationLib.engine.metrics import class_metrics  # noqa: E402
-from DSDSegmentationLib.qa_logic import PRED_OUTLINE, QALogic  # noqa: E402
+from DSDSegmentationLib.bridge.qa_logic import PRED_OUTLINE, QALogic  # noqa: E402
 
 SPACING_KJI = (2.0, 0.8, 1.0)  # slices 2 mm apart
 
@@ -114,10 +114,10 @@ def test_uncertainty_overlay_scores_segments(scene, tmp_path: Path) -> None:
 
 
 def test_segment_with_uncertainty_overlay(scene) -> None:
-    from DSDSegmentationLib.demo import default_model, default_sample
-    from DSDSegmentationLib.logic import DSDSegmentationLogic
+    from DSDSegmentationLib.bridge.demo import default_model, default_sample
+    from DSDSegmentationLib.bridge.logic import SegmentationBridge
 
-    logic = DSDSegmentationLogic(scene, warm=True)
+    logic = SegmentationBridge(scene, warm=True)
     try:
         vol = logic.load_volume(default_sample() / "imagesTr" / "hippocampus_040.nii.gz")
         run = logic.start([vol], default_model(), device="cpu", tta=True, uncertainty=True)

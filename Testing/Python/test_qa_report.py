@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from DSDSegmentationLib.cli import main as cli
+from DSDSegmentationLib.worker.cli import main as cli
 from DSDSegmentationLib.engine.metrics import class_metrics
 
 pytest.importorskip("vtk", reason="vtk is part of the test install (.ci/setup)")
@@ -50,7 +50,7 @@ def test_qa_report_on_a_sphere_with_a_bump(tmp_path: Path) -> None:
 
 
 def test_uncertainty_is_high_where_the_model_is_wrong(tmp_path: Path) -> None:
-    from DSDSegmentationLib.demo import default_model, default_sample
+    from DSDSegmentationLib.bridge.demo import default_model, default_sample
 
     case = default_sample()
     img = case / "imagesTr" / "hippocampus_015.nii.gz"

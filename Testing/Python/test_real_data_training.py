@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from monai.utils import set_determinism
 
-from DSDSegmentationLib.cli import main as cli_main
+from DSDSegmentationLib.worker.cli import main as cli_main
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
 from DSDSegmentationLib.engine.data import list_cases
 from DSDSegmentationLib.engine.smoke import case_loader, train_steps

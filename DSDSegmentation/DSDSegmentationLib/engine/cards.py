@@ -80,7 +80,37 @@ def verify_package(folder: str | Path) -> dict[str, Any]:
         raise InputError(f"model package {folder}: {PACKAGE_SUMS} does not list the weights file {weights}")
     if card.get("sha256") != listed[weights]:
         raise InputError(f"model package {folder}: the card's sha256 is not the hash of {weights}")
+    check_card_consistency(card, folder)
+    check_weights_archive(folder / weights)
     return card
+
+
+def check_card_consistency(card: dict[str, Any], where: str | Path) -> None:
+    """The card's labels and inputs must match the network it declares (a hand-edited card is refused)."""
+    net = card.get("network") or {}
+    preset = card["preset"]
+    if "out_channels" in net and len(preset["labels"]) != int(net["out_channels"]):
+        raise InputError(f"model {where}: the card lists {len(preset['labels'])} labels (background included) but the "
+                         f"network has {net['out_channels']} outputs")
+    if "in_channels" in net and len(preset["channels"]) != int(net["in_channels"]):
+        raise InputError(f"model {where}: the card lists {len(preset['channels'])} input(s) but the network takes "
+                         f"{net['in_channels']}")
+
+
+def check_weights_archive(path: Path) -> None:
+    """Without torch: a ``torch.save`` file is a zip archive; a truncated or damaged one fails its CRC check."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"model package {path.parent}: {path.name} is damaged or truncated ({e})") from e
+    if bad is not None:
+        raise InputError(f"model package {path.parent}: {path.name} is damaged ({bad} fails its CRC check)")
+    if not any(n.endswith("data.pkl") for n in names):
+        raise InputError(f"model package {path.parent}: {path.name} is not a torch weights file")
 
 
 USER_MODELS_ENV = "DSDSEG_MODELS"

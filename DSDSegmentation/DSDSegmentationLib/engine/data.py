@@ -223,6 +223,14 @@ def validate_case(case: Case, n_channels: int, labels: Iterable[int]) -> dict[st
     image, affine = load_channels(case.images, what=f"case {case.id}")
     if image.shape[0] != n_channels:
         raise InputError(f"case {case.id}: {image.shape[0]} image channel(s), the task expects {n_channels}")
+    from .inference import check_geometry
+
+    check_geometry(affine, f"case {case.id}")
+    if not np.all(np.isfinite(image)):
+        raise InputError(f"case {case.id}: the image contains NaN or infinite values")
+    for c in range(image.shape[0]):
+        if float(image[c].max()) == float(image[c].min()):
+            raise InputError(f"case {case.id}: channel {c} has constant intensity {float(image[c].min())}")
     info: dict[str, Any] = {"id": case.id, "shape": list(image.shape[1:]), "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]}
     if case.label:
         label, lab_affine = load_volume(case.label, what=f"case {case.id} label")

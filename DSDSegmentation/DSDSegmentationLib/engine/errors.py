@@ -24,3 +24,7 @@ def read_json(path, error: type[DSDError] = InputError, what: str | None = None)
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{what or path} is not valid JSON: {e}") from e
+
+
+class Cancelled(Exception):
+    """A run stopped because its caller asked (not an error of the input: never shown as one)."""

@@ -25,46 +25,41 @@ from typing import Any, Iterator
 from .cards import PACKAGE_CARD, read_model_card, user_models_dir, verify_package
 from .data import list_cases, validate_case
 from .errors import ConfigError, InputError
+from .outputs import apply_umask, check_writable_folder, write_error
 from .progress import Progress
 
 LOCK_NAME = ".finetune.lock"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def finetune_lock(store: Path) -> Iterator[None]:
-    """Exclusive per-store lock; a lock left by a dead process is taken over."""
+    """Exclusive per-store lock held by the operating system (``flock`` / ``msvcrt.locking``) on a lock file that
+    holds the owner's pid for messages. The lock is released when its owner ends, however it ends, so a lock left
+    by a killed run is free at once, and taking it is atomic: two starters can never both hold it."""
     store.mkdir(parents=True, exist_ok=True)
     lock = store / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid):
-                raise InputError(f"another fine-tune is running (process {pid}); stop it first or wait for it to end")
-            lock.unlink(missing_ok=True)
-    else:
-        raise InputError(f"could not take the fine-tune lock {lock}")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() if hasattr(os, "pread") else "?"
+            except OSError:
+                pid = "?"
+            raise InputError(f"another fine-tune is running (process {pid or '?'}); stop it first or wait for it to end")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0) if hasattr(os, "pwrite") else os.write(fd, str(os.getpid()).encode())
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        os.close(fd)  # closing releases the lock; the file stays (removing it would race with the next owner)
 
 
 def next_model_id(store: Path, base_id: str, name: str | None = None) -> str:
@@ -92,22 +87,48 @@ def _evaluate(model_path: str | Path, cases: list, device: str, labels: dict[int
     return {"per_class": per_class, "mean_dice": sum(dices) / len(dices) if dices else None, "cases": len(cases)}
 
 
-def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int = 30, lr: float = 1e-3,
-             dsd: str = "dsd", freeze_encoder: bool = False, patience: int | None = None, val_fraction: float = 0.2,
-             seed: int = 0, device: str = "auto", store: str | Path | None = None, name: str | None = None,
-             resume: bool = False, max_steps_per_epoch: int | None = None, progress: Progress | None = None,
-             val_every: int = 1) -> dict[str, Any]:
-    """Fine-tune ``base`` on the cases in ``data`` (run folder ``output``) and register the result in ``store``."""
+FINETUNE_DEFAULTS = {"epochs": 30, "lr": 1e-3, "dsd": "dsd", "val_every": 1, "val_fraction": 0.2, "seed": 0}
+REGISTERED = "registered.json"
+
+
+def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int | None = None, lr: float | None = None,
+             dsd: str | None = None, freeze_encoder: bool = False, patience: int | None = None,
+             val_fraction: float | None = None, seed: int | None = None, device: str = "auto",
+             store: str | Path | None = None, name: str | None = None, resume: bool = False,
+             max_steps_per_epoch: int | None = None, progress: Progress | None = None,
+             val_every: int | None = None) -> dict[str, Any]:
+    """Fine-tune ``base`` on the cases in ``data`` (run folder ``output``) and register the result in ``store``.
+
+    Settings left as None take :data:`FINETUNE_DEFAULTS` for a new run and the run's own values on ``resume``
+    (an explicit value that differs from the run's is an error). Resuming a run that already registered its
+    model returns that model; nothing is registered twice."""
     from .models import export_package
     from .training import TrainConfig, Trainer
 
     progress = progress or Progress("none")
+    out = Path(output)
+    if resume and (out / REGISTERED).is_file():
+        done = json.loads((out / REGISTERED).read_text(encoding="utf-8"))
+        progress.log(f"this fine-tune already finished and registered {done['model_id']}; nothing to resume")
+        return {**done, "already_registered": True}
+    if resume and (out / "config.json").is_file():
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        dsd = dsd or saved.get("dsd")
+        seed = saved.get("seed") if seed is None else seed
+        val_every = val_every or saved.get("resolved", {}).get("val_every")
+        val_fraction = saved.get("val_fraction") if val_fraction is None else val_fraction
+    else:
+        epochs = epochs or FINETUNE_DEFAULTS["epochs"]
+        lr = lr or FINETUNE_DEFAULTS["lr"]
+    dsd = dsd or FINETUNE_DEFAULTS["dsd"]
+    seed = FINETUNE_DEFAULTS["seed"] if seed is None else seed
+    val_every = val_every or FINETUNE_DEFAULTS["val_every"]
+    val_fraction = FINETUNE_DEFAULTS["val_fraction"] if val_fraction is None else val_fraction
     store = Path(store) if store else user_models_dir()
     base = Path(base)
     card = verify_package(base) if (base / PACKAGE_CARD).is_file() else read_model_card(base)
     preset, network = card["preset"], card["network"]
     labels = {int(k): v for k, v in preset["labels"].items()}
-    out = Path(output)
     if not resume:
         cases = list_cases(data)
         if len(cases) < 2:
@@ -123,7 +144,8 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
                           max_steps_per_epoch=max_steps_per_epoch, preset=preset, network=network,
                           init_from=str(base), freeze_encoder=freeze_encoder, patience=patience)
         t0 = time.time()
-        result = Trainer(cfg, progress=progress, resume=resume).fit()
+        trainer = Trainer(cfg, progress=progress, resume=resume)
+        result = trainer.fit()
         split = json.loads((out / "split.json").read_text(encoding="utf-8"))
         from .data import Case
 
@@ -145,18 +167,23 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
             "training_data": {"name": f"user cases from {data}", "licence": "the user's own data",
                               "train_cases": len(train), "val_cases": len(val)},
             "split": {"seed": seed, "by": "patient", "val_ids": [c.id for c in val], "train_ids": [c.id for c in train]},
-            "training": {"epochs": len(history), "seed": seed, "dsd": dsd, "lr": lr, "freeze_encoder": freeze_encoder,
-                         "patience": patience, "stopped_early": result.get("stopped_early", False),
+            "training": {"epochs": len(history), "seed": seed, "dsd": dsd, "lr": trainer.lr,
+                         "planned_epochs": trainer.epochs, "freeze_encoder": trainer.cfg.freeze_encoder,
+                         "patience": trainer.cfg.patience, "stopped_early": result.get("stopped_early", False),
                          "wall_time_minutes": round((time.time() - t0) / 60, 2), "hardware": device},
             "validation": {"cases": len(val), "per_class": after["per_class"], "mean_dice": after["mean_dice"],
                            "base_model": before},
             "versions": _versions(),
         }
         package = export_package(out, store / model_id, extra)
+        done = {"model_id": model_id, "package": str(package), "before": before, "after": after, "run": str(out),
+                "stopped_early": result.get("stopped_early", False)}
+        from .training import atomic_write_text
+
+        atomic_write_text(out / REGISTERED, json.dumps(done, indent=2))
     progress.log(f"registered {model_id} in {store}: held-out Dice {before['mean_dice']:.4f} (base) -> "
                  f"{after['mean_dice']:.4f} (fine-tuned)")
-    return {"model_id": model_id, "package": str(package), "before": before, "after": after, "run": str(out),
-            "stopped_early": result.get("stopped_early", False)}
+    return done
 
 
 def _versions() -> dict[str, str]:
@@ -178,12 +205,26 @@ def export_zip(package: str | Path, zip_path: str | Path) -> Path:
     zip_path = Path(zip_path)
     if zip_path.exists():
         raise InputError(f"{zip_path} already exists; choose another file name")
-    tmp = zip_path.with_name(zip_path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(package.iterdir()):
-            if f.is_file():
-                z.write(f, f"{package.name}/{f.name}")
-    os.replace(tmp, zip_path)
+    if not zip_path.name.lower().endswith(".zip"):
+        raise InputError(f"{zip_path}: the file name must end in .zip")
+    check_writable_folder(zip_path.parent if str(zip_path.parent) else Path("."), "models export")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zip", dir=zip_path.parent if str(zip_path.parent) else ".")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(package.iterdir()):
+                if f.is_file():
+                    z.write(f, f"{package.name}/{f.name}")
+        apply_umask(tmp)
+        os.link(tmp, zip_path)  # atomic and never replaces a file that appeared meanwhile
+    except FileExistsError as e:
+        raise InputError(f"{zip_path} already exists; choose another file name") from e
+    except OSError as e:
+        if isinstance(e, InputError):
+            raise
+        raise write_error(zip_path, e) from e
+    finally:
+        os.remove(tmp)
     return zip_path
 
 
@@ -228,7 +269,15 @@ def import_zip(zip_path: str | Path, store: str | Path | None = None) -> Path:
             card = read_model_card(tmp)
             if card.get("id") and card["id"] != model_id:
                 raise InputError(f"{zip_path}: the folder '{model_id}' does not match the card's id '{card['id']}'")
-            os.replace(tmp, target)
+            for f in (tmp, *tmp.iterdir()):
+                apply_umask(f)
+            try:
+                os.rename(tmp, target)  # fails if the target appeared meanwhile (another import): never merged
+            except OSError as e:
+                if target.exists():
+                    raise InputError(f"a model '{model_id}' already exists in {store} (imported at the same time by "
+                                     "another process); nothing was changed") from e
+                raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -12,7 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .io import load_channels, save_image, save_labelmap
 from .models import LoadedModel, load_model
 from .progress import Progress
@@ -20,6 +20,33 @@ from .training import resolve_device
 from .transforms import inference_transforms
 
 STITCH_ON_GPU_MAX_BYTES = 2 << 30  # above this, sliding-window outputs are accumulated in CPU memory
+
+
+SPACING_RANGE_MM = (0.01, 50.0)  # outside this no scanner volume exists; 1000 mm or 1e-4 mm is a broken header
+
+
+def check_predict_options(device: str, overlap: float | None, sw_batch_size: int) -> None:
+    """Refuse inference options that cannot work, before any model is loaded."""
+    resolve_device(device)
+    if overlap is not None and not 0.0 <= float(overlap) < 1.0:
+        raise InputError(f"--overlap must be in [0, 1) (a fraction of the window), got {overlap}")
+    if int(sw_batch_size) < 1:
+        raise InputError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
+
+
+def check_geometry(affine: np.ndarray, what: str) -> None:
+    """A voxel→RAS affine the pipeline can use: finite, invertible, voxel sizes within a sane range."""
+    m = np.asarray(affine, dtype=float)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise InputError(f"{what}: the image geometry (affine) has non-finite values")
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(spacing == 0) or abs(np.linalg.det(m[:3, :3])) < 1e-12:
+        raise InputError(f"{what}: the image geometry is degenerate (voxel spacing {spacing.round(6).tolist()} mm, "
+                         "a zero or collinear axis); fix the file's header")
+    lo, hi = SPACING_RANGE_MM
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise InputError(f"{what}: voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm is outside {lo}–{hi} mm; "
+                         "the file's header is probably wrong (check its units and pixdim)")
 
 
 def check_input_image(image: np.ndarray, n_channels: int, what: str) -> None:
@@ -40,6 +67,7 @@ class Predictor:
 
     def __init__(self, model: str | Path | LoadedModel, device: str = "auto", overlap: float | None = None,
                  sw_batch_size: int = 4, tta: bool = False, progress: Progress | None = None):
+        check_predict_options(device, overlap, sw_batch_size)
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = resolve_device(device)
         self.network = self.model.network.to(self.device).eval()
@@ -49,9 +77,20 @@ class Predictor:
         self.progress = progress or Progress("none")
         self.transforms = inference_transforms(self.model.preset)
         self.notes: list[str] = []
+        # asked between sliding-window batches and before anything is written: True stops the run (Cancelled),
+        # so a warm worker cancels one request without being killed
+        self.should_stop: Callable[[], bool] | None = None
+
+    def _check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("cancelled by the user")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_stop()
+        return self.network(x)
 
     def _window(self, x: torch.Tensor, sw_device: torch.device, stitch: torch.device) -> torch.Tensor:
-        return sliding_window_inference(x, self.model.net_config.patch_size, self.sw_batch_size, self.network,
+        return sliding_window_inference(x, self.model.net_config.patch_size, self.sw_batch_size, self._forward,
                                         overlap=self.overlap, mode=self.model.preset.inference["blend"], sw_device=sw_device, device=stitch,
                                         progress=False)
 
@@ -99,6 +138,7 @@ class Predictor:
         what = f"input {Path(paths[0]).name}"
         raw, affine = load_channels(paths, what=what, resample=True, notes=self.notes)
         check_input_image(raw, len(self.model.preset.channels), what)
+        check_geometry(affine, what)
         loaded = MetaTensor(torch.from_numpy(raw), affine=torch.as_tensor(affine, dtype=torch.float64),
                             meta={"filename_or_obj": paths[0]})
         data = self.transforms({"image": loaded})
@@ -123,9 +163,11 @@ class Predictor:
         first = images if isinstance(images, (str, Path)) else images[0]
         if uncertainty_output:
             labels, affine, unc = self.predict(images, uncertainty=True)
+            self._check_stop()
             save_image(unc, affine, uncertainty_output, reference=first)
         else:
             labels, affine = self.predict(images)
+            self._check_stop()
         return save_labelmap(labels, affine, output, reference=first)
 
 

@@ -140,12 +140,24 @@ def save_labelmap(labels: np.ndarray, affine: np.ndarray, path: str | Path, refe
 
 
 def save_image(data: np.ndarray, affine: np.ndarray, path: str | Path, reference: str | Path | None = None) -> Path:
-    """Write a 3D array (its own dtype, e.g. a float32 uncertainty map) atomically, like :func:`save_labelmap`."""
+    """Write a 3D array (its own dtype, e.g. a float32 uncertainty map) atomically, like :func:`save_labelmap`.
+
+    A failed write (full disk, read-only folder) is an :class:`InputError` naming the file; no partial or
+    temporary file is left. The file gets the permissions of the user's umask."""
+    from .outputs import LABEL_SUFFIXES, apply_umask, has_suffix, write_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not has_suffix(path, LABEL_SUFFIXES):
+        raise InputError(f"{path}: unsupported file type; the name must end in {', '.join(LABEL_SUFFIXES)}")
+    if path.is_dir():
+        raise InputError(f"{path} is an existing folder, not a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(path.suffixes[-2:]), dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise write_error(path, e) from e
     dtype = data.dtype
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
     try:
         if _is_nrrd(path):
             import nrrd
@@ -171,7 +183,10 @@ def save_image(data: np.ndarray, affine: np.ndarray, path: str | Path, reference
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
             nib.save(img, tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -19,6 +19,7 @@ import torch
 from .cards import PACKAGE_CARD, verify_package, write_checksums
 from .config import DSDConfig, NetworkConfig
 from .errors import InputError
+from .outputs import apply_umask
 from .models_sha import sha256_of
 from .networks import DSDNet
 from .tasks import TaskPreset
@@ -50,11 +51,14 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     model.load_state_dict(state["model"])
     card = {"network": state["network"], "dsd": state["dsd"], "preset": state["preset"], "epoch": state.get("epoch"),
             "best_val_dice": state.get("best")}
+    from .cards import check_card_consistency
+
+    check_card_consistency(card, path)
     return LoadedModel(model.export_backbone().eval(), TaskPreset.from_dict(state["preset"]), net_cfg, str(path), card)
 
 
 def _from_package(folder: Path) -> LoadedModel:
-    card = verify_package(folder)
+    card = verify_package(folder)  # files, sha256, labels vs network outputs, weights archive intact
     weights = folder / card.get("weights", WEIGHTS_FILE)
     net_cfg = NetworkConfig.from_dict(card["network"])
     backbone = DSDNet(net_cfg, DSDConfig.preset("plain")).backbone
@@ -95,6 +99,8 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
                 "parameters": sum(p.numel() for p in loaded.network.parameters())}
         (tmp / PACKAGE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
         write_checksums(tmp, [PACKAGE_CARD, WEIGHTS_FILE])
+        for f in (tmp, *tmp.iterdir()):
+            apply_umask(f)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

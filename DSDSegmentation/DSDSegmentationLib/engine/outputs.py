@@ -111,11 +111,12 @@ def check_output_folder(folder: str | Path, inputs: Iterable[str | Path], allow_
 
 
 def apply_umask(path: str | Path) -> None:
-    """Give a file written through a temporary file the permissions a newly created file would have."""
+    """Give a file (or folder) written through a temporary one the permissions a newly created one would have
+    (``mkstemp`` makes 0600 files and ``mkdtemp`` 0700 folders)."""
     mask = os.umask(0)
     os.umask(mask)
     try:
-        os.chmod(path, 0o666 & ~mask)
+        os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
     except OSError:
         pass
 

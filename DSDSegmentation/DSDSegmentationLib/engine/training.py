@@ -25,6 +25,7 @@ from .config import DSDConfig, NetworkConfig
 from .data import Case, dataset_labels, list_cases, split_by_patient, validate_case
 from .errors import ConfigError, InputError
 from .losses import DSDLoss
+from .outputs import apply_umask
 from .networks import DSDNet
 from .progress import Progress
 from .tasks import TaskPreset, load_preset
@@ -71,10 +72,21 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError."""
+    import re
+
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available in this torch build/machine")
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not m:
+        raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available in this torch build/machine; use cpu")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(name)
 
 
@@ -84,6 +96,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -92,9 +105,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _rank() -> int:
@@ -114,6 +132,14 @@ class Trainer:
         self.progress = progress or Progress("none")
         self.preset: TaskPreset = TaskPreset.from_dict(config.preset) if config.preset else load_preset(config.task)
         tr = self.preset.training
+        for key in ("epochs", "batch_size", "samples_per_volume", "val_every", "max_steps_per_epoch", "max_cases", "patience"):
+            v = getattr(config, key)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"{key.replace('_', ' ')} must be at least 1, got {v}")
+        if config.lr is not None and not config.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {config.lr}")
+        if not 0 < config.val_fraction < 1:
+            raise ConfigError(f"val fraction must be between 0 and 1, got {config.val_fraction}")
         self.epochs = int(config.epochs or tr["epochs"])
         self.batch_size = int(config.batch_size or tr["batch_size"])
         self.samples = int(config.samples_per_volume or tr["samples_per_volume"])
@@ -178,6 +204,7 @@ class Trainer:
             differ = [k for k in ("task", "dsd", "dsd_overrides", "backbone", "backbone_options", "seed") if saved.get(k) != mine.get(k)]
             if differ:
                 raise ConfigError(f"--resume: settings {differ} differ from the run in {self.out}; resume with the same settings")
+            self._restore_schedule(saved)
             to_case = lambda d: Case(**d)  # noqa: E731
             return [to_case(c) for c in split["train"]], [to_case(c) for c in split["val"]]
         if (self.out / "last.pt").exists():
@@ -206,6 +233,29 @@ class Trainer:
                 {"seed": self.cfg.seed, "val_fraction": self.cfg.val_fraction,
                  "train": [c.to_dict() for c in train], "val": [c.to_dict() for c in val]}, indent=2))
         return train, val
+
+    RESUMED = {"epochs": "epochs", "batch_size": "batch_size", "samples_per_volume": "samples", "lr": "lr",
+               "val_every": "val_every"}
+
+    def _restore_schedule(self, saved: dict[str, Any]) -> None:
+        """A resumed run keeps every training setting of the run; a conflicting explicit value is an error."""
+        resolved = saved.get("resolved", {})
+        conflicts = []
+        for key, attr in self.RESUMED.items():
+            want, had = getattr(self.cfg, key), resolved.get(key)
+            if had is None:
+                continue
+            if want is not None and float(want) != float(had):
+                conflicts.append(f"{key} {want} (the run has {had})")
+            setattr(self, attr, type(getattr(self, attr))(had))
+        for key in ("max_steps_per_epoch", "weight_decay", "val_fraction", "max_cases", "patience", "freeze_encoder"):
+            had, want, default = saved.get(key), getattr(self.cfg, key), TrainConfig.__dataclass_fields__[key].default
+            if want != had and want != default:
+                conflicts.append(f"{key} {want} (the run has {had})")
+            setattr(self.cfg, key, had)
+        if conflicts:
+            raise ConfigError(f"--resume: {', '.join(conflicts)}; a resumed run keeps its settings (leave them out, or "
+                              "start a new run in another --output folder)")
 
     # ------------------------------------------------------------------------------------------------ run
     def fit(self) -> dict[str, Any]:
@@ -441,6 +491,7 @@ class Trainer:
         os.close(fd)
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
+        apply_umask(tmp)
         os.replace(tmp, self.out / "curves.png")
 
 

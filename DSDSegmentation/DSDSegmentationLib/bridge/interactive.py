@@ -21,10 +21,10 @@ import numpy as np
 import slicer
 import vtk
 
-from .engine.cards import read_model_card
-from .engine.errors import InputError
-from .engine.terminology import tag_string
-from .logic import DEFAULT_COLORS, DSDSegmentationLogic, SegmentationRun
+from ..engine.cards import read_model_card
+from ..engine.errors import InputError
+from ..engine.terminology import tag_string
+from .logic import DEFAULT_COLORS, SegmentationBridge, SegmentationRun
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
@@ -83,7 +83,7 @@ def side_of(volume: Any, point_ras: Sequence[float], size_mm: Sequence[float]) -
 class InteractiveLogic:
     """Region runs on top of the module's bridge (same warm worker, same import rules)."""
 
-    def __init__(self, bridge: DSDSegmentationLogic):
+    def __init__(self, bridge: SegmentationBridge):
         self.bridge = bridge
         self.scene = bridge.scene
 
@@ -135,8 +135,7 @@ class InteractiveLogic:
         run = region.run
         try:
             result = run.worker.wait()
-            if not result.ok:
-                raise InputError(f"segmentation {result.status}: {result.message}")
+            result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             labelmap = slicer.vtkMRMLLabelMapVolumeNode()
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(run.output))

@@ -2,7 +2,7 @@
 module's own Logic on a real MRML scene (slicer-core, no Qt), and everything a researcher would look at is written
 to one folder: ``.seg.nrrd`` files, a Slicer scene (``.mrb``), PNG renders and Dice/HD95 against the manual labels.
 
-Usage:  python -m DSDSegmentationLib.demo [--output output/demo] [--model DIR] [--sample DIR] [--device cpu]
+Usage:  python -m DSDSegmentationLib.bridge.demo [--output output/demo] [--model DIR] [--sample DIR] [--device cpu]
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
-from .engine.cards import read_model_card, resources_dir  # noqa: E402
-from .engine.data import list_cases  # noqa: E402
-from .engine.errors import DSDError  # noqa: E402
-from .engine.metrics import evaluate_files, format_summary, write_reports  # noqa: E402
+from ..engine.cards import read_model_card, resources_dir  # noqa: E402
+from ..engine.data import list_cases  # noqa: E402
+from ..engine.errors import DSDError  # noqa: E402
+from ..engine.metrics import evaluate_files, format_summary, write_reports  # noqa: E402
 
 
 def default_model() -> Path:
@@ -37,7 +37,7 @@ def run_demo(output: str | Path, model: str | Path | None = None, sample: str | 
     import vtk
 
     from .headless import setup_headless
-    from .logic import DSDSegmentationLogic
+    from .logic import SegmentationBridge
     from .rendering import render_3d, render_slice
 
     vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_WARNING)
@@ -50,7 +50,7 @@ def run_demo(output: str | Path, model: str | Path | None = None, sample: str | 
     for sub in ("segmentations", "labels", "renders"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     scene, app, _mods = setup_headless()
-    logic = DSDSegmentationLogic(scene, warm=True)
+    logic = SegmentationBridge(scene, warm=True)
     timings, pairs, results = [], [], []
     try:
         for case in cases:

@@ -17,9 +17,9 @@ import numpy as np
 import slicer
 import vtk
 
-from .engine.errors import InputError
-from .engine.metrics import class_metrics
-from .engine.qa import boundary_errors, uncertainty_scores
+from ..engine.errors import InputError
+from ..engine.metrics import class_metrics
+from ..engine.qa import boundary_errors, uncertainty_scores
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
 REF_OUTLINE = (0.1, 0.9, 0.9)  # cyan

@@ -14,19 +14,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .engine.errors import DSDError, InputError
+from ..engine.errors import DSDError, InputError
 
 EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _progress(args: argparse.Namespace):
-    from .engine.progress import Progress
+    from ..engine.progress import Progress
 
     return Progress(getattr(args, "progress", "bar"))
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
-    from .engine.networks import BACKBONES
+    from ..engine.networks import BACKBONES
 
     for name, cls in BACKBONES.items():
         spec = cls(1, 3, (64, 64, 64), {})
@@ -39,7 +39,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from .engine.tasks import builtin_presets, load_preset
+    from ..engine.tasks import builtin_presets, load_preset
 
     for name in builtin_presets():
         p = load_preset(name)
@@ -48,8 +48,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_terminology(args: argparse.Namespace) -> int:
-    from .engine.tasks import builtin_presets, load_preset
-    from .engine.terminology import build_context
+    from ..engine.tasks import builtin_presets, load_preset
+    from ..engine.terminology import build_context
 
     text = json.dumps(build_context(load_preset(n) for n in (args.preset or builtin_presets())), indent=2) + "\n"
     if args.output:
@@ -64,7 +64,7 @@ def _cmd_terminology(args: argparse.Namespace) -> int:
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
-    from .engine.smoke import run_smoke
+    from ..engine.smoke import run_smoke
 
     result = run_smoke(args.data, backbone=args.backbone, steps=args.steps, cases=args.cases, seed=args.seed)
     ok = result["dsd"]["loss_last5"] < result["dsd"]["loss_first5"] and result["export_identical"]
@@ -75,7 +75,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.training import TrainConfig, Trainer
+    from ..engine.training import TrainConfig, Trainer
 
     overrides = {k: v for k, v in {"temperature": args.temperature, "kl_weight": args.kl_weight,
                                    "detach_teacher": args.detach_teacher or None, "upsample": args.upsample}.items() if v is not None}
@@ -93,7 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .engine.finetune import finetune
+    from ..engine.finetune import finetune
 
     if not args.resume and not (args.base and args.data):
         raise InputError("--base and --data are required (or --resume with the same --output)")
@@ -111,13 +111,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         _report(args, {"stage": "done", **result})
     else:
         b, a = result["before"]["mean_dice"], result["after"]["mean_dice"]
+        if result.get("already_registered"):
+            print(f"this run already finished: model {result['model_id']} ({result['package']}); nothing new registered")
+            return EXIT_OK
         print(f"new model {result['model_id']} ({result['package']}): held-out Dice {b:.4f} -> {a:.4f}")
     return EXIT_OK
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .engine.cards import builtin_models_dir, list_models, user_models_dir
-    from .engine.finetune import check_store_model, export_zip, import_zip
+    from ..engine.cards import builtin_models_dir, list_models, user_models_dir
+    from ..engine.finetune import check_store_model, export_zip, import_zip
 
     store = Path(args.store) if args.store else user_models_dir()
     if args.action == "list":
@@ -136,31 +139,50 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .engine.data import list_cases
-    from .engine.inference import Predictor, predict_cases
+    from ..engine.data import list_cases
+    from ..engine.inference import Predictor, check_predict_options, predict_cases
+    from ..engine.outputs import check_output_file, check_output_folder
 
     if bool(args.input) == bool(args.batch):
         raise InputError("give either --input (one case; repeat it per channel) or --batch (a dataset folder or list)")
-    predictor = Predictor(args.model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                          tta=args.tta, progress=_progress(args))
+    check_predict_options(args.device, args.overlap, args.sw_batch_size)
+    # every output is checked before the model is loaded: nothing the user had is overwritten, and a bad output
+    # path fails now, not after minutes of inference
     if args.input:
         if not args.output:
             raise InputError("--output is required with --input (a .nii.gz or .nrrd file)")
+        for p in args.input:
+            if not Path(p).is_file():
+                raise InputError(f"input {p} does not exist")
+        check_output_file(args.output, args.input, [args.uncertainty], overwrite=args.overwrite, what="--output")
+        if args.uncertainty:
+            check_output_file(args.uncertainty, args.input, [args.output], overwrite=args.overwrite, what="--uncertainty")
+    else:
+        if args.uncertainty:
+            raise InputError("--uncertainty works with --input (one case), not with --batch")
+        if not args.output_dir:
+            raise InputError("--output-dir is required with --batch")
+        cases = [(c.id, c.images) for c in list_cases(args.batch)]
+        inputs = [p for c in list_cases(args.batch) for p in [*c.images, *([c.label] if c.label else [])]]
+        out_dir = check_output_folder(args.output_dir, inputs, allow_input_folder=args.allow_input_folder)
+        outputs = [out_dir / f"{cid}{args.format}" for cid, _ in cases]
+        for o in outputs:
+            check_output_file(o, inputs, [x for x in outputs if x is not o], overwrite=args.overwrite, what="output")
+    predictor = Predictor(args.model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                          tta=args.tta, progress=_progress(args))
+    if args.input:
         out = predictor.predict_to_file(args.input, args.output, uncertainty_output=args.uncertainty)
         _report(args, {"stage": "done", "output": str(out), "uncertainty": args.uncertainty, "notes": predictor.notes})
         return EXIT_OK
-    if not args.output_dir:
-        raise InputError("--output-dir is required with --batch")
-    cases = [(c.id, c.images) for c in list_cases(args.batch)]
-    written = predict_cases(predictor, cases, Path(args.output_dir), ext=args.format)
+    written = predict_cases(predictor, cases, out_dir, ext=args.format)
     _report(args, {"stage": "done", "outputs": [str(p) for p in written], "notes": predictor.notes})
     return EXIT_OK
 
 
 def _labels_for(spec: str) -> dict[int, str]:
-    from .engine.data import dataset_labels
-    from .engine.models import load_model
-    from .engine.tasks import builtin_presets, load_preset
+    from ..engine.data import dataset_labels
+    from ..engine.models import load_model
+    from ..engine.tasks import builtin_presets, load_preset
 
     if spec in builtin_presets() or spec.endswith(".json") and Path(spec).is_file() and "normalization" in Path(spec).read_text():
         return load_preset(spec).labels
@@ -175,7 +197,7 @@ def _labels_for(spec: str) -> dict[int, str]:
 
 
 def _pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
-    from .engine.data import IMAGE_SUFFIXES, strip_suffix, list_cases
+    from ..engine.data import IMAGE_SUFFIXES, strip_suffix, list_cases
 
     p, r = Path(pred), Path(ref)
     if p.is_file() and r.is_file():
@@ -196,7 +218,7 @@ def _pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine.metrics import evaluate_files, format_summary, write_reports
+    from ..engine.metrics import evaluate_files, format_summary, write_reports
 
     labels = _labels_for(args.labels)
     pairs = _pairs(args.pred, args.ref)
@@ -233,47 +255,107 @@ def _cmd_qa(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Warm worker: one JSON request per stdin line, JSON progress and results on stdout, models kept loaded.
 
-    Request: {"id": 1, "command": "predict", "model": M, "inputs": [..], "output": F, "device": "auto", "tta": false}
-    or {"command": "quit"}. Every output line carries the request id; each request ends with a line whose
-    stage is "done" or "error" (with kind, message and the exit code the one-shot command would have returned).
+    Requests: ``{"id": 1, "command": "predict", "model": M, "inputs": [..], "output": F, "device": "auto",
+    "tta": false, "uncertainty": F2, "overwrite": false}``, ``{"command": "cancel", "target": 1}`` (stops request 1
+    between two sliding-window batches, or before it starts; the worker and its loaded model stay) and
+    ``{"command": "quit"}``. Every output line carries the request id; each request ends with exactly one line
+    whose stage is "done", "cancelled" or "error" (with kind, message and the exit code the one-shot command
+    would have returned). A malformed request gets an error line and the worker goes on.
     """
-    from .engine.inference import Predictor
+    import queue
+    import threading
+
+    from ..engine.errors import Cancelled
+    from ..engine.inference import Predictor, check_predict_options
+    from ..engine.outputs import check_output_file
 
     predictors: dict[tuple, Predictor] = {}
-    print(json.dumps({"stage": "ready", "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
+    out_lock = threading.Lock()
+    pending: queue.Queue = queue.Queue()
+    cancelled: set = set()
+
+    def emit(record: dict) -> None:
+        with out_lock:
+            print(json.dumps(record), flush=True)
+
+    def error(rid, message: str, kind: str = "error", code: int = EXIT_BAD_INPUT) -> None:
+        emit({"stage": "error", "id": rid, "kind": kind, "message": message, "exit_code": code})
+
+    def read_requests() -> None:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+            except json.JSONDecodeError as e:
+                error(None, f"bad request: not JSON ({e})")
+                continue
+            if not isinstance(req, dict):
+                error(None, f"bad request: a request is a JSON object, got {type(req).__name__}")
+                continue
+            if req.get("command") == "cancel":
+                cancelled.add(req.get("target"))
+                continue
+            pending.put(req)
+        pending.put({"command": "quit"})
+
+    emit({"stage": "ready", "pid": os.getpid()})
+    threading.Thread(target=read_requests, daemon=True).start()
+    while True:
+        req = pending.get()
+        rid = req.get("id")
+        command = req.get("command")
+        if command == "quit":
+            break
+        if rid in cancelled:
+            emit({"stage": "cancelled", "id": rid, "exit_code": EXIT_INTERRUPTED})
             continue
-        rid = None
         try:
-            req = json.loads(line)
-            rid = req.get("id")
-            if req.get("command") == "quit":
-                break
-            if req.get("command") != "predict":
-                raise InputError(f"unknown request command {req.get('command')!r}")
+            if command != "predict":
+                raise InputError(f"unknown request command {command!r} (predict, cancel, quit)")
+            model, inputs, output = req.get("model"), req.get("inputs"), req.get("output")
+            if not isinstance(model, str) or not model:
+                raise InputError("bad request: 'model' must be a model path")
+            if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) and p for p in inputs):
+                raise InputError("bad request: 'inputs' must be a non-empty list of file paths")
+            if not isinstance(output, str) or not output:
+                raise InputError("bad request: 'output' must be a file path")
+            unc = req.get("uncertainty")
+            if unc is not None and not isinstance(unc, str):
+                raise InputError("bad request: 'uncertainty' must be a file path")
+            device = str(req.get("device", "auto"))
+            check_predict_options(device, None, 4)
+            for p in inputs:
+                if not Path(p).is_file():
+                    raise InputError(f"input {p} does not exist")
+            overwrite = bool(req.get("overwrite", False))
+            check_output_file(output, inputs, [unc], overwrite=overwrite, what="output")
+            if unc:
+                check_output_file(unc, inputs, [output], overwrite=overwrite, what="uncertainty output")
             progress = _TaggedProgress(rid)
-            key = (str(req["model"]), req.get("device", "auto"))
+            key = (model, device)
             if key not in predictors:
                 predictors.clear()  # one model in memory at a time
                 t0 = time.perf_counter()
-                predictors[key] = Predictor(req["model"], device=key[1], progress=progress)
+                predictors[key] = Predictor(model, device=device, progress=progress)
                 progress.log(f"model loaded in {time.perf_counter() - t0:.2f} s")
             pred = predictors[key]
             pred.progress, pred.tta, pred.notes = progress, bool(req.get("tta", False)), []
-            out = pred.predict_to_file(req["inputs"], req["output"], uncertainty_output=req.get("uncertainty"))
-            print(json.dumps({"stage": "done", "id": rid, "output": str(out), "uncertainty": req.get("uncertainty"),
-                              "notes": pred.notes}), flush=True)
+            pred.should_stop = lambda rid=rid: rid in cancelled
+            out = pred.predict_to_file(inputs, output, uncertainty_output=unc)
+            emit({"stage": "done", "id": rid, "output": str(out), "uncertainty": unc, "notes": pred.notes})
+        except Cancelled:
+            emit({"stage": "cancelled", "id": rid, "exit_code": EXIT_INTERRUPTED})
         except DSDError as e:
-            print(json.dumps({"stage": "error", "id": rid, "kind": "error", "message": str(e), "exit_code": EXIT_BAD_INPUT}), flush=True)
-        except (MemoryError, RuntimeError) as e:
-            oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
-            print(json.dumps({"stage": "error", "id": rid, "kind": "out of memory" if oom else "crash",
-                              "message": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                              "exit_code": EXIT_OOM if oom else EXIT_CRASH}), flush=True)
-        except (KeyError, ValueError, TypeError) as e:
-            print(json.dumps({"stage": "error", "id": rid, "kind": "error", "message": f"bad request: {e}",
-                              "exit_code": EXIT_BAD_INPUT}), flush=True)
+            error(rid, str(e))
+        except MemoryError as e:
+            error(rid, f"{e or 'not enough memory'}", "out of memory", EXIT_OOM)
+        except Exception as e:  # noqa: BLE001 - one failed request must not end the warm worker
+            oom = "out of memory" in str(e).lower()
+            error(rid, str(e).splitlines()[0] if str(e) else type(e).__name__, "out of memory" if oom else "crash",
+                  EXIT_OOM if oom else EXIT_CRASH)
+        finally:
+            cancelled.discard(rid)
     return EXIT_OK
 
 
@@ -281,7 +363,7 @@ class _TaggedProgress:
     """JSON progress lines that carry the request id (serve mode)."""
 
     def __init__(self, rid):
-        from .engine.progress import Progress
+        from ..engine.progress import Progress
 
         self._p = Progress("json")
         self.rid = rid
@@ -297,7 +379,7 @@ class _TaggedProgress:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .engine.models import export_package
+    from ..engine.models import export_package
 
     out = export_package(args.model, args.output)
     print(f"model package written to {out}")
@@ -314,6 +396,26 @@ def _report(args: argparse.Namespace, record: dict) -> None:
             print(f"wrote {o}")
         for n in record.get("notes", []):
             print(f"note: {n}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--detach-teacher", action="store_true")
     t.add_argument("--upsample", choices=["deconv_shared", "deconv", "trilinear"])
     t.add_argument("--backbone", help="override the preset's backbone")
-    for name, typ in (("--epochs", int), ("--batch-size", int), ("--samples", int), ("--lr", float), ("--val-every", int),
-                      ("--max-cases", int), ("--max-steps", int), ("--workers", int)):
-        t.add_argument(name, type=typ)
+    for name, typ in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--samples", _positive_int),
+                      ("--lr", _positive_float), ("--val-every", _positive_int), ("--max-cases", _positive_int),
+                      ("--max-steps", _positive_int), ("--workers", int)):
+        t.add_argument(name, type=typ, help="a resumed run keeps its own value" if name != "--workers" else None)
     t.set_defaults(workers=0)
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
@@ -370,15 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its last checkpoint")
     f.add_argument("--name", help="name of the new model (default <base>-ft); a version -vN is appended")
     f.add_argument("--store", help="user model folder (default $DSDSEG_MODELS or ~/.DSDSegmentation/models)")
-    f.add_argument("--epochs", type=int, default=30)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--dsd", default="dsd", choices=["plain", "ds", "decoder", "encoder", "dsd"])
+    f.add_argument("--epochs", type=_positive_int, help="default 30 (a resumed run keeps its own)")
+    f.add_argument("--lr", type=_positive_float, help="default 0.001 (a resumed run keeps its own)")
+    f.add_argument("--dsd", choices=["plain", "ds", "decoder", "encoder", "dsd"],
+                   help="default dsd (a resumed run keeps its own)")
     f.add_argument("--freeze-encoder", action="store_true", help="train the decoder (and DSD heads) only")
-    f.add_argument("--patience", type=int, help="stop after this many validations without improvement")
-    f.add_argument("--val-every", type=int, default=1)
-    f.add_argument("--val-fraction", type=float, default=0.2)
-    f.add_argument("--max-steps", type=int)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--patience", type=_positive_int, help="stop after this many validations without improvement")
+    f.add_argument("--val-every", type=_positive_int)
+    f.add_argument("--val-fraction", type=float)
+    f.add_argument("--max-steps", type=_positive_int)
+    f.add_argument("--seed", type=int)
     f.add_argument("--device", default="auto")
     progress_arg(f)
     f.set_defaults(func=_cmd_finetune)
@@ -398,9 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output-dir", help="output folder for --batch")
     pr.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd"], help="output format for --batch")
     pr.add_argument("--device", default="auto")
-    pr.add_argument("--overlap", type=float)
-    pr.add_argument("--sw-batch-size", type=int, default=4)
+    pr.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the model's, usually 0.5)")
+    pr.add_argument("--sw-batch-size", type=_positive_int, default=4)
     pr.add_argument("--tta", action="store_true", help="average over flips (8x slower)")
+    pr.add_argument("--overwrite", action="store_true", help="replace output files that exist (never an input file)")
+    pr.add_argument("--allow-input-folder", action="store_true",
+                    help="--batch: allow --output-dir to be a folder that holds inputs (inputs are still never replaced)")
     pr.add_argument("--uncertainty", help="also write a voxel uncertainty map (normalised entropy of the class "
                     "probabilities, with --tta of their flip average) to this file (--input only)")
     progress_arg(pr)
@@ -437,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine.runtime import tune_cpu_allocator
+    from ..engine.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
     json_mode = getattr(args, "progress", "bar") == "json"

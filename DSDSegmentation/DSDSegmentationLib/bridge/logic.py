@@ -18,17 +18,17 @@ from typing import Any, Callable, Sequence
 import slicer
 import vtk
 
-from .engine.cards import read_model_card, verify_package
-from .engine.errors import InputError
-from .engine.terminology import CONTEXT_NAME, tag_string
-from .process import ServeWorker, WorkerProcess, WorkerResult
+from ..engine.cards import read_model_card, verify_package
+from ..engine.errors import InputError
+from ..engine.terminology import CONTEXT_NAME, tag_string
+from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
 
 
 @dataclass
 class SegmentationRun:
-    """A worker run started by :meth:`DSDSegmentationLogic.start`; owns its temporary folder."""
+    """A worker run started by :meth:`SegmentationBridge.start`; owns its temporary folder."""
 
     worker: Any  # WorkerProcess (one-shot) or ServeJob (warm worker): running / poll / wait / cancel / result
     temp_dir: Path
@@ -45,7 +45,7 @@ class SegmentationRun:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-class DSDSegmentationLogic:
+class SegmentationBridge:
     """Segments scene volumes with a DSD model through the background worker.
 
     Args:
@@ -88,8 +88,32 @@ class DSDSegmentationLogic:
             if min(image.GetDimensions()) < 2:
                 raise InputError(f"input '{channel}' ({node.GetName()}): dimensions {image.GetDimensions()} are not 3D")
 
+    @staticmethod
+    def check_temp_space(folder: Path, nodes: Sequence[Any], outputs: int = 2) -> None:
+        """Before a storage node writes anything: the folder is writable and has room for the input volumes and the
+        worker's outputs (slicer-core's NRRD writer crashes the process on a full or read-only disk)."""
+        import shutil as _shutil
+
+        from ..engine.outputs import check_writable_folder
+
+        check_writable_folder(folder, "temporary folder")
+        need = 0
+        for node in nodes:
+            image = node.GetImageData()
+            if image is not None:
+                dims = image.GetDimensions()
+                need += dims[0] * dims[1] * dims[2] * image.GetScalarSize() * image.GetNumberOfScalarComponents()
+                need += outputs * dims[0] * dims[1] * dims[2] * 4
+        need = int(need * 1.1) + (16 << 20)
+        free = _shutil.disk_usage(folder).free
+        if free < need:
+            raise InputError(f"the temporary folder {folder} has {free / 2**20:.0f} MB free; {need / 2**20:.0f} MB are "
+                             "needed for this run (set TMPDIR to a folder on a larger disk)")
+
     def write_volume(self, node: Any, path: Path) -> Path:
-        """Write a volume node with a storage node (geometry in the file header)."""
+        """Write a volume node with a storage node (geometry in the file header). Free space and writability are
+        checked first: slicer-core's writer must never see a full or read-only folder."""
+        self.check_temp_space(Path(path).parent, [node], outputs=0)
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetFileName(str(path))
         storage.SetWriteFileFormat("nrrd")
@@ -323,7 +347,12 @@ class DSDSegmentationLogic:
         With ``uncertainty`` the worker also writes a voxel uncertainty map, loaded as an overlay by finish."""
         card = verify_package(model) if (Path(model) / "model.json").is_file() else read_model_card(model)
         self.check_inputs(volume_nodes, card)
-        temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=self.temp_root))
+        root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
+        self.check_temp_space(root, volume_nodes)
+        try:
+            temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=root))
+        except OSError as e:
+            raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
         try:
             files = [self.write_volume(n, temp_dir / f"input_{i:04d}.nrrd") for i, n in enumerate(volume_nodes)]
             output = temp_dir / "segmentation.nrrd"
@@ -355,8 +384,7 @@ class DSDSegmentationLogic:
         try:
             result: WorkerResult = run.worker.wait()
             run.records = result.records
-            if not result.ok:
-                raise InputError(f"segmentation {result.status}: {result.message}")
+            result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node)
             if run.uncertainty is not None:
                 from .qa_logic import QALogic
@@ -397,7 +425,7 @@ class DSDSegmentationLogic:
     @staticmethod
     def load_terminology_context(terminologies_logic: Any) -> str:
         """Load the project's custom terminology context into Slicer's Terminologies logic (once)."""
-        from .engine.cards import resources_dir
+        from ..engine.cards import resources_dir
 
         if terminologies_logic.IsTerminologyContextLoaded(CONTEXT_NAME):
             return CONTEXT_NAME

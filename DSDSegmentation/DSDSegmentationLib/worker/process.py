@@ -29,6 +29,22 @@ class WorkerResult:
     exit_code: int | None
     message: str
     records: list[dict[str, Any]]
+    kind: str = ""  # for errors: "error" (bad input), "out of memory", "crash", ...
+
+    def raise_for_status(self, what: str = "the run") -> None:
+        """Bad input → InputError (its message names the problem); any other failure → :class:`WorkerError`."""
+        if self.ok:
+            return
+        if self.status == "cancelled":
+            from ..engine.errors import Cancelled
+
+            raise Cancelled(f"{what} was cancelled")
+        if self.exit_code == 2 or self.kind == "error":
+            from ..engine.errors import InputError
+
+            raise InputError(f"{what} failed: {self.message}")
+        raise WorkerError(f"{what} failed: {self.message}", self.kind or EXIT_MESSAGES.get(self.exit_code or 1, "crash"),
+                          self.exit_code)
 
     @property
     def ok(self) -> bool:
@@ -37,7 +53,25 @@ class WorkerResult:
 
 def worker_command(python: str | None, args: Sequence[str]) -> list[str]:
     """The command line that runs ``dsdseg ARGS`` with the given Python (Slicer: its PythonSlicer)."""
-    return [python or sys.executable, "-m", "DSDSegmentationLib.cli", *[str(a) for a in args]]
+    return [python or sys.executable, "-m", "DSDSegmentationLib.worker.cli", *[str(a) for a in args]]
+
+
+def popen_platform_options(platform: str | None = None) -> dict[str, Any]:
+    """Popen options per platform. POSIX: a new session, so cancel can end the worker's whole process group.
+    Windows: a new process group and no console window (CREATE_NO_WINDOW and a hidden STARTUPINFO), so a worker
+    started from Slicer never flashes a black console."""
+    platform = platform or os.name
+    if platform != "nt":
+        return {"start_new_session": True}
+    create_new_process_group, create_no_window = 0x00000200, 0x08000000  # the values of subprocess's constants
+    options: dict[str, Any] = {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", create_new_process_group)
+                               | getattr(subprocess, "CREATE_NO_WINDOW", create_no_window)}
+    if hasattr(subprocess, "STARTUPINFO"):
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        options["startupinfo"] = info
+    return options
 
 
 class WorkerProcess:
@@ -59,8 +93,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
             stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=(os.name != "nt"),
-            creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0)
+            env={**os.environ, **(env or {})}, cwd=cwd, **popen_platform_options())
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._threads:
@@ -143,20 +176,40 @@ class WorkerProcess:
             return WorkerResult("ok", 0, "", self.records)
         errors = [r for r in self.records if r.get("stage") == "error"]
         if errors:
-            msg = f"{errors[-1].get('kind', 'error')}: {errors[-1].get('message', '')}"
+            kind = errors[-1].get("kind", "error")
+            msg = f"{kind}: {errors[-1].get('message', '')}"
         else:
+            kind = "out of memory" if code == 3 else "error" if code == 2 else "crash"
             tail = "\n".join(self._stderr[-15:])
             msg = f"the worker crashed (exit code {code}, {EXIT_MESSAGES.get(code, 'unexpected error')})" + (f":\n{tail}" if tail else "")
-        return WorkerResult("error", code, msg, self.records)
+        return WorkerResult("error", code, msg, self.records, kind=kind)
+
+
+class WorkerError(Exception):
+    """The worker failed for a reason other than the input: out of memory, a crash, an unexpected end.
+
+    ``kind`` is the worker's word for it ("out of memory", "crash", ...) and ``exit_code`` what the one-shot
+    command returns; ``retry_on_cpu`` tells a panel to offer running again on the CPU."""
+
+    def __init__(self, message: str, kind: str = "crash", exit_code: int | None = None):
+        super().__init__(message)
+        self.kind, self.exit_code = kind, exit_code
+
+    @property
+    def retry_on_cpu(self) -> bool:
+        return self.kind == "out of memory" or self.exit_code == 3
 
 
 class ServeWorker:
     """A warm ``dsdseg serve`` process: the model stays loaded between requests.
 
     ``submit(request)`` returns a :class:`ServeJob` with the same interface as :class:`WorkerProcess`
-    (``running``, ``poll``, ``wait``, ``cancel``, ``result``). Cancelling a job ends the warm process (the next
-    job starts a new one): a request in flight cannot be interrupted more gently from outside.
+    (``running``, ``poll``, ``wait``, ``cancel``, ``result``). Cancelling a job asks the worker to stop that one
+    request (between two sliding-window batches, or before it starts); the worker, its loaded model and every
+    other request go on. Only a worker that does not answer a cancel within ``cancel_timeout`` seconds is ended.
     """
+
+    cancel_timeout = 15.0
 
     def __init__(self, python: str | None = None, env: dict[str, str] | None = None):
         self.python, self.env = python, env
@@ -190,7 +243,7 @@ class ServeWorker:
             if job is not None:
                 job.records.append(rec)
                 job._pending.append(rec)
-                if rec.get("stage") in ("done", "error"):
+                if rec.get("stage") in ("done", "error", "cancelled"):
                     job._final = rec
 
     def stop(self) -> None:
@@ -224,12 +277,29 @@ class ServeJob:
         return new
 
     def cancel(self) -> None:
-        if self.running:
+        """Ask the worker to stop this request only; returns at once (``wait`` waits for the worker's answer)."""
+        if self._final is None and not self._cancelled and self.worker.running:
             self._cancelled = True
-            self.worker.cancel()
+            try:
+                self.worker.send({"command": "cancel", "target": self.id})
+            except (OSError, ValueError):  # the worker is gone: nothing left to stop
+                pass
+
+    @property
+    def _active(self) -> bool:
+        self.server.dispatch(self.worker)
+        return self._final is None and self.worker.running
 
     def wait(self, timeout: float | None = None) -> WorkerResult:
         deadline = None if timeout is None else time.time() + timeout
+        if self._cancelled:  # wait for the worker to confirm; one that does not answer is ended
+            limit = time.time() + self.server.cancel_timeout
+            while self._active:
+                if time.time() > limit:
+                    self.worker.cancel()
+                    break
+                time.sleep(0.01)
+            return self.result()
         while self.running:
             if deadline is not None and time.time() > deadline:
                 raise TimeoutError(f"request {self.id} still running after {timeout} s")
@@ -245,4 +315,7 @@ class ServeJob:
                                 + "\n".join(self.worker._stderr[-15:]), self.records)
         if self._final["stage"] == "done":
             return WorkerResult("ok", 0, "", self.records)
-        return WorkerResult("error", self._final.get("exit_code"), f"{self._final.get('kind')}: {self._final.get('message')}", self.records)
+        if self._final["stage"] == "cancelled":
+            return WorkerResult("cancelled", self._final.get("exit_code"), "cancelled by the user", self.records)
+        return WorkerResult("error", self._final.get("exit_code"), f"{self._final.get('kind')}: {self._final.get('message')}",
+                            self.records, kind=self._final.get("kind", "error"))

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .engine.errors import InputError
-from .engine.io import load_volume
-from .engine.metrics import case_metrics
-from .engine.qa import boundary_errors
+from ..engine.errors import InputError
+from ..engine.io import load_volume
+from ..engine.metrics import case_metrics
+from ..engine.qa import boundary_errors
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
