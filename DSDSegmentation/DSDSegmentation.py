@@ -740,7 +740,7 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
                 continue
             sid = segmentation.GetSegmentIdBySegmentName(name)
             self.assertTrue(sid, f"segment '{name}' missing")
-            self.assertEqual(segmentation.GetSegment(sid).GetTerminology(), tag_string(card["preset"]["terminology"][value]))
+            self.assertEqual(get_segment_terminology(segmentation.GetSegment(sid)), tag_string(card["preset"]["terminology"][value]))
             pred = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume) > 0
             truth = ref == int(value)
             dice = 2 * np.logical_and(pred, truth).sum() / max(pred.sum() + truth.sum(), 1)

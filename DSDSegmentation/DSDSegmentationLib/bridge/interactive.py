@@ -24,6 +24,7 @@ import vtk
 from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
+from .terminology import set_segment_terminology
 from .logic import DEFAULT_COLORS, SegmentationBridge, SegmentationRun
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
@@ -192,7 +193,7 @@ class InteractiveLogic:
                     if region.side:
                         entry["region"] = entry.get("region") or entry["type"]
                         entry["region_modifier"] = SIDES[region.side]
-                    segmentation.GetSegment(sid).SetTerminology(tag_string(entry))
+                    set_segment_terminology(segmentation.GetSegment(sid), tag_string(entry))
             full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (labels == value)
             slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, volume)
         return seg

@@ -21,6 +21,7 @@ import vtk
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
 from ..engine.terminology import CONTEXT_NAME, tag_string
+from .terminology import get_segment_terminology, loaded_terminology_names, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
@@ -208,7 +209,7 @@ class SegmentationBridge:
             if entry:
                 want = (entry["type"].split("^")[1], (entry.get("type_modifier") or "^^").split("^")[1])
                 match = next(((sid, seg, "terminology") for sid, seg in segments if sid not in used
-                              and seg.GetTerminology() and codes(seg.GetTerminology()) == want), None)
+                              and get_segment_terminology(seg) and codes(get_segment_terminology(seg)) == want), None)
             if match is None:
                 match = next(((sid, seg, "name") for sid, seg in segments if sid not in used
                               and seg.GetName().strip().lower() == name.lower()), None)
@@ -427,7 +428,7 @@ class SegmentationBridge:
         """Load the project's custom terminology context into Slicer's Terminologies logic (once)."""
         from ..engine.cards import resources_dir
 
-        if terminologies_logic.IsTerminologyContextLoaded(CONTEXT_NAME):
+        if CONTEXT_NAME in loaded_terminology_names(terminologies_logic):
             return CONTEXT_NAME
         path = resources_dir() / "Terminology" / "DSDSegmentation.term.json"
         name = terminologies_logic.LoadTerminologyFromFile(str(path))
@@ -444,12 +445,7 @@ class SegmentationBridge:
             sid = segmentation.GetSegmentIdBySegmentName(labels[int(value)])
             if not sid:
                 continue  # label absent from this result
-            segment = segmentation.GetSegment(sid)
-            tag = tag_string(entry)
-            if hasattr(segment, "SetTerminology"):
-                segment.SetTerminology(tag)
-            else:  # Slicer before 5.8
-                segment.SetTag(segment.GetTerminologyEntryTagName(), tag)
+            set_segment_terminology(segmentation.GetSegment(sid), tag_string(entry))
 
     def import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any = None,
                         show_3d: bool = True) -> Any:

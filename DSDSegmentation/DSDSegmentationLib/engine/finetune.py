@@ -201,12 +201,12 @@ def _versions() -> dict[str, str]:
 def export_zip(package: str | Path, zip_path: str | Path) -> Path:
     """Write a verified model package as a zip (files at the top level of a folder named like the package)."""
     package = Path(package)
-    verify_package(package)
     zip_path = Path(zip_path)
-    if zip_path.exists():
-        raise InputError(f"{zip_path} already exists; choose another file name")
     if not zip_path.name.lower().endswith(".zip"):
         raise InputError(f"{zip_path}: the file name must end in .zip")
+    if zip_path.exists():
+        raise InputError(f"{zip_path} already exists; choose another file name")
+    verify_package(package)
     check_writable_folder(zip_path.parent if str(zip_path.parent) else Path("."), "models export")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zip", dir=zip_path.parent if str(zip_path.parent) else ".")
     os.close(fd)

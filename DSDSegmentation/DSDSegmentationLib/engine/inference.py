@@ -40,12 +40,12 @@ def check_geometry(affine: np.ndarray, what: str) -> None:
     if m.shape != (4, 4) or not np.all(np.isfinite(m)):
         raise InputError(f"{what}: the image geometry (affine) has non-finite values")
     spacing = np.linalg.norm(m[:3, :3], axis=0)
-    if np.any(spacing == 0) or abs(np.linalg.det(m[:3, :3])) < 1e-12:
+    if np.any(spacing == 0) or abs(np.linalg.det(m[:3, :3])) < 1e-6 * float(np.prod(spacing)):
         raise InputError(f"{what}: the image geometry is degenerate (voxel spacing {spacing.round(6).tolist()} mm, "
                          "a zero or collinear axis); fix the file's header")
     lo, hi = SPACING_RANGE_MM
     if np.any(spacing < lo) or np.any(spacing > hi):
-        raise InputError(f"{what}: voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm is outside {lo}–{hi} mm; "
+        raise InputError(f"{what}: voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm is outside {lo:g}–{hi:g} mm; "
                          "the file's header is probably wrong (check its units and pixdim)")
 
 

@@ -53,15 +53,27 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str], spacing: tuple[float, float, float],
-                 tolerance_mm: float = 1.0) -> dict[str, dict[str, Any]]:
-    """Per foreground class of ``labels``: metrics keyed by class name."""
+                 tolerance_mm: float = 1.0, regions: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per foreground class of ``labels``, then per region (a union of label values, e.g. BraTS whole tumour =
+    1+2+4): metrics keyed by class or region name."""
     if pred.shape != ref.shape:
         raise InputError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    return {name: class_metrics(pred == v, ref == v, spacing, tolerance_mm) for v, name in sorted(labels.items()) if v != 0}
+    out = {name: class_metrics(pred == v, ref == v, spacing, tolerance_mm) for v, name in sorted(labels.items()) if v != 0}
+    for name, values in (regions or {}).items():
+        out[name] = {**class_metrics(np.isin(pred, values), np.isin(ref, values), spacing, tolerance_mm),
+                     "region": sorted(int(v) for v in values)}
+    return out
 
 
-def evaluate_files(pairs: list[tuple[str, str, str]], labels: dict[int, str]) -> list[dict[str, Any]]:
-    """``pairs`` of (case id, prediction file, reference file); the two must share grid and affine."""
+def unlisted_values(arr: np.ndarray, labels: dict[int, str]) -> list[int]:
+    """Label values present in ``arr`` that ``labels`` does not name (they are not scored: say so)."""
+    return sorted(int(v) for v in np.unique(arr) if int(v) not in labels)
+
+
+def evaluate_files(pairs: list[tuple[str, str, str]], labels: dict[int, str],
+                   regions: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """``pairs`` of (case id, prediction file, reference file); the two must share grid and affine. Each row lists
+    the label values found in either file that ``labels`` does not name (``unlisted``): they are not scored."""
     rows = []
     for cid, pred_path, ref_path in pairs:
         pred, pa = load_volume(pred_path, f"case {cid} prediction")
@@ -71,8 +83,10 @@ def evaluate_files(pairs: list[tuple[str, str, str]], labels: dict[int, str]) ->
         if not np.allclose(pa, ra, atol=1e-3):
             raise InputError(f"case {cid}: prediction and reference have different geometry (affine)")
         spacing = tuple(float(s) for s in np.linalg.norm(ra[:3, :3], axis=0))
-        per_class = case_metrics(np.rint(pred).astype(int), np.rint(ref).astype(int), labels, spacing)  # type: ignore[arg-type]
-        rows.append({"case": cid, "spacing": list(spacing), "classes": per_class})
+        p, r = np.rint(pred).astype(int), np.rint(ref).astype(int)
+        per_class = case_metrics(p, r, labels, spacing, regions=regions)  # type: ignore[arg-type]
+        rows.append({"case": cid, "spacing": list(spacing), "classes": per_class,
+                     "unlisted": {"prediction": unlisted_values(p, labels), "reference": unlisted_values(r, labels)}})
     return rows
 
 

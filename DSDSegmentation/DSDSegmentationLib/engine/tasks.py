@@ -73,6 +73,8 @@ class TaskPreset:
     # interactive use: field of view around a click (mm), whether a region is required, whether the structure
     # comes in a left and a right copy (named from the volume's RAS orientation)
     roi: dict[str, Any] = field(default_factory=dict)
+    # evaluation regions: unions of label values scored besides the labels (BraTS: whole tumour = 1+2+4, ...)
+    regions: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = {int(k): str(v) for k, v in self.labels.items()}
@@ -118,6 +120,11 @@ class TaskPreset:
             if unknown or not (isinstance(size, list) and len(size) == 3 and all(float(v) > 0 for v in size)):
                 raise ConfigError(f"preset '{self.name}': roi needs size_mm (three positive mm) and optional required, "
                                   f"sides; got {self.roi}")
+        self.regions = {str(k): [int(v) for v in vals] for k, vals in (self.regions or {}).items()}
+        for name, vals in self.regions.items():
+            stray = sorted(set(vals) - (set(self.labels) - {0}))
+            if not vals or stray:
+                raise ConfigError(f"preset '{self.name}': region '{name}' must list foreground label values, got {vals}")
         if self.spacing is not None and len(self.spacing) != 3:
             raise ConfigError(f"preset '{self.name}': spacing needs 3 values (non-positive keeps the native one)")
 

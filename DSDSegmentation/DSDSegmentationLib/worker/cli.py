@@ -179,20 +179,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _labels_for(spec: str) -> dict[int, str]:
+def _labels_for(spec: str) -> tuple[dict[int, str], dict[str, list[int]]]:
+    """Label names (and evaluation regions, e.g. BraTS WT/TC/ET) from a preset, a dataset folder or a model."""
     from ..engine.data import dataset_labels
     from ..engine.models import load_model
     from ..engine.tasks import builtin_presets, load_preset
 
     if spec in builtin_presets() or spec.endswith(".json") and Path(spec).is_file() and "normalization" in Path(spec).read_text():
-        return load_preset(spec).labels
+        p = load_preset(spec)
+        return p.labels, p.regions
     p = Path(spec)
     if p.is_dir() and (p / "dataset.json").is_file():
         labels = dataset_labels(p)
         if labels:
-            return labels
+            return labels, {}
     if p.exists():
-        return load_model(p).preset.labels
+        preset = load_model(p).preset
+        return preset.labels, preset.regions
     raise InputError(f"--labels {spec}: not a preset name, a dataset folder with dataset.json, or a model")
 
 
@@ -220,9 +223,14 @@ def _pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..engine.metrics import evaluate_files, format_summary, write_reports
 
-    labels = _labels_for(args.labels)
+    labels, regions = _labels_for(args.labels)
     pairs = _pairs(args.pred, args.ref)
-    rows = evaluate_files(pairs, labels)
+    rows = evaluate_files(pairs, labels, regions)
+    for r in rows:
+        for side, values in r["unlisted"].items():
+            if values:
+                print(f"dsdseg: warning: case {r['case']}: label value(s) {values} in the {side} are not among --labels "
+                      f"{sorted(labels)} and are not scored", file=sys.stderr)
     summary = write_reports(rows, Path(args.output))
     if args.progress == "json":
         _report(args, {"stage": "done", "summary": summary, "output": args.output})
@@ -239,8 +247,11 @@ def _cmd_qa(args: argparse.Namespace) -> int:
         import vtk  # noqa: F401  (3D renders)
     except ImportError as e:
         raise InputError("dsdseg qa renders surfaces with VTK: pip install vtk==9.6.2 (Slicer's Python has it)") from e
-    report = write_qa_report(args.pred, args.ref, _labels_for(args.labels), args.output, image_file=args.image,
-                             tolerance_mm=args.tolerance, worst=args.worst)
+    labels, regions = _labels_for(args.labels)
+    report = write_qa_report(args.pred, args.ref, labels, args.output, image_file=args.image,
+                             tolerance_mm=args.tolerance, worst=args.worst, regions=regions)
+    for note in report.get("notes", []):
+        print(f"dsdseg: note: {note}", file=sys.stderr)
     if args.progress == "json":
         _report(args, {"stage": "done", "output": args.output, "metrics": report["metrics"]})
     else:

@@ -155,9 +155,21 @@ def _surface_png(pred: np.ndarray, ref: np.ndarray, spacing, path: Path, title: 
 
 
 def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[int, str], output: str | Path,
-                    image_file: str | Path | None = None, tolerance_mm: float = 1.0, worst: int = 5) -> dict[str, Any]:
-    """Write the report folder; returns what ``qa.json`` holds."""
+                    image_file: str | Path | None = None, tolerance_mm: float = 1.0, worst: int = 5,
+                    regions: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Write the report folder; returns what ``qa.json`` holds (``notes`` says what the numbers cannot: an empty
+    reference, label values the labels do not name)."""
+    from ..engine.metrics import unlisted_values
+    from ..engine.outputs import check_writable_folder, same_file
+
     out = Path(output)
+    for f in (pred_file, ref_file, image_file):
+        if f is not None and Path(f).exists() and (same_file(out, f) or Path(f).parent.resolve() == out.resolve()
+                                                      and Path(f).name in ("qa.json", "index.html")):
+            raise InputError(f"--output {out} would overwrite the input {f}; choose another report folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file; the report needs a folder")
+    check_writable_folder(out, "--output")
     pred, pa = load_volume(pred_file, "prediction")
     ref, ra = load_volume(ref_file, "reference")
     if pred.shape != ref.shape or not np.allclose(pa, ra, atol=1e-3):
@@ -170,7 +182,15 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
             raise InputError(f"the image {image_file} has shape {image.shape}, the segmentations {pred.shape}")
     spacing = tuple(float(s) for s in np.linalg.norm(ra[:3, :3], axis=0))
     pred, ref = np.rint(pred).astype(int), np.rint(ref).astype(int)
-    metrics = case_metrics(pred, ref, labels, spacing, tolerance_mm)  # type: ignore[arg-type]
+    metrics = case_metrics(pred, ref, labels, spacing, tolerance_mm, regions=regions)  # type: ignore[arg-type]
+    notes = []
+    if not np.any(np.isin(ref, [v for v in labels if v])):
+        notes.append("the reference holds no labelled structure: every predicted voxel counts as an extra, distances "
+                     "are undefined")
+    for side, arr in (("prediction", pred), ("reference", ref)):
+        extra = unlisted_values(arr, labels)
+        if extra:
+            notes.append(f"label value(s) {extra} in the {side} are not among the labels {sorted(labels)} and are not scored")
     errors, surfaces = [], {}
     for value, name in sorted(labels.items()):
         if value == 0:
@@ -191,7 +211,8 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
                                     f"#{i + 1} {e['structure']}: {what} (slice {e['ijk'][2]})"))
     report = {"prediction": str(pred_file), "reference": str(ref_file), "image": str(image_file) if image_file else None,
               "spacing_mm": list(spacing), "tolerance_mm": tolerance_mm, "metrics": metrics, "worst_errors": errors,
-              "surfaces": surfaces}
+              "surfaces": surfaces, "notes": notes}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "qa.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "index.html").write_text(_html(report, out), encoding="utf-8")
     return report
@@ -225,6 +246,7 @@ td:first-child{{text-align:left}} figure{{display:inline-block;margin:8px}}</sty
 voxel spacing {', '.join(f'{s:.3g}' for s in report['spacing_mm'])} mm; surface Dice tolerance {report['tolerance_mm']} mm.</p>
 <table><tr><th>structure</th><th>Dice</th><th>HD95 (mm)</th><th>ASSD (mm)</th><th>surface Dice</th><th>volume (ml)</th>
 <th>reference (ml)</th><th>difference (ml)</th><th>difference (%)</th></tr>{rows}</table>
+{''.join(f"<p><strong>Note:</strong> {html.escape(n)}</p>" for n in report.get("notes", []))}
 <h2>Worst boundary errors</h2><p>Yellow: prediction, cyan: reference, red circle: the error. <em>extra</em>: predicted
 boundary outside the reference; <em>missed</em>: reference boundary the prediction does not reach.</p>{errs or '<p>none above one voxel</p>'}
 <h2>Surfaces coloured by signed distance to the reference</h2><p>Blue: inside the reference (too small), white: on it,

@@ -1,0 +1,570 @@
+"""Panel controllers: every decision of the module's panel, Qt-free, on MRML only.
+
+One controller per panel section (segment, click/ROI, QA, fine-tune) and one :class:`ProcessingState` that all
+four kinds of run share, changed through one setter. The widget binds widgets to the parameter node and calls
+these; it decides nothing. Controllers observe real MRML events (markups control points, scene close), take their
+settings from the parameter node (any object with the fields of ``DSDSegmentationParameterNode``) and are tested
+headless on a slicer-core scene with the same event sequences Slicer produces.
+
+Time comes in as an argument (``tick(now)``), so the widget's QTimer drives debouncing and polling and the tests
+drive them with their own clock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import slicer
+
+from ..engine.errors import Cancelled, InputError
+from ..worker.process import WorkerError
+
+# Every setting the panel uses, with its default: the module's parameter node declares exactly these fields
+# (a test compares them), and headless code may pass any object that has them.
+PARAMETERS: dict[str, Any] = {
+    "inputVolume0": None, "inputVolume1": None, "inputVolume2": None, "inputVolume3": None,
+    "outputSegmentation": None, "modelPath": "", "device": "auto", "tta": False, "show3D": True,
+    "liveRerun": True, "qaSegmentation": None, "qaReference": None, "qaVolume": None, "qaToleranceMm": 1.0,
+    "finetuneVolume": None, "finetuneSegmentation": None, "finetuneFolder": "", "finetuneEpochs": 30,
+    "finetuneLearningRate": 0.001, "finetuneDSD": True, "finetuneFreezeEncoder": False, "finetuneName": "",
+}
+
+SEGMENT, PROMPT, UNCERTAINTY, FINETUNE = "segment", "prompt", "uncertainty", "finetune"
+KINDS = (SEGMENT, PROMPT, UNCERTAINTY, FINETUNE)
+IDLE, STARTING, RUNNING, IMPORTING, DONE, CANCELLED, FAILED = (
+    "idle", "starting", "running", "importing", "done", "cancelled", "failed")
+ACTIVE = (STARTING, RUNNING, IMPORTING)
+DEBOUNCE_S = 0.3  # a burst of prompt moves runs once, this long after the last
+MIN_ROI_MM = 1e-3  # an ROI being placed has zero size until its second corner
+
+
+@dataclass
+class RunState:
+    status: str = IDLE
+    message: str = ""
+    done: int = 0
+    total: int = 0
+    retry_on_cpu: bool = False  # the last failure was out of memory: offer the CPU
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+class ProcessingState:
+    """What each kind of run is doing. ``set`` is the only way to change it; listeners (the widget) are told."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, RunState] = {k: RunState() for k in KINDS}
+        self._listeners: list[Callable[[str, RunState], None]] = []
+
+    def add_listener(self, callback: Callable[[str, RunState], None]) -> None:
+        self._listeners.append(callback)
+
+    def set(self, kind: str, status: str, message: str | None = None, done: int | None = None, total: int | None = None,
+            retry_on_cpu: bool = False) -> None:
+        if kind not in self.runs:
+            raise ValueError(f"unknown run kind {kind!r}")
+        run = self.runs[kind]
+        run.status = status
+        if message is not None:
+            run.message = message
+        if status == STARTING:
+            run.done, run.total = 0, 0
+        if done is not None:
+            run.done = done
+        if total is not None:
+            run.total = total
+        run.retry_on_cpu = retry_on_cpu
+        for cb in list(self._listeners):
+            cb(kind, run)
+
+    def __getitem__(self, kind: str) -> RunState:
+        return self.runs[kind]
+
+    def active(self, *kinds: str) -> bool:
+        return any(self.runs[k].active for k in (kinds or KINDS))
+
+
+def _failure(state: ProcessingState, kind: str, error: BaseException) -> None:
+    if isinstance(error, Cancelled):
+        state.set(kind, CANCELLED, "Cancelled; nothing was changed.")
+    elif isinstance(error, WorkerError):
+        hint = " Try again on the CPU (Options → device: cpu)." if error.retry_on_cpu else ""
+        state.set(kind, FAILED, f"{error}{hint}", retry_on_cpu=error.retry_on_cpu)
+    else:
+        state.set(kind, FAILED, str(error))
+
+
+def _progress(state: ProcessingState, kind: str, records: list[dict[str, Any]]) -> None:
+    for rec in records:
+        total = int(rec.get("total") or 0)
+        message = rec.get("message") or None
+        if total or message:
+            state.set(kind, RUNNING, message, done=int(rec.get("done") or 0) if total else None, total=total or None)
+
+
+def card_of(model: dict[str, Any] | None) -> dict[str, Any] | None:
+    return model["card"] if model and model.get("card") else None
+
+
+# ------------------------------------------------------------------------------------------------------- segment
+class SegmentController:
+    """Apply / Cancel and the uncertainty run: inputs from the parameter node, one run at a time."""
+
+    def __init__(self, bridge: Any, state: ProcessingState, params: Any):
+        self.bridge, self.state, self.params = bridge, state, params
+        self.run: Any = None
+        self.kind = SEGMENT
+        self.result: Any = None  # the last finished run (its segmentation node, uncertainty overlay and table)
+
+    def channels(self, model: dict[str, Any] | None) -> list[str]:
+        card = card_of(model)
+        return list(card["preset"]["channels"]) if card else ["Input volume"]
+
+    def inputs(self, model: dict[str, Any] | None) -> list[Any]:
+        return [getattr(self.params, f"inputVolume{i}") for i in range(len(self.channels(model)))]
+
+    def readiness(self, model: dict[str, Any] | None) -> tuple[bool, str, bool]:
+        """(Apply enabled, tooltip, needs a click): a usable model and every input; a model whose card requires a
+        region (hippocampus) asks for a click on volumes larger than 1.5× its field of view."""
+        if self.state.active(SEGMENT, UNCERTAINTY):
+            return True, "Cancel the running segmentation", False
+        if not model or model.get("status") != "ok":
+            return False, "Select a usable model", False
+        if not all(self.inputs(model)):
+            return False, "Select every input volume: " + ", ".join(self.channels(model)), False
+        roi = card_of(model)["preset"].get("roi") or {}
+        volume = self.params.inputVolume0
+        if roi.get("required") and volume.GetImageData() is not None:
+            extent = [d * s for d, s in zip(volume.GetImageData().GetDimensions(), volume.GetSpacing())]
+            if max(e / s for e, s in zip(sorted(extent), sorted(roi["size_mm"]))) > 1.5:
+                return False, "This model segments a region around a click: use Click to segment", True
+        return True, "Segment the input volume(s)", False
+
+    def apply(self, model: dict[str, Any] | None, uncertainty: bool = False) -> None:
+        """Apply when idle, Cancel when running (one button)."""
+        if self.run is not None:
+            self.cancel()
+            return
+        self.kind = UNCERTAINTY if uncertainty else SEGMENT
+        ok, why, _ = self.readiness(model)
+        if not ok:
+            self.state.set(self.kind, FAILED, why)
+            return
+        self.state.set(self.kind, STARTING, "Starting the worker…")
+        try:
+            self.run = self.bridge.start(self.inputs(model), model["path"], device=self.params.device,
+                                         tta=bool(self.params.tta) or uncertainty,
+                                         segmentation_node=self.params.outputSegmentation, uncertainty=uncertainty)
+        except Exception as e:  # noqa: BLE001 - shown to the user; nothing was created
+            self.run = None
+            _failure(self.state, self.kind, e)
+
+    def tick(self, now: float | None = None) -> Any:
+        """Forward progress; when the worker has ended, import its result. Returns the segmentation when done."""
+        run = self.run
+        if run is None:
+            return None
+        _progress(self.state, self.kind, run.worker.poll())
+        if run.worker.running:
+            return None
+        self.run = None
+        self.state.set(self.kind, IMPORTING, "Importing the segments…")
+        try:
+            seg = self.bridge.finish(run)
+        except Exception as e:  # noqa: BLE001
+            _failure(self.state, self.kind, e)
+            return None
+        self.params.outputSegmentation = seg
+        if seg.GetDisplayNode():
+            seg.GetDisplayNode().SetVisibility(True)
+        if self.params.show3D:
+            seg.CreateClosedSurfaceRepresentation()
+        self.result = run
+        n = seg.GetSegmentation().GetNumberOfSegments()
+        message = f"Done: {n} segments in '{seg.GetName()}'."
+        if run.uncertainty_node is not None:
+            message += " Uncertainty overlay: bright = the model is unsure; segments are listed most uncertain first."
+        self.state.set(self.kind, DONE, message)
+        return seg
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            self.bridge.cancel(run)
+            self.state.set(self.kind, CANCELLED, "Cancelled; nothing was changed.")
+
+    def reset(self) -> None:
+        self.cancel()
+        self.result = None
+
+
+# ------------------------------------------------------------------------------------------------------- prompts
+class PromptController:
+    """Click to segment: a point (the model's field of view around it) or a box ROI. Reacts to the markups events
+    Slicer sends while placing and moving control points; a burst of moves runs once (debounce); the next prompt
+    cancels the run in flight; a moved prompt replaces its own earlier result."""
+
+    POINT, ROI = "vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"
+
+    def __init__(self, scene: Any, interactive: Any, state: ProcessingState, params: Any,
+                 model: Callable[[], dict[str, Any] | None]):
+        self.scene, self.interactive, self.state, self.params, self.model = scene, interactive, state, params, model
+        self.nodes: dict[str, Any] = {}
+        self._observations: list[tuple[Any, int]] = []
+        self.pending: tuple[Any, int] | None = None
+        self.pending_since = 0.0
+        self.region: tuple[Any, tuple[str, int]] | None = None
+        self.regions: dict[tuple[str, int], Any] = {}
+        self.placing: str | None = None
+        self.on_placing_changed: Callable[[str | None], None] | None = None
+
+    # placement ---------------------------------------------------------------------------------------------
+    def node(self, cls: str) -> Any:
+        node = self.nodes.get(cls)
+        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
+            node = self.scene.AddNewNodeByClass(cls, "DSD clicks" if cls == self.POINT else "DSD region")
+            node.CreateDefaultDisplayNodes()
+            for event, handler in ((slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._on_defined),
+                                   (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._on_moved)):
+                self._observations.append((node, node.AddObserver(event, handler)))
+            self.nodes[cls] = node
+        return node
+
+    def place(self, cls: str | None) -> None:
+        """Start placing a point (``POINT``) or an ROI (``ROI``), or stop placing (None), through the scene's
+        selection and interaction nodes (one at a time: choosing one unchecks the other)."""
+        interaction = self.scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+        selection = self.scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+        self.placing = cls
+        if cls is not None:
+            node = self.node(cls)
+            if selection is not None:
+                selection.SetReferenceActivePlaceNodeClassName(cls)
+                selection.SetActivePlaceNodeID(node.GetID())
+            if interaction is not None:
+                interaction.SetPlaceModePersistence(0)
+                interaction.SetCurrentInteractionMode(interaction.Place)
+        elif interaction is not None:
+            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+        if self.on_placing_changed:
+            self.on_placing_changed(cls)
+
+    # events ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def roi_ready(roi: Any) -> bool:
+        """An ROI is a region once it has a size on every axis (placing a box fires a defined event per corner)."""
+        return all(s > MIN_ROI_MM for s in roi.GetSize())
+
+    def _on_defined(self, caller: Any, event: Any = None) -> None:
+        self.prompt_changed(caller, defined=True)
+
+    def _on_moved(self, caller: Any, event: Any = None) -> None:
+        self.prompt_changed(caller, defined=False)
+
+    def prompt_changed(self, node: Any, defined: bool, now: float | None = None) -> None:
+        if not defined and not self.params.liveRerun:
+            return
+        if node.IsA(self.ROI):
+            if not self.roi_ready(node):
+                return  # the first corner of a box being drawn: wait for the second
+            index = -1
+        else:
+            n = node.GetNumberOfControlPoints()
+            active = node.GetDisplayNode().GetActiveControlPoint() if node.GetDisplayNode() else -1
+            index = n - 1 if defined or active is None or active < 0 else active
+        if defined and self.placing is not None:
+            self.place(None)
+        self.pending = (node, index)
+        self.pending_since = time.monotonic() if now is None else now
+
+    # runs --------------------------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> Any:
+        """Start a pending prompt once it has been still for DEBOUNCE_S; finish a run that ended. Returns the
+        segmentation when a region was pasted."""
+        now = time.monotonic() if now is None else now
+        if self.pending is not None and now - self.pending_since >= DEBOUNCE_S:
+            self._start(*self.pending)
+            self.pending = None
+        if self.region is None:
+            return None
+        region, key = self.region
+        _progress(self.state, PROMPT, region.run.worker.poll())
+        if region.run.worker.running:
+            return None
+        self.region = None
+        self.state.set(PROMPT, IMPORTING, "Pasting the region…")
+        try:
+            seg = self.interactive.finish(region, previous=self.regions.get(key))
+        except Exception as e:  # noqa: BLE001
+            _failure(self.state, PROMPT, e)
+            return None
+        self.regions[key] = region
+        self.params.outputSegmentation = seg
+        if seg.GetDisplayNode():
+            seg.GetDisplayNode().SetVisibility(True)
+        side = f" ({region.side})" if region.side else ""
+        self.state.set(PROMPT, DONE, f"Segmented region{side}: voxels {list(region.lo)} to {list(region.hi)}.")
+        return seg
+
+    def _start(self, node: Any, index: int) -> None:
+        model, volume = self.model(), self.params.inputVolume0
+        if not model or model.get("status") != "ok" or volume is None:
+            self.state.set(PROMPT, FAILED, "Select a usable model and the input volume first.")
+            return
+        key = (node.GetID(), index)
+        if self.region is not None:  # the next prompt cancels the run in flight (only that one)
+            self.interactive.cancel(self.region[0])
+            self.region = None
+        seg = self.params.outputSegmentation or (self.regions[key].segmentation_node if key in self.regions else None)
+        if seg is None and self.regions:
+            seg = next(iter(self.regions.values())).segmentation_node
+        self.state.set(PROMPT, STARTING, "Segmenting the region…")
+        try:
+            if index < 0:
+                region = self.interactive.start_roi(volume, model["path"], node, seg, device=self.params.device)
+            else:
+                pos = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(index, pos)
+                region = self.interactive.start(volume, model["path"], pos, segmentation_node=seg,
+                                                device=self.params.device)
+        except Exception as e:  # noqa: BLE001 - e.g. a click outside the volume: say so, change nothing
+            _failure(self.state, PROMPT, e)
+            return
+        self.region = (region, key)
+
+    def cancel(self) -> None:
+        self.pending = None
+        if self.region is not None:
+            self.interactive.cancel(self.region[0])
+            self.region = None
+            self.state.set(PROMPT, CANCELLED, "Cancelled; nothing was changed.")
+
+    def reset(self) -> None:
+        """Scene closing: stop what runs; the prompt nodes go with the scene."""
+        self.cancel()
+        for node, tag in self._observations:
+            node.RemoveObserver(tag)
+        self._observations.clear()
+        self.nodes.clear()
+        self.regions.clear()
+        self.placing = None
+
+
+# ------------------------------------------------------------------------------------------------------- QA
+class QAController:
+    """Compare a segmentation with a reference; step through the worst boundary errors."""
+
+    def __init__(self, scene: Any, state: ProcessingState, params: Any, qa_logic: Any = None):
+        from .qa_logic import QALogic
+
+        self.scene, self.state, self.params = scene, state, params
+        self.qa_logic = qa_logic or QALogic(scene)
+        self.result: Any = None
+        self.error_index = -1
+
+    def compare(self) -> Any:
+        seg, ref, volume = self.params.qaSegmentation, self.params.qaReference, self.params.qaVolume
+        if seg is None or ref is None or seg is ref:
+            raise InputError("Pick two different segmentations: the one to check and the reference.")
+        if volume is None:
+            raise InputError("Pick the volume the segmentations belong to.")
+        self.result = self.qa_logic.compare(seg, ref, volume, tolerance_mm=float(self.params.qaToleranceMm))
+        self.error_index = -1
+        return self.result
+
+    @property
+    def error_count(self) -> int:
+        return self.result.markups.GetNumberOfControlPoints() if self.result is not None else 0
+
+    def next_error(self) -> tuple[int, int, list[float], str] | None:
+        """(index, count, RAS position, description) of the next worst error, cycling; None without errors."""
+        n = self.error_count
+        if n == 0:
+            return None
+        self.error_index = (self.error_index + 1) % n
+        pos = [0.0, 0.0, 0.0]
+        self.result.markups.GetNthControlPointPositionWorld(self.error_index, pos)
+        return self.error_index, n, pos, self.result.markups.GetNthControlPointDescription(self.error_index)
+
+    def reset(self) -> None:
+        self.result = None
+        self.error_index = -1
+
+
+# ------------------------------------------------------------------------------------------------------- fine-tune
+class FinetuneController:
+    """Cases from the scene (or a folder), Fine-tune ↔ Stop, Resume, the live loss / Dice table, the new model."""
+
+    def __init__(self, bridge: Any, state: ProcessingState, params: Any, work_root: Callable[[], Path]):
+        self.bridge, self.state, self.params, self.work_root = bridge, state, params, work_root
+        self.cases: list[tuple[str, str]] = []  # (volume id, segmentation id)
+        self.worker: Any = None
+        self.run: dict[str, str] | None = None  # base, data, output of the current or stopped fine-tune
+        self.plot_table: Any = None
+        self.plot_chart: Any = None
+        self.started = 0.0
+        self.result: dict[str, Any] | None = None  # the worker's "done" record: new model id and package
+
+    # cases -------------------------------------------------------------------------------------------------
+    def add_case(self) -> None:
+        volume, seg = self.params.finetuneVolume, self.params.finetuneSegmentation
+        if volume is None or seg is None:
+            raise InputError("Pick a volume and its corrected segmentation first.")
+        pair = (volume.GetID(), seg.GetID())
+        if pair not in self.cases:
+            self.cases.append(pair)
+
+    def remove_cases(self, rows: list[int]) -> None:
+        for row in sorted(set(rows), reverse=True):
+            if 0 <= row < len(self.cases):
+                del self.cases[row]
+
+    def case_rows(self, model: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+        """(volume, segmentation, label → segment mapping) per case, as the table shows them."""
+        rows = []
+        card = card_of(model)
+        for vid, sid in self.cases:
+            volume, seg = self.bridge.scene.GetNodeByID(vid), self.bridge.scene.GetNodeByID(sid)
+            mapping = ""
+            if card and seg is not None:
+                preset = card["preset"]
+                found = self.bridge.match_segments(seg, preset)
+                mapping = "; ".join(f"{preset['labels'][str(v)]} → {m['segment']} ({m['by']})" for v, m in found.items())
+                missing = [n for k, n in preset["labels"].items() if k != "0" and int(k) not in found]
+                if missing:
+                    mapping += ("; " if mapping else "") + "missing: " + ", ".join(missing)
+            rows.append((volume.GetName() if volume else "?", seg.GetName() if seg else "?", mapping))
+        return rows
+
+    # runs --------------------------------------------------------------------------------------------------
+    @property
+    def can_resume(self) -> bool:
+        return self.worker is None and self.run is not None
+
+    def start(self, model: dict[str, Any] | None, resume: bool = False) -> None:
+        """Fine-tune when idle; Stop when running (the last finished epoch's checkpoint is kept)."""
+        if self.worker is not None:
+            self.worker.cancel()
+            self.state.set(FINETUNE, RUNNING, "Stopping… the last finished epoch is kept; Resume continues from it.")
+            return
+        try:
+            if not model or model.get("status") != "ok":
+                raise InputError("Select a usable base model in the Inputs section.")
+            if resume and self.run is None:
+                raise InputError("There is no stopped fine-tune to resume.")
+            if not resume:
+                work = self.work_root() / time.strftime("%Y%m%d-%H%M%S")
+                folder = str(self.params.finetuneFolder or "").strip()
+                if folder and folder != ".":
+                    data = folder
+                else:
+                    pairs = [(self.bridge.scene.GetNodeByID(v), self.bridge.scene.GetNodeByID(s)) for v, s in self.cases]
+                    data = self.bridge.build_finetune_dataset(pairs, card_of(model)["preset"], work / "data")["folder"]
+                self.run = {"base": model["path"], "data": str(data), "output": str(work / "run")}
+                self.plot_table, self.plot_chart = self.bridge.training_plot(f"Fine-tune {model['id']}")
+            self.state.set(FINETUNE, STARTING, "Preparing the cases…")
+            self.worker = self.bridge.start_finetune(
+                self.run["base"], self.run["data"], self.run["output"], epochs=int(self.params.finetuneEpochs),
+                lr=float(self.params.finetuneLearningRate), dsd="dsd" if self.params.finetuneDSD else "plain",
+                freeze_encoder=bool(self.params.finetuneFreezeEncoder), device=self.params.device,
+                name=self.params.finetuneName or None, resume=resume)
+            self.started = time.monotonic()
+            self.result = None
+        except Exception as e:  # noqa: BLE001
+            self.worker = None
+            _failure(self.state, FINETUNE, e)
+
+    def tick(self, now: float | None = None) -> dict[str, Any] | None:
+        """Epoch records into the plot table, progress and time left; returns the result record when done."""
+        worker = self.worker
+        if worker is None:
+            return None
+        now = time.monotonic() if now is None else now
+        for rec in worker.poll():
+            if rec.get("stage") == "epoch":
+                if self.plot_table is not None:
+                    self.bridge.add_epoch(self.plot_table, rec["record"])
+                done, total = int(rec["done"]), int(rec["total"])
+                per_epoch = (now - self.started) / max(done, 1)
+                best = rec.get("best", -1)
+                loss = rec["record"].get("loss/total", math.nan)
+                self.state.set(FINETUNE, RUNNING, f"Epoch {done}/{total}, loss {loss:.4f}, best validation Dice "
+                               f"{best:.3f}" if best >= 0 else f"Epoch {done}/{total}, loss {loss:.4f}", done, total)
+                if total > done:
+                    self.state.runs[FINETUNE].message += f", about {per_epoch * (total - done) / 60:.0f} min left"
+            elif rec.get("stage") == "done":
+                self.result = rec
+            elif rec.get("message") and rec.get("stage") in ("log", "error"):
+                self.state.set(FINETUNE, RUNNING, rec["message"])
+        if worker.running:
+            return None
+        self.worker = None
+        result = worker.wait()
+        if result.ok and self.result:
+            r = self.result
+            self.run = None
+            self.state.set(FINETUNE, DONE, f"New model {r['model_id']}: held-out Dice {r['before']['mean_dice']:.3f} "
+                           f"(base) → {r['after']['mean_dice']:.3f}")
+            return r
+        if result.status == "cancelled":
+            self.state.set(FINETUNE, CANCELLED, "Stopped. Resume continues from the last finished epoch.")
+        else:
+            self.state.set(FINETUNE, FAILED, f"Stopped: {result.message}")
+        return None
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            self.worker.wait()
+            self.worker = None
+
+    def reset(self) -> None:
+        """Scene closing: the cases and the plot nodes go with the scene; a running fine-tune goes on (its files
+        are outside the scene) and can still be resumed."""
+        self.cases.clear()
+        self.plot_table = self.plot_chart = None
+
+
+# ------------------------------------------------------------------------------------------------------- panel
+@dataclass
+class PanelController:
+    """The four section controllers over one scene and one processing state; resets them when the scene closes."""
+
+    scene: Any
+    bridge: Any
+    params: Any
+    model: Callable[[], dict[str, Any] | None]
+    work_root: Callable[[], Path]
+    state: ProcessingState = field(default_factory=ProcessingState)
+
+    def __post_init__(self) -> None:
+        from .interactive import InteractiveLogic
+
+        self.segment = SegmentController(self.bridge, self.state, self.params)
+        self.prompt = PromptController(self.scene, InteractiveLogic(self.bridge), self.state, self.params, self.model)
+        self.qa = QAController(self.scene, self.state, self.params)
+        self.finetune = FinetuneController(self.bridge, self.state, self.params, self.work_root)
+        self._close_tag = self.scene.AddObserver(self.scene.StartCloseEvent, self._on_scene_close)
+
+    def _on_scene_close(self, caller: Any = None, event: Any = None) -> None:
+        self.segment.reset()
+        self.prompt.reset()
+        self.qa.reset()
+        self.finetune.reset()
+
+    def tick(self, now: float | None = None) -> dict[str, Any]:
+        """One poll of every section (the widget's timer): what finished in this tick."""
+        return {"segment": self.segment.tick(now), "prompt": self.prompt.tick(now), "finetune": self.finetune.tick(now)}
+
+    def shutdown(self) -> None:
+        """Module closed: nothing is left running (a stopped fine-tune can be resumed later)."""
+        self._on_scene_close()
+        self.finetune.stop()
+        self.scene.RemoveObserver(self._close_tag)
+        self.bridge.shutdown()

@@ -1,0 +1,1 @@
+# Stand-in: packaging is Slicer's; the install tree is what this check inspects.

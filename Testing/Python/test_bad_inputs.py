@@ -1,0 +1,460 @@
+"""One parametrised suite of bad inputs, faults and concurrent uses (issue: never destroy a user's file).
+
+Every CLI case asserts the exit code, a message that names the problem, and that every file the user had (the
+dataset copy, the model, anything made for the case) is byte-for-byte unchanged afterwards. Cases run on the
+shipped hippocampus model and real MSD cases, so each refusal is checked before minutes of real work would start.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from DSDSegmentationLib.worker.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "Resources" / "Models" / "hippocampus-dsd"
+CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
+
+
+def run(args: list[str]) -> int:
+    """The CLI's exit code, argparse's refusals (SystemExit) included."""
+    try:
+        return cli(args)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture
+def ws(hippocampus_dir: Path, tmp_path: Path) -> Path:
+    """A user's workspace: a 4-case MSD dataset copy, a copy of the model, an output folder."""
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    meta = json.loads((hippocampus_dir / "dataset.json").read_text())
+    entries = []
+    for c in CASES:
+        for sub in ("imagesTr", "labelsTr"):
+            shutil.copy(hippocampus_dir / sub / f"{c}.nii.gz", data / sub / f"{c}.nii.gz")
+        entries.append({"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"})
+    (data / "dataset.json").write_text(json.dumps({**meta, "training": entries, "numTraining": len(entries)}))
+    shutil.copytree(MODEL, tmp_path / "model")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def img(ws: Path, i: int = 0) -> str:
+    return str(ws / "data" / "imagesTr" / f"{CASES[i]}.nii.gz")
+
+
+def lab(ws: Path, i: int = 0) -> str:
+    return str(ws / "data" / "labelsTr" / f"{CASES[i]}.nii.gz")
+
+
+def predict(ws: Path, *extra: str) -> list[str]:
+    return ["predict", "--model", str(ws / "model"), "--progress", "none", *extra]
+
+
+def _nifti(ws: Path, name: str, affine: np.ndarray, data: np.ndarray | None = None) -> str:
+    ref = nib.load(img(ws))
+    arr = np.asarray(ref.dataobj) if data is None else data
+    path = ws / "made" / name
+    path.parent.mkdir(exist_ok=True)
+    out = nib.Nifti1Image(arr, np.eye(4))
+    out.set_qform(np.eye(4), code=0)
+    out.set_sform(affine, code=1)  # the sform alone carries it (a degenerate affine has no qform)
+    nib.save(out, str(path))
+    return str(path)
+
+
+def _symlink(ws: Path) -> str:
+    link = ws / "out" / "link.nii.gz"
+    link.symlink_to(img(ws))
+    return str(link)
+
+
+def _hardlink(ws: Path) -> str:
+    link = ws / "out" / "hard.nii.gz"
+    os.link(img(ws), link)
+    return str(link)
+
+
+def _existing(ws: Path) -> str:
+    p = ws / "out" / "seg.nii.gz"
+    p.write_bytes(b"the user's earlier result")
+    return str(p)
+
+
+def _bad_card(ws: Path) -> str:
+    """A card edited by hand (a label added) whose checksums were regenerated: consistent sums, wrong card."""
+    from DSDSegmentationLib.engine.cards import write_checksums
+
+    pkg = ws / "made" / "edited-model"
+    shutil.copytree(ws / "model", pkg)
+    card = json.loads((pkg / "model.json").read_text())
+    card["preset"]["labels"]["3"] = "extra"
+    (pkg / "model.json").write_text(json.dumps(card))
+    write_checksums(pkg, ["model.json", "weights.pt"])
+    return str(pkg)
+
+
+def _truncated(ws: Path) -> str:
+    from DSDSegmentationLib.engine.cards import write_checksums
+    from DSDSegmentationLib.engine.models_sha import sha256_of
+
+    pkg = ws / "made" / "truncated-model"
+    shutil.copytree(ws / "model", pkg)
+    w = pkg / "weights.pt"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    card = json.loads((pkg / "model.json").read_text())
+    card["sha256"] = sha256_of(w)
+    (pkg / "model.json").write_text(json.dumps(card))
+    write_checksums(pkg, ["model.json", "weights.pt"])
+    return str(pkg)
+
+
+def _preset_typo(ws: Path) -> str:
+    from DSDSegmentationLib.engine.tasks import PRESET_DIR
+
+    d = json.loads((PRESET_DIR / "hippocampus.json").read_text())
+    d["training"]["batchsize"] = 4
+    p = ws / "made" / "typo.json"
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+def _nan_dataset(ws: Path) -> str:
+    d = ws / "made" / "nan"
+    shutil.copytree(ws / "data", d)
+    x = nib.load(d / "imagesTr" / f"{CASES[2]}.nii.gz")
+    arr = np.asarray(x.dataobj).astype(np.float32)
+    arr[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(arr, x.affine, x.header), str(d / "imagesTr" / f"{CASES[2]}.nii.gz"))
+    return str(d)
+
+
+A = np.asarray  # noqa: N816
+CLI_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
+    # outputs that would overwrite inputs
+    ("output is the input", lambda w: predict(w, "-i", img(w), "-o", img(w)), 2, "is the input file"),
+    ("output is the input through ..", lambda w: predict(w, "-i", img(w), "-o",
+                                                          str(w / "data" / "labelsTr" / ".." / "imagesTr" / Path(img(w)).name)),
+     2, "is the input file"),
+    ("output is a symlink to the input", lambda w: predict(w, "-i", img(w), "-o", _symlink(w)), 2, "is the input file"),
+    ("output is a hard link of the input", lambda w: predict(w, "-i", img(w), "-o", _hardlink(w)), 2, "is the input file"),
+    ("uncertainty is the input", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--uncertainty", img(w)),
+     2, "is the input file"),
+    ("uncertainty is the output", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"),
+                                                     "--uncertainty", str(w / "out" / "s.nii.gz")), 2, "also another output"),
+    ("batch into imagesTr", lambda w: predict(w, "--batch", str(w / "data"), "--output-dir", str(w / "data" / "imagesTr")),
+     2, "holds the input"),
+    ("batch into labelsTr", lambda w: predict(w, "--batch", str(w / "data"), "--output-dir", str(w / "data" / "labelsTr")),
+     2, "holds the input"),
+    ("batch into imagesTr allowed, inputs still safe",
+     lambda w: predict(w, "--batch", str(w / "data"), "--output-dir", str(w / "data" / "imagesTr"), "--allow-input-folder"),
+     2, "is the input file"),
+    ("existing output", lambda w: predict(w, "-i", img(w), "-o", _existing(w)), 2, "already exists; pass --overwrite"),
+    # output paths checked before inference
+    ("no extension", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "seg")), 2, "unsupported file type"),
+    ("mha", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "seg.mha")), 2, "unsupported file type"),
+    ("txt", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "seg.txt")), 2, "unsupported file type"),
+    ("png", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "seg.png")), 2, "unsupported file type"),
+    ("existing folder", lambda w: predict(w, "-i", img(w), "-o", str(w / "out")), 2, "is an existing folder"),
+    ("folder under a file", lambda w: predict(w, "-i", img(w), "-o", img(w) + "/seg.nii.gz"), 2, "is a file, not a folder"),
+    # options
+    ("device gpu", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--device", "gpu"), 2,
+     "'gpu' is not one of auto, cpu, cuda"),
+    ("device mps", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--device", "mps"), 2,
+     "'mps' is not one of"),
+    ("overlap 1.5", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--overlap", "1.5"), 2,
+     r"--overlap must be in \[0, 1\)"),
+    ("overlap -0.1", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--overlap", "-0.1"), 2,
+     r"--overlap must be in \[0, 1\)"),
+    ("sw batch 0", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--sw-batch-size", "0"), 2,
+     "must be at least 1"),
+    # geometry
+    ("zero spacing", lambda w: predict(w, "-i", _nifti(w, "zero.nii.gz", A(np.diag([1.0, 0.0, 1.0, 1.0]))), "-o",
+                                       str(w / "out" / "s.nii.gz")), 2, "degenerate"),
+    ("1000 mm spacing", lambda w: predict(w, "-i", _nifti(w, "huge.nii.gz", A(np.diag([1000.0, 1000.0, 1000.0, 1.0]))), "-o",
+                                          str(w / "out" / "s.nii.gz")), 2, "outside 0.01–50 mm"),
+    ("1e-4 mm spacing", lambda w: predict(w, "-i", _nifti(w, "tiny.nii.gz", A(np.diag([1e-4, 1e-4, 1e-4, 1.0]))), "-o",
+                                          str(w / "out" / "s.nii.gz")), 2, "outside 0.01–50 mm"),
+    # models
+    ("card labels differ from the network", lambda w: ["predict", "--model", _bad_card(w), "-i", img(w), "-o",
+                                                        str(w / "out" / "s.nii.gz"), "--progress", "none"], 2,
+     "4 labels .* network has 3 outputs"),
+    ("truncated weights", lambda w: ["predict", "--model", _truncated(w), "-i", img(w), "-o", str(w / "out" / "s.nii.gz"),
+                                     "--progress", "none"], 2, "damaged or truncated"),
+    # training
+    ("epochs 0", lambda w: ["train", "--task", "hippocampus", "--data", str(w / "data"), "--output", str(w / "run"),
+                            "--epochs", "0"], 2, "must be at least 1"),
+    ("epochs -1", lambda w: ["train", "--task", "hippocampus", "--data", str(w / "data"), "--output", str(w / "run"),
+                             "--epochs", "-1"], 2, "must be at least 1"),
+    ("lr 0", lambda w: ["train", "--task", "hippocampus", "--data", str(w / "data"), "--output", str(w / "run"),
+                        "--lr", "0"], 2, "must be a positive number"),
+    ("NaN in a training image", lambda w: ["train", "--task", "hippocampus", "--data", _nan_dataset(w), "--output",
+                                           str(w / "run"), "--epochs", "1", "--progress", "none"], 2,
+     f"case {CASES[2]}: the image contains NaN"),
+    ("preset typo", lambda w: ["train", "--task", _preset_typo(w), "--data", str(w / "data"), "--output", str(w / "run"),
+                               "--progress", "none"], 2, r"training: unknown key\(s\) \['batchsize'\]"),
+    ("finetune epochs 0", lambda w: ["finetune", "--base", str(w / "model"), "--data", str(w / "data"), "--output",
+                                     str(w / "ft"), "--epochs", "0"], 2, "must be at least 1"),
+    ("export zip over a file", lambda w: ["models", "export", "hippocampus-dsd", _existing(w)], 2, "must end in .zip"),
+]
+
+
+@pytest.mark.parametrize("name,make,code,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_refuses_and_keeps_every_file(ws: Path, capsys, name: str, make, code: int, message: str) -> None:
+    import re
+
+    args = make(ws)
+    before = _digest(ws)
+    t0 = time.perf_counter()
+    rc = run(args)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert _digest(ws) == before, "a user's file changed"
+    assert not [p for p in ws.rglob(".tmp-*")], "temporary files left"
+    assert not (ws / "run").exists() and not (ws / "ft").exists(), "nothing is written when a run is refused"
+    assert time.perf_counter() - t0 < 60
+
+
+def test_overwrite_replaces_only_when_asked_and_keeps_umask(ws: Path, capsys) -> None:
+    out = Path(_existing(ws))
+    old = os.umask(0o022)
+    try:
+        assert cli(predict(ws, "-i", img(ws), "-o", str(out), "--overwrite")) == 0
+    finally:
+        os.umask(old)
+    assert nib.load(out).shape == nib.load(img(ws)).shape
+    assert out.stat().st_mode & 0o777 == 0o644, oct(out.stat().st_mode)
+    # a batch into its own folder with --allow-input-folder writes new files and leaves every input alone
+    before = _digest(ws / "data")
+    (ws / "data" / "results").mkdir()
+    assert cli(predict(ws, "--batch", str(ws / "data"), "--output-dir", str(ws / "data" / "results"))) == 0
+    assert all((ws / "data" / "results" / f"{c}.nii.gz").is_file() for c in CASES)
+    assert {k: v for k, v in _digest(ws / "data").items() if not k.startswith("results")} == before
+
+
+def test_write_failure_is_one_clear_error_without_debris(ws: Path, capsys, monkeypatch) -> None:
+    import nibabel
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nibabel, "save", full_disk)
+    before = _digest(ws)
+    assert cli(predict(ws, "-i", img(ws), "-o", str(ws / "out" / "s.nii.gz"))) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "Traceback" not in err
+    assert list((ws / "out").iterdir()) == [] and _digest(ws) == before
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A real 1 MiB file system (tmpfs), filled up: needs root and mount; skipped where neither is allowed."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_for_real(ws: Path, tiny_fs: Path, capsys) -> None:
+    before = _digest(ws)
+    assert cli(predict(ws, "-i", img(ws), "-o", str(tiny_fs / "s.nii.gz"))) == 2
+    err = capsys.readouterr().err
+    assert ("disk is full" in err or "cannot write" in err) and "Traceback" not in err
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]
+    assert _digest(ws) == before
+
+
+def test_logic_temp_folder_full_or_read_only_never_crashes_the_host(ws: Path, tiny_fs: Path) -> None:
+    """slicer-core's NRRD writer segfaults on a full or read-only temp folder: the Logic checks first. Run in a
+    subprocess so that a crash shows up as a failed test, not a dead test runner."""
+    code = f"""
+import sys
+from pathlib import Path
+from DSDSegmentationLib.bridge.headless import setup_headless
+from DSDSegmentationLib.bridge.logic import SegmentationBridge
+from DSDSegmentationLib.engine.errors import InputError
+scene, app, mods = setup_headless()
+logic = SegmentationBridge(scene, warm=False, temp_root={str(tiny_fs)!r})
+vol = logic.load_volume({img(ws)!r})
+for root in ({str(tiny_fs)!r}, {str(ws / 'readonly')!r}):
+    logic.temp_root = Path(root)
+    try:
+        logic.start([vol], {str(ws / 'model')!r}, device="cpu")
+        print("STARTED")
+    except InputError as e:
+        print("REFUSED", e)
+"""
+    ro = ws / "readonly"
+    ro.mkdir()
+    immutable = subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+    if not immutable:
+        ro.chmod(0o555)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], capture_output=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("REFUSED", "STARTED"))]
+    assert len(lines) == 2 and lines[0].startswith("REFUSED") and "MB free" in lines[0], r.stdout
+    if immutable or os.geteuid() != 0:
+        assert lines[1].startswith("REFUSED") and ("not writable" in lines[1] or "cannot" in lines[1]), r.stdout
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]
+
+
+def test_resume_keeps_the_runs_schedule(ws: Path, capsys) -> None:
+    base = ["train", "--task", "hippocampus", "--data", str(ws / "data"), "--output", str(ws / "run"),
+            "--progress", "none", "--device", "cpu"]
+    assert cli([*base, "--epochs", "2", "--lr", "0.01", "--max-steps", "1", "--val-every", "1"]) == 0
+    hist = json.loads((ws / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    # a finished 2-epoch run resumed without settings stays a 2-epoch run (it used to run the preset's 100 epochs)
+    assert cli([*base, "--resume"]) == 0
+    assert len(json.loads((ws / "run" / "history.json").read_text())) == 2
+    # a conflicting explicit value is an error naming it
+    capsys.readouterr()
+    assert cli([*base, "--resume", "--epochs", "5"]) == 2
+    assert "epochs 5 (the run has 2)" in capsys.readouterr().err
+    assert cli([*base, "--resume", "--lr", "0.5"]) == 2
+    assert "lr 0.5 (the run has 0.01)" in capsys.readouterr().err
+
+
+def test_finetune_resume_keeps_its_epochs_and_never_registers_twice(ws: Path) -> None:
+    store = ws / "store"
+    args = [sys.executable, "-m", "DSDSegmentationLib.worker.cli", "finetune", "--base", str(ws / "model"), "--data",
+            str(ws / "data"), "--output", str(ws / "ft"), "--store", str(store), "--epochs", "3", "--max-steps", "1",
+            "--device", "cpu", "--progress", "json"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if '"stage": "epoch"' in line:  # stop after the first finished epoch, as the panel's Stop does
+            proc.kill()
+            break
+    proc.wait()
+    assert not store.exists() or not [p for p in store.iterdir() if p.is_dir()]
+    assert cli(["finetune", "--output", str(ws / "ft"), "--resume", "--store", str(store), "--progress", "none"]) == 0
+    hist = json.loads((ws / "ft" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3], "resumed with the run's own 3 epochs, not the default 30"
+    models = [p.name for p in store.iterdir() if p.is_dir()]
+    assert len(models) == 1
+    card = json.loads((store / models[0] / "model.json").read_text())
+    assert card["training"]["planned_epochs"] == 3
+    assert cli(["finetune", "--output", str(ws / "ft"), "--resume", "--store", str(store), "--progress", "none"]) == 0
+    assert [p.name for p in store.iterdir() if p.is_dir()] == models, "resuming a finished run registers nothing new"
+
+
+def test_evaluate_and_qa_name_what_they_cannot_score(ws: Path, capsys) -> None:
+    ref = nib.load(lab(ws))
+    arr = np.asarray(ref.dataobj).copy()
+    arr[arr == 2] = 7  # a value the labels do not name
+    pred = _nifti(ws, "pred.nii.gz", ref.affine, arr.astype(np.uint8))
+    empty = _nifti(ws, "empty.nii.gz", ref.affine, np.zeros_like(arr, dtype=np.uint8))
+    assert cli(["evaluate", "--pred", pred, "--ref", lab(ws), "--labels", "hippocampus", "--output", str(ws / "ev")]) == 0
+    assert "label value(s) [7] in the prediction are not among --labels" in capsys.readouterr().err
+    assert cli(["qa", pred, empty, "--labels", "hippocampus", "--output", str(ws / "qa")]) == 0
+    err = capsys.readouterr().err
+    assert "reference holds no labelled structure" in err and "Traceback" not in err
+    report = json.loads((ws / "qa" / "qa.json").read_text())
+    assert len(report["notes"]) == 2 and (ws / "qa" / "index.html").is_file()
+
+
+def test_models_list_flags_damaged_packages(ws: Path) -> None:
+    from DSDSegmentationLib.engine.cards import list_models
+
+    _bad_card(ws), _truncated(ws)
+    status = {m["id"]: m["status"] for m in list_models([ws / "none", ws / "made"])}
+    assert "network has 3 outputs" in status["edited-model"]
+    assert "damaged or truncated" in status["truncated-model"]
+
+
+SERVE_BAD = ['[1, 2]', 'null', '"predict"', '{"id": 5, "command": "predict"}', '{"id": 6, "command": "explode"}',
+             'not json']
+
+
+def test_warm_worker_answers_every_bad_request_and_stays_up(ws: Path) -> None:
+    from DSDSegmentationLib.worker.process import WorkerProcess
+
+    worker = WorkerProcess(["serve"], interactive=True)
+    try:
+        for line in SERVE_BAD:
+            worker.proc.stdin.write(line + "\n")
+        worker.proc.stdin.flush()
+        unwritable = {"id": 7, "command": "predict", "model": str(ws / "model"), "inputs": [img(ws)], "output": img(ws)}
+        good = {"id": 8, "command": "predict", "model": str(ws / "model"), "inputs": [img(ws)],
+                "output": str(ws / "out" / "ok.nii.gz"), "device": "cpu"}
+        before = _digest(ws / "data")
+        worker.send(unwritable)
+        worker.send(good)
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(r.get("id") == 8 and r.get("stage") in ("done", "error") for r in worker.records):
+            worker.poll()
+            time.sleep(0.05)
+        finals = [r for r in worker.records if r.get("stage") in ("done", "error", "cancelled")]
+        assert len(finals) == len(SERVE_BAD) + 2, finals
+        assert all(r["stage"] == "error" and r["exit_code"] == 2 for r in finals[:-1]), finals
+        assert "is the input file" in finals[-2]["message"]
+        assert finals[-1]["stage"] == "done" and (ws / "out" / "ok.nii.gz").is_file()
+        assert worker.running and _digest(ws / "data") == before
+    finally:
+        worker.send({"command": "quit"})
+        worker.wait(timeout=30)
+
+
+def test_worker_failures_are_not_input_errors() -> None:
+    from DSDSegmentationLib.engine.errors import Cancelled, InputError
+    from DSDSegmentationLib.worker.process import WorkerError, WorkerResult
+
+    with pytest.raises(WorkerError) as e:
+        WorkerResult("error", 3, "out of memory: CUDA out of memory", [], kind="out of memory").raise_for_status()
+    assert e.value.retry_on_cpu and not isinstance(e.value, InputError)
+    with pytest.raises(WorkerError) as e:
+        WorkerResult("error", 1, "crash: boom", [], kind="crash").raise_for_status()
+    assert not e.value.retry_on_cpu and e.value.exit_code == 1
+    with pytest.raises(InputError):
+        WorkerResult("error", 2, "error: constant image", [], kind="error").raise_for_status()
+    with pytest.raises(Cancelled):
+        WorkerResult("cancelled", 130, "cancelled by the user", []).raise_for_status()
+    WorkerResult("ok", 0, "", []).raise_for_status()
+
+
+def test_worker_popen_options_hide_consoles_on_windows() -> None:
+    from DSDSegmentationLib.worker.process import popen_platform_options
+
+    assert popen_platform_options("posix") == {"start_new_session": True}
+    win = popen_platform_options("nt")
+    assert win["creationflags"] & 0x08000000, "CREATE_NO_WINDOW"
+    assert win["creationflags"] & 0x00000200, "CREATE_NEW_PROCESS_GROUP (cancel reaches the whole tree)"

@@ -1,0 +1,253 @@
+"""The panel's controllers on a real MRML scene (slicer-core) with the event sequences Slicer produces: placing a
+box ROI's two corners, moving a point, closing the scene. The widget only binds to these."""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+import vtk  # noqa: E402
+
+from DSDSegmentationLib.bridge import controllers as C  # noqa: E402
+from DSDSegmentationLib.bridge.demo import default_model, default_sample  # noqa: E402
+from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
+from DSDSegmentationLib.engine.cards import list_models  # noqa: E402
+from DSDSegmentationLib.engine.data import list_cases  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def hippocampus_model() -> dict:
+    (m,) = [m for m in list_models() if m["id"] == "hippocampus-dsd"]
+    return m
+
+
+@pytest.fixture
+def panel(scene, tmp_path: Path):
+    params = SimpleNamespace(**C.PARAMETERS)
+    bridge = SegmentationBridge(scene, warm=True, temp_root=tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    model = hippocampus_model()
+    p = C.PanelController(scene, bridge, params, model=lambda: model, work_root=lambda: tmp_path / "finetune")
+    p.model_entry = model
+    events: list[tuple[str, str]] = []
+    p.state.add_listener(lambda kind, run: events.append((kind, run.status)))
+    p.events = events
+    yield p
+    p.shutdown()
+
+
+def run_until(panel, what: str, timeout: float = 120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        out = panel.tick()
+        if out[what] is not None:
+            return out[what]
+        if not panel.state.active() and panel.prompt.pending is None:
+            return None
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def sample_volume(panel):
+    case = list_cases(default_sample())[0]
+    return panel.bridge.load_volume(case.images[0]), case
+
+
+def test_parameter_node_declares_exactly_the_controller_settings() -> None:
+    tree = ast.parse((ROOT / "DSDSegmentation" / "DSDSegmentation.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
+    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    assert fields == set(C.PARAMETERS)
+
+
+def test_processing_state_has_one_setter_and_tells_listeners() -> None:
+    state = C.ProcessingState()
+    seen = []
+    state.add_listener(lambda kind, run: seen.append((kind, run.status, run.done, run.total)))
+    state.set(C.SEGMENT, C.STARTING, "starting")
+    state.set(C.SEGMENT, C.RUNNING, "windows", done=2, total=8)
+    assert state.active(C.SEGMENT) and not state.active(C.FINETUNE)
+    state.set(C.SEGMENT, C.DONE, "done")
+    assert seen == [("segment", "starting", 0, 0), ("segment", "running", 2, 8), ("segment", "done", 2, 8)]
+    with pytest.raises(ValueError):
+        state.set("bogus", C.DONE)
+
+
+def test_roi_placement_waits_for_the_second_corner(panel, scene) -> None:
+    """Slicer places a box ROI with two control points and fires PointPositionDefinedEvent for each; the first
+    leaves a zero-size box, on which the old panel ran ("region is too thin")."""
+    volume, _ = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    placing = []
+    panel.prompt.on_placing_changed = placing.append
+    panel.prompt.place(C.PromptController.ROI)
+    interaction = scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    assert interaction.GetCurrentInteractionMode() == interaction.Place
+    roi = panel.prompt.nodes[C.PromptController.ROI]
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    c = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
+    roi.AddControlPoint(vtk.vtkVector3d(c[0] - 12, c[1] - 16, c[2] - 12))  # first corner: defined, size 0
+    assert panel.prompt.pending is None and panel.prompt.placing == C.PromptController.ROI
+    assert interaction.GetCurrentInteractionMode() == interaction.Place, "still placing the box"
+    roi.AddControlPoint(vtk.vtkVector3d(c[0] + 12, c[1] + 16, c[2] + 12))  # second corner: a real box
+    assert panel.prompt.pending is not None and panel.prompt.pending[1] == -1
+    assert placing[-1] is None and interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+    seg = run_until(panel, "prompt")
+    assert seg is not None, panel.state[C.PROMPT].message
+    assert panel.state[C.PROMPT].status == C.DONE
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    assert panel.params.outputSegmentation is seg
+
+
+def test_moves_are_debounced_and_live_rerun_is_a_setting(panel, scene, monkeypatch) -> None:
+    volume, _ = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    starts = []
+    real = panel.prompt.interactive.start
+    monkeypatch.setattr(panel.prompt.interactive, "start", lambda *a, **k: starts.append(a[2]) or real(*a, **k))
+    point = panel.prompt.node(C.PromptController.POINT)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    centre = list(ijk_to_ras.MultiplyPoint([17, 25, 17, 1])[:3])
+    point.AddControlPoint(vtk.vtkVector3d(*centre))  # defined
+    assert run_until(panel, "prompt") is not None and len(starts) == 1
+    # a drag: three moves within the debounce time run once, at the last position
+    t0 = 1000.0
+    for i, dx in enumerate((0.5, 1.0, 1.5)):
+        point.SetNthControlPointPosition(0, centre[0] + dx, centre[1], centre[2])
+        panel.prompt.prompt_changed(point, defined=False, now=t0 + 0.1 * i)
+    panel.prompt.tick(now=t0 + 0.25)
+    assert len(starts) == 1, "still inside the debounce window"
+    panel.prompt.tick(now=t0 + 0.2 + C.DEBOUNCE_S)
+    assert len(starts) == 2 and abs(starts[-1][0] - (centre[0] + 1.5)) < 1e-6
+    assert run_until(panel, "prompt") is not None
+    # live re-run off: a move (PointEndInteractionEvent) changes nothing
+    panel.params.liveRerun = False
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert panel.prompt.pending is None
+
+
+def test_next_prompt_cancels_only_the_run_in_flight(panel) -> None:
+    volume, _ = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    point = panel.prompt.node(C.PromptController.POINT)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([17, 25, 17, 1])[:3]))
+    panel.prompt.tick(now=time.monotonic() + 1)
+    first = panel.prompt.region[0]
+    pid = panel.bridge.server.proc.proc.pid
+    point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([18, 24, 16, 1])[:3]))
+    panel.prompt.tick(now=time.monotonic() + 1)
+    assert first.run.worker.result().status == "cancelled"
+    assert run_until(panel, "prompt") is not None
+    assert panel.bridge.server.proc.proc.pid == pid, "the warm worker survives the cancel"
+    assert len(panel.prompt.regions) == 1
+
+
+def test_segment_controller_readiness_apply_and_cancel(panel, scene) -> None:
+    model = panel.model_entry
+    seg_ctl = panel.segment
+    assert seg_ctl.readiness(None)[0] is False
+    assert seg_ctl.readiness(model) == (False, "Select every input volume: T1 MRI", False)
+    big = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "whole head")
+    slicer.util.updateVolumeFromArray(big, np.random.default_rng(0).normal(size=(120, 160, 160)).astype(np.float32))
+    panel.params.inputVolume0 = big
+    ok, tip, needs_click = seg_ctl.readiness(model)
+    assert not ok and needs_click and "Click to segment" in tip
+    volume, case = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    assert seg_ctl.readiness(model)[0]
+    seg_ctl.apply(model)
+    seg_ctl.apply(model)  # the same button while running: Cancel
+    assert panel.state[C.SEGMENT].status == C.CANCELLED
+    assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+    seg_ctl.apply(model)
+    seg = run_until(panel, "segment")
+    assert seg is not None and panel.params.outputSegmentation is seg
+    assert panel.state[C.SEGMENT].status == C.DONE and "2 segments" in panel.state[C.SEGMENT].message
+    assert (C.SEGMENT, C.IMPORTING) in panel.events
+
+
+def test_qa_controller(panel, scene) -> None:
+    volume, case = sample_volume(panel)
+    preset = json.loads((default_model() / "model.json").read_text())["preset"]
+    ref = panel.bridge.import_labelmap(case.label, volume, preset, show_3d=False)
+    panel.params.qaSegmentation = panel.params.qaReference = ref
+    panel.params.qaVolume = volume
+    with pytest.raises(Exception, match="two different segmentations"):
+        panel.qa.compare()
+    panel.params.inputVolume0 = volume
+    panel.segment.apply(panel.model_entry)
+    seg = run_until(panel, "segment")
+    panel.params.qaSegmentation = seg
+    panel.params.qaToleranceMm = 2.0
+    result = panel.qa.compare()
+    assert result.table.GetNumberOfRows() == 2
+    n = panel.qa.error_count
+    assert n > 0
+    seen = [panel.qa.next_error()[0] for _ in range(n + 1)]
+    assert seen == [*range(n), 0], "next worst error cycles through all of them"
+
+
+def test_scene_close_resets_every_section(panel, scene, tmp_path: Path) -> None:
+    volume, _ = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    point = panel.prompt.node(C.PromptController.POINT)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([17, 25, 17, 1])[:3]))
+    panel.prompt.tick(now=time.monotonic() + 1)
+    assert panel.prompt.region is not None
+    panel.segment.apply(panel.model_entry)
+    panel.finetune.cases.append(("vtkMRMLScalarVolumeNode1", "x"))
+    scene.Clear(0)  # StartCloseEvent, as File → Close scene
+    assert panel.prompt.region is None and panel.prompt.nodes == {} and panel.segment.run is None
+    assert panel.finetune.cases == [] and panel.qa.result is None
+    assert list((tmp_path / "tmp").iterdir()) == [], "no temporary files left"
+
+
+def test_finetune_controller_cases_mapping_and_a_short_run(panel, scene, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DSDSEG_MODELS", str(tmp_path / "store"))  # the worker registers the new model there
+    model = panel.model_entry
+    preset = model["card"]["preset"]
+    with pytest.raises(Exception, match="Pick a volume"):
+        panel.finetune.add_case()
+    pairs = []
+    for case in list_cases(default_sample())[:2]:
+        volume = panel.bridge.load_volume(case.images[0])
+        seg = panel.bridge.import_labelmap(case.label, volume, preset, show_3d=False)
+        panel.params.finetuneVolume, panel.params.finetuneSegmentation = volume, seg
+        panel.finetune.add_case()
+        panel.finetune.add_case()  # twice: listed once
+        pairs.append((volume, seg))
+    # a researcher's own names, no terminology on one segment: matched by name, said so
+    segmentation = pairs[1][1].GetSegmentation()
+    sid = segmentation.GetSegmentIdBySegmentName("posterior hippocampus")
+    segmentation.GetSegment(sid).SetTag(segmentation.GetSegment(sid).GetTerminologyEntryTagName(), "")
+    rows = panel.finetune.case_rows(model)
+    assert len(rows) == 2 and "posterior hippocampus → posterior hippocampus (name)" in rows[1][2]
+    assert "(terminology)" in rows[0][2]
+    panel.params.finetuneEpochs = 1
+    panel.finetune.start(model)
+    assert panel.state[C.FINETUNE].status == C.STARTING
+    t0 = time.monotonic()
+    result = None
+    while result is None and time.monotonic() - t0 < 300:
+        result = panel.finetune.tick()
+        if panel.state[C.FINETUNE].status in (C.FAILED, C.CANCELLED):
+            break
+        time.sleep(0.1)
+    assert result is not None, panel.state[C.FINETUNE].message
+    assert panel.state[C.FINETUNE].status == C.DONE and result["model_id"] in panel.state[C.FINETUNE].message
+    assert panel.finetune.plot_table.GetTable().GetNumberOfRows() == 1
+    assert not panel.finetune.can_resume
