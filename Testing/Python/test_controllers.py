@@ -127,7 +127,7 @@ def test_moves_are_debounced_and_live_rerun_is_a_setting(panel, scene, monkeypat
         panel.prompt.prompt_changed(point, defined=False, now=t0 + 0.1 * i)
     panel.prompt.tick(now=t0 + 0.25)
     assert len(starts) == 1, "still inside the debounce window"
-    panel.prompt.tick(now=t0 + 0.2 + C.DEBOUNCE_S)
+    panel.prompt.tick(now=t0 + 0.2 + C.DEBOUNCE_S + 0.01)
     assert len(starts) == 2 and abs(starts[-1][0] - (centre[0] + 1.5)) < 1e-6
     assert run_until(panel, "prompt") is not None
     # live re-run off: a move (PointEndInteractionEvent) changes nothing

@@ -7,6 +7,8 @@ import ast
 import json
 import re
 import xml.etree.ElementTree as ET
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,3 +54,71 @@ def test_extension_files() -> None:
     reqs = (ROOT / "Resources" / "requirements.txt").read_text().lower()
     for never in ("numpy", "simpleitk", "vtk", "requests", "torch"):
         assert not re.search(rf"^{never}\b", reqs, re.M), f"{never} must not be installed by the extension"
+
+
+def _widget_source() -> str:
+    tree = ast.parse(MODULE.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationWidget"]
+    return ast.get_source_segment(MODULE.read_text(), cls)
+
+
+def test_widget_is_binding_only() -> None:
+    """Decisions live in the controllers: the widget holds no timer but the one that drives them, no model-card
+    rules, no prompt or run bookkeeping."""
+    src = _widget_source()
+    assert src.count("qt.QTimer()") == 1
+    for decision in ('["card"]', "size_mm", "GetNumberOfControlPoints", "GetActiveControlPoint", "_pending",
+                     "_regions", "debounce", "PointPositionDefinedEvent", "match_segments", "build_finetune_dataset"):
+        assert decision not in src, f"the widget decides something: {decision}"
+    assert len(src.splitlines()) < 330
+
+
+def test_module_and_bridge_use_only_apis_of_the_oldest_slicer() -> None:
+    """vtkSegment.SetTerminology/GetTerminology and IsTerminologyContextLoaded are newer than the tag API; one
+    helper (bridge/terminology.py) uses SetTag/GetTag with GetTerminologyEntryTagName()."""
+    files = [MODULE, *sorted((ROOT / "DSDSegmentation" / "DSDSegmentationLib" / "bridge").glob("*.py"))]
+    for f in files:
+        text = f.read_text()
+        for newer in (".SetTerminology(", ".GetTerminology(", "IsTerminologyContextLoaded("):
+            assert newer not in text, f"{f.name} calls {newer}"
+
+
+def test_logic_classes_have_distinct_names() -> None:
+    bridge = (ROOT / "DSDSegmentation" / "DSDSegmentationLib" / "bridge" / "logic.py").read_text()
+    assert "class DSDSegmentationLogic" not in bridge and "class SegmentationBridge" in bridge
+    assert "class DSDSegmentationLogic(ScriptedLoadableModuleLogic)" in MODULE.read_text()
+
+
+def test_dependency_plan() -> None:
+    import importlib.metadata as md
+
+    from DSDSegmentationLib.bridge import dependencies as deps
+
+    reqs = deps.read_requirements((ROOT / "Resources" / "requirements.txt").read_text().splitlines())
+    have = {"monai": "1.5.0", "nibabel": "5.3.2", "einops": "0.8.1", "pynrrd": "1.1.3", "scipy": "1.10.0"}
+    actions = {a.name: a for a in deps.plan(reqs, have.get, modules={"scipy": object()})}
+    assert actions["monai"].reason == "installed 1.5.0 does not satisfy ==1.6.1"
+    assert actions["tqdm"].reason == "not installed"
+    assert actions["scipy"].imported and "restart Slicer" in deps.describe(list(actions.values()))
+    assert "nibabel" not in actions
+    with pytest.raises(ValueError, match="Slicer's own package"):
+        deps.plan(["numpy>=2"], have.get)
+    # torch: at least what the pinned MONAI declares
+    monai_torch = [r for r in md.requires("monai") if r.startswith("torch") and "extra" not in r]
+    assert monai_torch == ["torch>=2.8.0"] and deps.TORCH_REQUIREMENT == ">=2.8"
+    assert deps.torch_problem({"torch": "2.4.1+cu121"}.get) == "torch 2.4.1+cu121 is installed; MONAI needs torch>=2.8"
+    assert deps.torch_problem({"torch": "2.13.0+cpu"}.get) is None
+    assert deps.torch_problem({}.get) == "torch is not installed"
+    assert "needs Slicer 5.10" in deps.slicer_version_problem(5, 8, (3, 9))
+    assert deps.slicer_version_problem(5, 10, (3, 12)) is None
+
+
+def test_supported_slicer_is_declared() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "Slicer 5.10" in readme and "Extensions Manager" in readme
+    entry = json.loads((ROOT / "Resources" / "ExtensionsIndex" / "DSDSegmentation.json").read_text())
+    # the catalog schema Slicer 5.10 ships is v1.0.1 (v1.0.2 came with 5.12); its properties, checked by hand
+    assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json")
+    assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                          "build_subdirectory", "enabled", "tier"}
+    assert 1 <= entry["tier"] <= 5

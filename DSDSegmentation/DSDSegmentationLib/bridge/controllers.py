@@ -361,10 +361,8 @@ class QAController:
     """Compare a segmentation with a reference; step through the worst boundary errors."""
 
     def __init__(self, scene: Any, state: ProcessingState, params: Any, qa_logic: Any = None):
-        from .qa_logic import QALogic
-
         self.scene, self.state, self.params = scene, state, params
-        self.qa_logic = qa_logic or QALogic(scene)
+        self.qa_logic = qa_logic  # made on first use: the metrics need torch, installed on first use too
         self.result: Any = None
         self.error_index = -1
 
@@ -374,6 +372,10 @@ class QAController:
             raise InputError("Pick two different segmentations: the one to check and the reference.")
         if volume is None:
             raise InputError("Pick the volume the segmentations belong to.")
+        if self.qa_logic is None:
+            from .qa_logic import QALogic
+
+            self.qa_logic = QALogic(self.scene)
         self.result = self.qa_logic.compare(seg, ref, volume, tolerance_mm=float(self.params.qaToleranceMm))
         self.error_index = -1
         return self.result
