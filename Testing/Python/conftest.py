@@ -35,3 +35,13 @@ def scene():
     scene, _app, _mods = setup_headless()
     yield scene
     scene.Clear(1)
+
+
+def pytest_report_header(config) -> str:
+    import importlib.metadata as md
+
+    try:
+        core = md.version("slicer-core")
+    except md.PackageNotFoundError:
+        core = "not installed"
+    return f"slicer-core {core}, torch {torch.__version__}"

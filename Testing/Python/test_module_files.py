@@ -122,3 +122,16 @@ def test_supported_slicer_is_declared() -> None:
     assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                           "build_subdirectory", "enabled", "tier"}
     assert 1 <= entry["tier"] <= 5
+
+
+def test_factory_self_test_is_light() -> None:
+    """The Extensions factory runs DSDSegmentationTest without torch: runTest returns after the light checks unless
+    DSDSEG_FULL_SELFTEST=1, which only Testing/Slicer/run_selftest.py sets."""
+    tree = ast.parse(MODULE.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationTest"]
+    (run,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "runTest"]
+    src = ast.get_source_segment(MODULE.read_text(), run)
+    gate = src.index('os.environ.get("DSDSEG_FULL_SELFTEST") != "1"')
+    assert gate < src.index("test_segment_with_builtin_model") and gate < src.index("test_click_and_qa")
+    assert "ensureDependencies" not in src.split("test_segment_with_builtin_model")[0]
+    assert 'os.environ["DSDSEG_FULL_SELFTEST"] = "1"' in (ROOT / "Testing" / "Slicer" / "run_selftest.py").read_text()

@@ -7,10 +7,13 @@ Needs the PyTorch extension (PyTorch Utils) or lets the module install torch on 
 installed by the module's dependency check. Exits 0 when every test passed, 1 otherwise.
 """
 
+import os
 import sys
 import traceback
 
 import slicer
+
+os.environ["DSDSEG_FULL_SELFTEST"] = "1"  # the inference tests too (the factory's generic test runs the light part)
 
 try:
     import DSDSegmentation
