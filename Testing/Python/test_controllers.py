@@ -136,14 +136,21 @@ def test_moves_are_debounced_and_live_rerun_is_a_setting(panel, scene, monkeypat
     assert panel.prompt.pending is None
 
 
-def test_next_prompt_cancels_only_the_run_in_flight(panel) -> None:
-    volume, _ = sample_volume(panel)
-    panel.params.inputVolume0 = volume
+def click(panel, ijk) -> tuple:
+    """A point placed on the input volume at voxel ``ijk`` (PointPositionDefinedEvent), past the debounce."""
+    volume = panel.params.inputVolume0
     point = panel.prompt.node(C.PromptController.POINT)
     m = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(m)
-    point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([17, 25, 17, 1])[:3]))
+    point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([*ijk, 1])[:3]))
     panel.prompt.tick(now=time.monotonic() + 1)
+    return point, m
+
+
+def test_next_prompt_cancels_only_the_run_in_flight(panel) -> None:
+    volume, _ = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    point, m = click(panel, [17, 25, 17])
     first = panel.prompt.region[0]
     pid = panel.bridge.server.proc.proc.pid
     point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([18, 24, 16, 1])[:3]))
@@ -202,11 +209,7 @@ def test_qa_controller(panel, scene) -> None:
 def test_scene_close_resets_every_section(panel, scene, tmp_path: Path) -> None:
     volume, _ = sample_volume(panel)
     panel.params.inputVolume0 = volume
-    point = panel.prompt.node(C.PromptController.POINT)
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    point.AddControlPoint(vtk.vtkVector3d(*m.MultiplyPoint([17, 25, 17, 1])[:3]))
-    panel.prompt.tick(now=time.monotonic() + 1)
+    click(panel, [17, 25, 17])
     assert panel.prompt.region is not None
     panel.segment.apply(panel.model_entry)
     panel.finetune.cases.append(("vtkMRMLScalarVolumeNode1", "x"))

@@ -409,24 +409,24 @@ def _report(args: argparse.Namespace, record: dict) -> None:
             print(f"note: {n}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _positive(kind: type, what: str):
+    """An argparse type: a number of ``kind`` that must be positive (a resumed run keeps its own when omitted)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if kind is int and v < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+        if kind is float and not (0 < v < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        return v
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
+_positive_int = _positive(int, "a whole number")
+_positive_float = _positive(float, "a number")
 
 
 def build_parser() -> argparse.ArgumentParser:
