@@ -58,3 +58,38 @@ def test_config_round_trip() -> None:
     assert NetworkConfig.from_dict(net.to_dict()) == net
     dsd = DSDConfig.preset("decoder", temperature=2.0)
     assert DSDConfig.from_dict(dsd.to_dict()) == dsd
+
+
+def test_preset_blocks_are_typed_and_label_values_may_have_gaps() -> None:
+    import json as _json
+
+    import numpy as _np
+
+    from DSDSegmentationLib.engine.errors import ConfigError as _CE
+    from DSDSegmentationLib.engine.tasks import PRESET_DIR, TRAINING_DEFAULTS, TaskPreset, load_preset
+
+    base = _json.loads((PRESET_DIR / "hippocampus.json").read_text())
+    for block, key, value, match in (("training", "batchsize", 4, r"unknown key\(s\) \['batchsize'\]"),
+                                     ("inference", "overlapp", 0.5, r"unknown key\(s\) \['overlapp'\]"),
+                                     ("training", "epochs", "many", "'epochs' must be a int"),
+                                     ("training", "epochs", 0, "'epochs' must be at least 1"),
+                                     ("inference", "overlap", 1.0, r"'overlap' must be in \[0, 1\)")):
+        d = _json.loads(_json.dumps(base))
+        d[block][key] = value
+        with pytest.raises(_CE, match=match):
+            TaskPreset.from_dict(d)
+    d = _json.loads(_json.dumps(base))
+    d["training"]["augment"] = {"gamma": 0.3, "bais_field": 0.2}
+    with pytest.raises(_CE, match=r"training.augment: unknown key\(s\) \['bais_field'\]"):
+        TaskPreset.from_dict(d)
+    p = TaskPreset.from_dict({**base, "training": {}})
+    assert p.training["epochs"] == TRAINING_DEFAULTS["epochs"], "defaults come from one place"
+    tumour = load_preset("brain_tumour")
+    assert tumour.label_values == [0, 1, 2, 4] and tumour.num_classes == 4
+    values = _np.array([[0, 1], [2, 4]])
+    classes = tumour.values_to_classes(values)
+    assert classes.tolist() == [[0, 1], [2, 3]]
+    assert tumour.classes_to_values(classes).tolist() == values.tolist()
+    assert tumour.regions["whole tumour (WT)"] == [1, 2, 4]
+    with pytest.raises(_CE, match="region 'x' must list foreground label values"):
+        TaskPreset.from_dict({**tumour.to_dict(), "regions": {"x": [3]}})

@@ -96,3 +96,34 @@ def test_missing_and_duplicate_cases(tmp_path: Path) -> None:
         list_cases(tmp_path)
     with pytest.raises(InputError, match="has no dataset.json"):
         list_cases(tmp_path / "nothing")
+
+
+def test_unit_sform_rule_reads_acdc_with_its_true_spacing(hippocampus_dir: Path, tmp_path: Path) -> None:
+    """ACDC stores a 1 mm sform while pixdim holds the true spacing: read with pixdim, and say so naming the file.
+    Files whose affine is not unit-length, or whose valid qform disagrees, keep the header's affine."""
+    import warnings
+
+    import nibabel as nib
+
+    from DSDSegmentationLib.engine.io import GeometryWarning, load_volume
+
+    acdc = hippocampus_dir.parent / "ACDC_subset" / "imagesTr" / "patient001_frame01.nii.gz"
+    header = nib.load(acdc)
+    assert np.allclose(np.abs(np.diag(header.affine))[:3], 1.0), "the ACDC header as shipped: unit sform"
+    with pytest.warns(GeometryWarning, match="patient001_frame01.nii.gz: .* pixdim says 1.5625 x 1.5625 x 10 mm"):
+        data, affine = load_volume(acdc)
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [1.5625, 1.5625, 10.0])
+    np.testing.assert_allclose(np.sign(np.diag(affine)[:3]), np.sign(np.diag(header.affine)[:3]))
+    np.testing.assert_allclose(affine[:3, 3], header.affine[:3, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeometryWarning)
+        _, hip = load_volume(hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz")  # 1 mm and pixdim 1: as is
+        # a valid qform with real spacing next to a unit sform: nibabel's sform stands, no rule
+        arr = np.zeros((8, 8, 8), np.int16)
+        img = nib.Nifti1Image(arr, np.eye(4))
+        img.set_qform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+        img.set_sform(np.eye(4), code=1)
+        img.header["pixdim"][1:4] = [2.0, 2.0, 2.0]
+        nib.save(img, str(tmp_path / "q.nii.gz"))
+        _, q = load_volume(tmp_path / "q.nii.gz")
+    np.testing.assert_allclose(q, np.eye(4))

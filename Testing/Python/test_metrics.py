@@ -93,3 +93,18 @@ def test_surface_dice_of_shifted_box_in_mm(spacing) -> None:
     b = box((30, 30, 30), (7, 5, 5), (17, 15, 15))
     assert class_metrics(a, b, spacing, tolerance_mm=2 * spacing[0] + 1e-3)["surface_dice"] == pytest.approx(1.0)
     assert class_metrics(a, b, spacing, tolerance_mm=0.5 * spacing[0])["surface_dice"] < 0.9
+
+
+def test_regions_are_unions_of_labels() -> None:
+    from DSDSegmentationLib.engine.metrics import case_metrics, unlisted_values
+
+    ref = np.zeros((20, 20, 20), int)
+    ref[2:8, 2:8, 2:8] = 2  # edema
+    ref[4:6, 4:6, 4:6] = 4  # enhancing inside it
+    pred = ref.copy()
+    pred[pred == 4] = 1  # enhancing called necrotic: labels disagree, the whole tumour does not
+    labels = {0: "bg", 1: "core", 2: "edema", 4: "enhancing"}
+    m = case_metrics(pred, ref, labels, (1.0, 1.0, 1.0), regions={"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]})
+    assert m["WT"]["dice"] == 1.0 and m["TC"]["dice"] == 1.0 and m["ET"]["dice"] == 0.0
+    assert m["enhancing"]["dice"] == 0.0 and m["WT"]["region"] == [1, 2, 4]
+    assert unlisted_values(np.array([0, 3, 4, 7]), labels) == [3, 7]
