@@ -412,6 +412,7 @@ class FinetuneController:
         self.plot_chart: Any = None
         self.started = 0.0
         self.result: dict[str, Any] | None = None  # the worker's "done" record: new model id and package
+        self.mapping_lines: list[str] = []  # the label mapping of the last dataset built from the scene
 
     # cases -------------------------------------------------------------------------------------------------
     def add_case(self) -> None:
@@ -440,7 +441,10 @@ class FinetuneController:
                 mapping = "; ".join(f"{preset['labels'][str(v)]} → {m['segment']} ({m['by']})" for v, m in found.items())
                 missing = [n for k, n in preset["labels"].items() if k != "0" and int(k) not in found]
                 if missing:
-                    mapping += ("; " if mapping else "") + "missing: " + ", ".join(missing)
+                    mapping += ("; " if mapping else "") + "not annotated: " + ", ".join(missing)
+                extra = [s.GetName() for _, s in self.bridge.unmatched_segments(seg, preset)]
+                if extra:
+                    mapping += ("; " if mapping else "") + "new label: " + ", ".join(extra)
             rows.append((volume.GetName() if volume else "?", seg.GetName() if seg else "?", mapping))
         return rows
 
@@ -463,19 +467,23 @@ class FinetuneController:
             if not resume:
                 work = self.work_root() / time.strftime("%Y%m%d-%H%M%S")
                 folder = str(self.params.finetuneFolder or "").strip()
+                label_map = None
                 if folder and folder != ".":
                     data = folder
                 else:
                     pairs = [(self.bridge.scene.GetNodeByID(v), self.bridge.scene.GetNodeByID(s)) for v, s in self.cases]
-                    data = self.bridge.build_finetune_dataset(pairs, card_of(model)["preset"], work / "data")["folder"]
-                self.run = {"base": model["path"], "data": str(data), "output": str(work / "run")}
+                    built = self.bridge.build_finetune_dataset(pairs, card_of(model)["preset"], work / "data")
+                    data, label_map = built["folder"], built["label_map"]
+                    self.mapping_lines = built["mapping"]
+                self.run = {"base": model["path"], "data": str(data), "output": str(work / "run"),
+                            "label_map": label_map}
                 self.plot_table, self.plot_chart = self.bridge.training_plot(f"Fine-tune {model['id']}")
             self.state.set(FINETUNE, STARTING, "Preparing the cases…")
             self.worker = self.bridge.start_finetune(
                 self.run["base"], self.run["data"], self.run["output"], epochs=int(self.params.finetuneEpochs),
                 lr=float(self.params.finetuneLearningRate), dsd="dsd" if self.params.finetuneDSD else "plain",
                 freeze_encoder=bool(self.params.finetuneFreezeEncoder), device=self.params.device,
-                name=self.params.finetuneName or None, resume=resume)
+                name=self.params.finetuneName or None, resume=resume, label_map=self.run.get("label_map"))
             self.started = time.monotonic()
             self.result = None
         except Exception as e:  # noqa: BLE001

@@ -24,6 +24,16 @@ from ..engine.terminology import CONTEXT_NAME, tag_string
 from .terminology import get_segment_terminology, loaded_terminology_names, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
+def _entry_from_tag(tag: str) -> dict[str, str] | None:
+    """A terminology entry (category, type, modifiers, region) from Slicer's tag string, or None without a type."""
+    parts = tag.split("~")
+    if len(parts) < 7:
+        return None
+    keys = {1: "category", 2: "type", 3: "type_modifier", 5: "region", 6: "region_modifier"}
+    entry = {k: parts[i] for i, k in keys.items() if parts[i].strip("^")}
+    return entry if "category" in entry and "type" in entry else None
+
+
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
 
 
@@ -218,40 +228,95 @@ class SegmentationBridge:
                 found[value] = {"segment_id": match[0], "segment": match[1].GetName(), "by": match[2]}
         return found
 
+    def unmatched_segments(self, segmentation_node: Any, preset: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(segment id, segment) of the segments that match none of the model's labels: offered as new labels."""
+        found = {m["segment_id"] for m in self.match_segments(segmentation_node, preset).values()}
+        segmentation = segmentation_node.GetSegmentation()
+        return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i))
+                for i in range(segmentation.GetNumberOfSegments()) if segmentation.GetNthSegmentID(i) not in found]
+
+    def plan_finetune_labels(self, pairs: Sequence[tuple[Any, Any]], preset: dict[str, Any]) -> dict[str, Any]:
+        """The user's label set from the cases' segments: a model label matched (terminology, then name) in every
+        case is kept; one matched in no case is dropped; a segment that matches no model label is a new label —
+        or a merge, when its name covers several model labels ("Hippocampus" ← anterior + posterior) — if a segment
+        of that name is in every case. A label or segment in some cases only is refused, naming the case."""
+        from ..engine.labelmapping import derive_mapping, describe
+
+        base = {int(k): v for k, v in preset["labels"].items()}
+        found = [self.match_segments(seg, preset) for _, seg in pairs]
+        others = [self.unmatched_segments(seg, preset) for _, seg in pairs]
+        names = [f"case_{i + 1:03d} ({v.GetName()} / {s.GetName()})" for i, (v, s) in enumerate(pairs)]
+        keep = []
+        for value in sorted(v for v in base if v):
+            have = [value in f for f in found]
+            if all(have):
+                keep.append(value)
+            elif any(have):
+                first = names[have.index(False)]
+                segs = [s.GetName() for _, s in others[have.index(False)]]
+                raise InputError(f"{first}: no segment for '{base[value]}' (other cases have one); its unmatched "
+                                 f"segments are {segs or 'none'} (rename one, set its terminology, or remove the label "
+                                 "from the other cases)")
+        new: dict[str, dict[str, Any]] = {}
+        for i, segs in enumerate(others):
+            for sid, segment in segs:
+                entry = new.setdefault(segment.GetName().strip().lower(), {"name": segment.GetName().strip(), "cases": {},
+                                                                           "tag": get_segment_terminology(segment)})
+                entry["cases"][i] = sid
+        for key, entry in new.items():
+            if len(entry["cases"]) != len(pairs):
+                lacking = names[min(set(range(len(pairs))) - set(entry["cases"]))]
+                raise InputError(f"{lacking}: no segment '{entry['name']}' (other cases have one); give it the same "
+                                 "name in every case, or remove it")
+        labels = {0: base.get(0, "background"), **{v: base[v] for v in keep}}
+        spec: dict[str, Any] = {str(v): {"name": base[v], "from": [v]} for v in keep}
+        value = max(keep, default=0) + 1
+        per_case: list[dict[int, str]] = [{v: found[i][v]["segment_id"] for v in keep} for i in range(len(pairs))]
+        for entry in new.values():
+            labels[value] = entry["name"]
+            derived = derive_mapping(base, {0: "background", value: entry["name"]})[1]
+            spec[str(value)] = {"name": entry["name"], "from": derived.sources or "new"}
+            if not derived.sources and entry["tag"]:
+                spec[str(value)]["terminology"] = _entry_from_tag(entry["tag"])
+            for i, sid in entry["cases"].items():
+                per_case[i][value] = sid
+            value += 1
+        if len(labels) < 2:
+            raise InputError("the segmentations hold no segment to train on")
+        mapping = derive_mapping(base, labels, spec)
+        return {"labels": labels, "spec": spec, "per_case": per_case, "lines": describe(mapping, base)}
+
     def build_finetune_dataset(self, pairs: Sequence[tuple[Any, Any]], preset: dict[str, Any], folder: str | Path,
                                mappings: Sequence[dict[int, str]] | None = None) -> dict[str, Any]:
-        """Write (volume, segmentation) pairs as an MSD-layout dataset for ``dsdseg finetune``.
+        """Write (volume, segmentation) pairs as an MSD-layout dataset for ``dsdseg finetune``, with the user's label
+        set (:meth:`plan_finetune_labels`) in ``dataset.json`` and the explicit mapping in ``label_map.json``.
 
-        Each segmentation is exported on its volume's grid with the model's label values (segments matched by
-        terminology, then name, or by ``mappings[i]``: label value → segment id). Refuses, naming the case and the
-        problem: fewer than 2 cases, a missing or multi-channel volume, a label with no segment, an empty segment
-        (or one that does not overlap its volume). Nothing is written unless every case passes."""
-        labels = {int(k): v for k, v in preset["labels"].items()}
+        Each segmentation is exported on its volume's grid through a colour table (values never depend on segment
+        order), or by ``mappings[i]`` (label value → segment id, model labels only). Refuses, naming the case and the
+        problem: fewer than 2 cases, a missing or multi-channel volume, a label or segment in some cases only, an
+        empty segment (or one that does not overlap its volume). Nothing is written unless every case passes."""
         if len(pairs) < 2:
             raise InputError(f"fine-tuning needs at least 2 annotated cases (one is held out for validation), got {len(pairs)}")
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} is not empty; choose a new folder for the fine-tuning dataset")
-        plans = []
         for i, (volume, seg) in enumerate(pairs):
-            case = f"case_{i + 1:03d}"
-            what = f"{case} ({volume.GetName() if volume else 'no volume'} / {seg.GetName() if seg else 'no segmentation'})"
             if seg is None or volume is None:
-                raise InputError(f"{what}: both a volume and a segmentation are needed")
+                raise InputError(f"case_{i + 1:03d}: both a volume and a segmentation are needed")
             self.check_inputs([volume], {"preset": {"channels": preset["channels"][:1]}})
-            if len(preset["channels"]) != 1:
-                raise InputError("fine-tuning from the scene supports single-input models; use a dataset folder for "
-                                 f"{len(preset['channels'])}-input models")
-            if mappings is not None:
-                mapping = {int(v): sid for v, sid in mappings[i].items() if sid}
-            else:
-                mapping = {v: m["segment_id"] for v, m in self.match_segments(seg, preset).items()}
-            missing = [labels[v] for v in labels if v and v not in mapping]
-            if missing:
-                have = [seg.GetSegmentation().GetNthSegment(k).GetName() for k in range(seg.GetSegmentation().GetNumberOfSegments())]
-                raise InputError(f"{what}: no segment for {', '.join(repr(m) for m in missing)}; its segments are "
-                                 f"{have or 'none'} (rename them, set their terminology, or map them by hand)")
-            plans.append((case, volume, seg, mapping, what))
+        if len(preset["channels"]) != 1:
+            raise InputError("fine-tuning from the scene supports single-input models; use a dataset folder for "
+                             f"{len(preset['channels'])}-input models")
+        if mappings is not None:
+            labels = {int(k): v for k, v in preset["labels"].items()}
+            plan = {"labels": labels, "spec": None, "per_case": [{int(v): sid for v, sid in m.items() if sid} for m in mappings],
+                    "lines": []}
+        else:
+            plan = self.plan_finetune_labels(pairs, preset)
+        labels = plan["labels"]
+        export_preset = {**preset, "labels": {str(k): v for k, v in labels.items()}}
+        plans = [(f"case_{i + 1:03d}", volume, seg, plan["per_case"][i],
+                  f"case_{i + 1:03d} ({volume.GetName()} / {seg.GetName()})") for i, (volume, seg) in enumerate(pairs)]
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-dataset-", dir=folder.parent))
         try:
@@ -260,7 +325,7 @@ class SegmentationBridge:
             cases = []
             for case, volume, seg, mapping, what in plans:
                 self.write_volume(volume, tmp / "imagesTr" / f"{case}.nrrd")
-                label = self.export_labelmap(seg, volume, preset, tmp / "labelsTr" / f"{case}.nrrd", mapping)
+                label = self.export_labelmap(seg, volume, export_preset, tmp / "labelsTr" / f"{case}.nrrd", mapping)
                 counts = self._label_counts(label)
                 empty = [labels[v] for v in mapping if counts.get(v, 0) == 0]
                 if empty:
@@ -274,13 +339,16 @@ class SegmentationBridge:
                        "training": [{"image": c["image"], "label": c["label"]} for c in cases]}
             (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
             (tmp / "cases.json").write_text(json.dumps(cases, indent=2), encoding="utf-8")
+            if plan["spec"] is not None:
+                (tmp / "label_map.json").write_text(json.dumps(plan["spec"], indent=2), encoding="utf-8")
             if folder.exists():
                 folder.rmdir()
             os.replace(tmp, folder)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return {"folder": str(folder), "cases": cases}
+        return {"folder": str(folder), "cases": cases, "labels": labels, "mapping": plan["lines"],
+                "label_map": str(folder / "label_map.json") if plan["spec"] is not None else None}
 
     @staticmethod
     def _label_counts(path: Path) -> dict[int, int]:
@@ -296,7 +364,8 @@ class SegmentationBridge:
     def start_finetune(self, base: str | Path, data: str | Path, output: str | Path, epochs: int = 30, lr: float = 1e-3,
                        dsd: str = "dsd", freeze_encoder: bool = False, patience: int | None = None,
                        device: str = "auto", store: str | Path | None = None, name: str | None = None,
-                       resume: bool = False, max_steps: int | None = None) -> WorkerProcess:
+                       resume: bool = False, max_steps: int | None = None,
+                       label_map: str | Path | None = None) -> WorkerProcess:
         """Start ``dsdseg finetune`` in the background; its JSON lines carry ``epoch`` records (loss, validation
         Dice) for the plot. Cancel = Stop: the last finished epoch's checkpoint stays, ``resume=True`` goes on."""
         args = ["finetune", "--output", str(output), "--epochs", str(epochs), "--lr", str(lr), "--dsd", dsd,
@@ -306,6 +375,7 @@ class SegmentationBridge:
         args += (["--resume"] if resume else []) + (["--freeze-encoder"] if freeze_encoder else [])
         args += (["--patience", str(patience)] if patience else []) + (["--store", str(store)] if store else [])
         args += (["--name", name] if name else []) + (["--max-steps", str(max_steps)] if max_steps else [])
+        args += ["--label-map", str(label_map)] if label_map and not resume else []
         return WorkerProcess(args, python=self.python, env=self.env)
 
     def training_plot(self, name: str = "DSD fine-tune") -> tuple[Any, Any]:

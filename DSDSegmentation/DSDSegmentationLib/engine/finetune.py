@@ -25,6 +25,8 @@ from typing import Any, Iterator
 from .cards import PACKAGE_CARD, read_model_card, user_models_dir, verify_package
 from .data import list_cases, validate_case
 from .errors import ConfigError, InputError
+from .labelmapping import derive_mapping, is_identity, mapped_preset
+from .labelmapping import describe as describe_mapping
 from .outputs import apply_umask, check_writable_folder, write_error
 from .progress import Progress
 
@@ -70,8 +72,14 @@ def next_model_id(store: Path, base_id: str, name: str | None = None) -> str:
     return f"{stem}-v{max(taken, default=0) + 1}"
 
 
-def _evaluate(model_path: str | Path, cases: list, device: str, labels: dict[int, str]) -> dict[str, Any]:
+def _evaluate(model_path: str | Path, cases: list, device: str, labels: dict[int, str],
+              remap: dict[int, int] | None = None) -> dict[str, Any]:
+    """Held-out metrics of a model; ``remap`` (base label value → user label value) scores a base model whose
+    labels differ from the user's (a merge counts its parts as the whole; a new label is never predicted)."""
+    import numpy as np
+
     from .inference import Predictor
+    from .io import save_labelmap
     from .metrics import evaluate_files, summarize
 
     predictor = Predictor(model_path, device=device)
@@ -79,7 +87,14 @@ def _evaluate(model_path: str | Path, cases: list, device: str, labels: dict[int
         pairs = []
         for c in cases:
             out = Path(tmp) / f"{c.id}.nii.gz"
-            predictor.predict_to_file(c.images, out)
+            if remap is None:
+                predictor.predict_to_file(c.images, out)
+            else:
+                pred, affine = predictor.predict(c.images)
+                lut = np.zeros(int(max(pred.max(), max(remap))) + 1, dtype=np.uint16)
+                for src, dst in remap.items():
+                    lut[src] = dst
+                save_labelmap(lut[pred], affine, out, reference=c.images[0])
             pairs.append((c.id, str(out), c.label))
         summary = summarize(evaluate_files(pairs, labels))
     per_class = {name: {"dice": s["dice"]["mean"], "hd95_mm": s["hd95"]["mean"]} for name, s in summary.items()}
@@ -96,12 +111,16 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
              val_fraction: float | None = None, seed: int | None = None, device: str = "auto",
              store: str | Path | None = None, name: str | None = None, resume: bool = False,
              max_steps_per_epoch: int | None = None, progress: Progress | None = None,
-             val_every: int | None = None) -> dict[str, Any]:
+             val_every: int | None = None, label_map: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``base`` on the cases in ``data`` (run folder ``output``) and register the result in ``store``.
 
     Settings left as None take :data:`FINETUNE_DEFAULTS` for a new run and the run's own values on ``resume``
     (an explicit value that differs from the run's is an error). Resuming a run that already registered its
-    model returns that model; nothing is registered twice."""
+    model returns that model; nothing is registered twice.
+
+    When the dataset's labels differ from the base model's (or ``label_map`` is given), each user label is mapped to
+    a base label, a merge of several, or a new one (:mod:`labelmapping`); the mapping is logged before training
+    and recorded in the new model's card."""
     from .models import export_package
     from .training import TrainConfig, Trainer
 
@@ -127,24 +146,51 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
     store = Path(store) if store else user_models_dir()
     base = Path(base)
     card = verify_package(base) if (base / PACKAGE_CARD).is_file() else read_model_card(base)
-    preset, network = card["preset"], card["network"]
+    base_preset, network = card["preset"], card["network"]
+    base_labels = {int(k): v for k, v in base_preset["labels"].items()}
+    if resume and (out / "config.json").is_file():
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        user_labels = {int(k): v for k, v in (saved.get("preset") or base_preset)["labels"].items()}
+        label_map = saved.get("label_map_spec") if label_map is None else label_map
+    else:
+        from .data import dataset_labels
+
+        user_labels = (dataset_labels(data) if Path(data).is_dir() else None) or base_labels
+    mapping = derive_mapping(base_labels, user_labels, label_map)
+    identity = is_identity(mapping, base_labels) and label_map is None
+    new_terms = {int(k): v["terminology"] for k, v in (label_map or {}).items()
+                 if isinstance(v, dict) and isinstance(v.get("terminology"), dict)}
+    preset = base_preset if identity else mapped_preset(base_preset, mapping, new_terms)
+    if not identity:
+        network = {**network, "out_channels": len(mapping)}
+        for line in describe_mapping(mapping, base_labels):
+            progress.log(f"label mapping: {line}")  # shown before anything is trained (the panel shows these lines)
     labels = {int(k): v for k, v in preset["labels"].items()}
     if not resume:
         cases = list_cases(data)
         if len(cases) < 2:
             raise InputError(f"fine-tuning needs at least 2 annotated cases (one is held out for validation); {data} has "
                              f"{len(cases)}")
+        seen: set[int] = set()
         for c in cases:
             if c.label is None:
                 raise InputError(f"case {c.id} has no segmentation; every fine-tuning case needs one")
-            validate_case(c, len(preset["channels"]), list(labels))
+            seen |= set(validate_case(c, len(preset["channels"]), list(labels)).get("label_values", []))
+        empty = [f"{v} {n}" for v, n in labels.items() if v and v not in seen]
+        if empty:
+            raise InputError(f"label(s) {', '.join(empty)} are empty in every case; annotate them in at least one case "
+                             "or leave them out of the dataset's labels")
     with finetune_lock(store):
         cfg = TrainConfig(task=preset["name"], data=str(data), output=str(out), dsd=dsd, epochs=epochs, lr=lr,
                           val_every=val_every, val_fraction=val_fraction, seed=seed, device=device,
                           max_steps_per_epoch=max_steps_per_epoch, preset=preset, network=network,
-                          init_from=str(base), freeze_encoder=freeze_encoder, patience=patience)
+                          init_from=str(base), freeze_encoder=freeze_encoder, patience=patience,
+                          label_map=None if identity else [m.sources for m in mapping],
+                          label_map_spec=label_map)
         t0 = time.time()
         trainer = Trainer(cfg, progress=progress, resume=resume)
+        if not identity and not resume:
+            trainer.first_log = [f"label mapping: {line}" for line in describe_mapping(mapping, base_labels)]
         result = trainer.fit()
         split = json.loads((out / "split.json").read_text(encoding="utf-8"))
         from .data import Case
@@ -152,7 +198,8 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
         val = [Case(**c) for c in split["val"]]
         train = [Case(**c) for c in split["train"]]
         progress.log("evaluating the base model and the fine-tuned model on the held-out case(s)")
-        before = _evaluate(base, val, device, labels)
+        remap = None if identity else {s: m.value for m in mapping for s in m.sources}
+        before = _evaluate(base, val, device, labels, remap)
         after = _evaluate(out, val, device, labels)
         model_id = next_model_id(store, card.get("id") or base.name, name)
         history = json.loads((out / "history.json").read_text(encoding="utf-8"))
@@ -173,6 +220,9 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
                          "wall_time_minutes": round((time.time() - t0) / 60, 2), "hardware": device},
             "validation": {"cases": len(val), "per_class": after["per_class"], "mean_dice": after["mean_dice"],
                            "base_model": before},
+            "label_mapping": None if identity else [
+                {"value": m.value, "name": m.name, "kind": m.kind, "decided_by": m.by,
+                 "from": [{"value": s_, "name": base_labels[s_]} for s_ in m.sources]} for m in mapping[1:]],
             "versions": _versions(),
         }
         package = export_package(out, store / model_id, extra)

@@ -66,6 +66,10 @@ class TrainConfig:
     init_from: str | None = None
     freeze_encoder: bool = False
     patience: int | None = None  # validations without improvement before stopping
+    # fine-tuning to other labels: per class of this run, the base classes' label values it starts from (a merge:
+    # several; a new label: none); and the user's mapping file as given (recorded for --resume)
+    label_map: list[list[int]] | None = None
+    label_map_spec: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +165,7 @@ class Trainer:
         self.start_epoch = 0
         self.best = -1.0
         self.stopped_early = False
+        self.first_log: list[str] = []  # lines for log.txt once the run folder exists (e.g. a fine-tune's label mapping)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _init_distributed(self) -> None:
@@ -270,6 +275,8 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         set_determinism(self.cfg.seed)
         train_cases, val_cases = self._prepare_run_folder()
+        for line in self.first_log:
+            self._log(line)
         if _world() > 1:
             dist.barrier()
         cached_tf, random_tf = training_transforms(self.preset, self.samples)
@@ -381,10 +388,21 @@ class Trainer:
         from .models import load_model
 
         base = load_model(self.cfg.init_from)
-        if base.net_config.to_dict() != self.net_config.to_dict():
-            raise ConfigError(f"the base model's network {base.net_config.to_dict()} differs from this run's "
-                              f"{self.net_config.to_dict()}")
-        model.backbone.load_state_dict(base.network.state_dict())
+        mine = self.net_config.to_dict()
+        theirs = base.net_config.to_dict()
+        if self.cfg.label_map is not None:
+            theirs = {**theirs, "out_channels": mine["out_channels"]}
+        if theirs != mine:
+            raise ConfigError(f"the base model's network {base.net_config.to_dict()} differs from this run's {mine}")
+        if self.cfg.label_map is None:
+            model.backbone.load_state_dict(base.network.state_dict())
+        else:
+            from .labelmapping import MappedLabel, transfer_output_layer
+
+            mapping = [MappedLabel(v, "", list(src), "") for v, src in zip(self.preset.label_values, self.cfg.label_map)]
+            state = transfer_output_layer(base.network.state_dict(), model.backbone.state_dict(),
+                                          _class_dims(self.net_config), mapping, base.preset.label_values)
+            model.backbone.load_state_dict(state)
         self._log(f"initialised from {self.cfg.init_from}")
 
     @staticmethod
@@ -493,6 +511,19 @@ class Trainer:
         plt.close(fig)
         apply_umask(tmp)
         os.replace(tmp, self.out / "curves.png")
+
+
+def _class_dims(net_config: NetworkConfig) -> dict[str, list[int]]:
+    """Parameter name → the dimensions whose size is the number of classes (the output layer), found by building
+    the backbone with K and K+1 outputs: generic over every backbone."""
+    from .networks import DSDNet
+
+    k = net_config.out_channels
+    a = DSDNet(net_config, DSDConfig.preset("plain")).backbone.state_dict()
+    b = DSDNet(NetworkConfig.from_dict({**net_config.to_dict(), "out_channels": k + 1}),
+               DSDConfig.preset("plain")).backbone.state_dict()
+    return {key: [d for d, (x, y) in enumerate(zip(a[key].shape, b[key].shape)) if x != y]
+            for key in a if tuple(a[key].shape) != tuple(b[key].shape)}
 
 
 def _float(out: Any) -> Any:

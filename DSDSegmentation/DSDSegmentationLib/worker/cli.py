@@ -103,7 +103,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         base, data = base or saved.get("init_from"), data or saved.get("data")
         if not base:
             raise InputError(f"--resume: {args.output} is not a fine-tuning run folder")
-    result = finetune(base, data, args.output, epochs=args.epochs, lr=args.lr, dsd=args.dsd,
+    label_map = None
+    if args.label_map:
+        from ..engine.errors import read_json
+
+        label_map = read_json(args.label_map, InputError, f"--label-map {args.label_map}")
+        if not isinstance(label_map, dict):
+            raise InputError(f"--label-map {args.label_map}: expected an object of label value → mapping")
+    result = finetune(base, data, args.output, epochs=args.epochs, lr=args.lr, dsd=args.dsd, label_map=label_map,
                       freeze_encoder=args.freeze_encoder, patience=args.patience, val_fraction=args.val_fraction,
                       seed=args.seed, device=args.device, store=args.store, name=args.name, resume=args.resume,
                       max_steps_per_epoch=args.max_steps, progress=_progress(args), val_every=args.val_every)
@@ -483,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", required=True, help="run folder (checkpoints, curves; --resume continues it)")
     f.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its last checkpoint")
     f.add_argument("--name", help="name of the new model (default <base>-ft); a version -vN is appended")
+    f.add_argument("--label-map", help="JSON file: your label values → base labels: {\"1\": {\"name\": \"hippocampus\", "
+                   "\"from\": [1, 2]}, \"2\": {\"name\": \"amygdala\", \"from\": \"new\"}}; default: derived from the "
+                   "dataset's label names (same name, a merge of the base labels that contain the name, or new)")
     f.add_argument("--store", help="user model folder (default $DSDSEG_MODELS or ~/.DSDSegmentation/models)")
     f.add_argument("--epochs", type=_positive_int, help="default 30 (a resumed run keeps its own)")
     f.add_argument("--lr", type=_positive_float, help="default 0.001 (a resumed run keeps its own)")
