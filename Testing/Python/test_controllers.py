@@ -254,3 +254,38 @@ def test_finetune_controller_cases_mapping_and_a_short_run(panel, scene, tmp_pat
     assert panel.state[C.FINETUNE].status == C.DONE and result["model_id"] in panel.state[C.FINETUNE].message
     assert panel.finetune.plot_table.GetTable().GetNumberOfRows() == 1
     assert not panel.finetune.can_resume
+
+
+def test_finetune_controller_with_the_users_own_segments(panel, scene, tmp_path: Path, monkeypatch) -> None:
+    """Segments named and coded unlike the model's labels: one whole 'Hippocampus' segment per case. The case table
+    offers it as a new label, the run maps it to the merge of anterior and posterior, the new model carries it."""
+    monkeypatch.setenv("DSDSEG_MODELS", str(tmp_path / "store"))
+    model = panel.model_entry
+    preset = model["card"]["preset"]
+    for case in list_cases(default_sample())[:2]:
+        volume = panel.bridge.load_volume(case.images[0])
+        seg = panel.bridge.import_labelmap(case.label, volume, preset, show_3d=False)
+        segmentation = seg.GetSegmentation()
+        posterior = segmentation.GetSegmentIdBySegmentName("posterior hippocampus")
+        anterior = segmentation.GetSegmentIdBySegmentName("anterior hippocampus")
+        segmentation.RemoveSegment(posterior)  # the researcher's protocol: one whole hippocampus (painted roughly)
+        segment = segmentation.GetSegment(anterior)
+        segment.SetName("Hippocampus")
+        segment.SetTag(segment.GetTerminologyEntryTagName(), "")
+        panel.params.finetuneVolume, panel.params.finetuneSegmentation = volume, seg
+        panel.finetune.add_case()
+    rows = panel.finetune.case_rows(model)
+    assert all("new label: Hippocampus" in r[2] and "not annotated: anterior hippocampus, posterior hippocampus" in r[2]
+               for r in rows), rows
+    panel.params.finetuneEpochs = 1
+    panel.finetune.start(model)
+    assert panel.finetune.mapping_lines == ["1 Hippocampus: merge of 1 anterior hippocampus + 2 posterior hippocampus"]
+    t0 = time.monotonic()
+    result = None
+    while result is None and time.monotonic() - t0 < 300 and panel.state[C.FINETUNE].status not in (C.FAILED, C.CANCELLED):
+        result = panel.finetune.tick()
+        time.sleep(0.1)
+    assert result is not None, panel.state[C.FINETUNE].message
+    card = json.loads((Path(result["package"]) / "model.json").read_text())
+    assert card["preset"]["labels"] == {"0": "background", "1": "Hippocampus"}
+    assert card["label_mapping"][0]["kind"] == "merge"
