@@ -32,7 +32,7 @@ from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 from DSDSegmentationLib.engine.models import export_package
 from DSDSegmentationLib.engine.tasks import load_preset
 
-DATA = {
+DATA: dict = {
     "hippocampus": {
         "name": "Medical Segmentation Decathlon Task04 Hippocampus (Vanderbilt, 3D T1 MRI crops)",
         "url": "http://medicaldecathlon.com/", "licence": "CC-BY-SA-4.0",
@@ -44,12 +44,27 @@ DATA = {
         "model_licence": {"id": "CC-BY-NC-SA-4.0", "non_commercial": True,
                           "text": "Trained on ACDC (CC BY-NC-SA 4.0): non-commercial use only, share alike."}},
     "brain_tumour": {
+        "name": "BraTS 2018 training cases at 2 mm (32 of 42 redistributed cases; FLAIR, T1, T1c, T2)",
+        "url": "https://www.med.upenn.edu/sbia/brats2018.html", "licence": "research-non-commercial",
+        "citations": ["Menze et al., IEEE TMI 34(10), 2015", "Bakas et al., Nature Scientific Data 4:170117, 2017",
+                      "Bakas et al., arXiv:1811.02629, 2018"],
+        "model_licence": {"id": "research-non-commercial", "non_commercial": True,
+                          "text": "Trained on BraTS 2018 data released for research: research and non-commercial use "
+                                  "only; cite the BraTS papers."}},
+    "brain_tumour_2015": {
         "name": "BRATS 2013/2015 glioma sample (6 cases, FLAIR + T1c) from DeepMedic's examples",
         "url": "https://github.com/deepmedic/deepmedic", "licence": "CC-BY-NC-SA-3.0",
         "model_licence": {"id": "CC-BY-NC-SA-3.0", "non_commercial": True,
                           "text": "Trained on BRATS data (CC BY-NC-SA 3.0): non-commercial use only, share alike. "
                                   "Only 5 training cases: a demonstration model, not for research conclusions."}},
 }
+
+
+DATA["brain_tumour_2seq"] = {**DATA["brain_tumour"], "name": DATA["brain_tumour"]["name"] + "; FLAIR and T1c only"}
+
+
+def _r(v, digits: int):
+    return None if v is None else round(v, digits)
 
 
 def main() -> None:
@@ -79,15 +94,17 @@ def main() -> None:
             predictor.predict_to_file(c.images, out)
             secs.append(time.perf_counter() - t0)
             pairs.append((c.id, str(out), c.label))
-        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels))
-    classes = [n for v, n in sorted(preset.labels.items()) if v]
+        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels, predictor.model.preset.regions))
+    classes = [n for v, n in sorted(preset.labels.items()) if v] + list(preset.regions)
     validation = {
         "cases": len(val), "grid": "each case's original grid", "checkpoint": "best validation Dice",
         "per_class": {n: {"dice": round(metrics[n]["dice"]["mean"], 4), "dice_std": round(metrics[n]["dice"]["std"], 4),
-                          "hd95_mm": round(metrics[n]["hd95"]["mean"], 3), "assd_mm": round(metrics[n]["assd"]["mean"], 3)}
+                          "hd95_mm": _r(metrics[n]["hd95"]["mean"], 3), "assd_mm": _r(metrics[n]["assd"]["mean"], 3),
+                          "undefined_distance": metrics[n]["undefined_distance"]}
                       for n in classes},
     }
-    validation["mean_dice"] = round(statistics.mean(v["dice"] for v in validation["per_class"].values()), 4)
+    validation["mean_dice"] = round(statistics.mean(validation["per_class"][n]["dice"] for n in classes
+                                                    if n not in preset.regions), 4)
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
                    "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
                    "roi": preset.roi}
@@ -96,7 +113,7 @@ def main() -> None:
         "inputs": list(preset.channels),
         "preset": card_preset,
         "licence": DATA[task]["model_licence"],
-        "training_data": {k: DATA[task][k] for k in ("name", "url", "licence")} | {
+        "training_data": {k: DATA[task][k] for k in ("name", "url", "licence", "citations") if k in DATA[task]} | {
             "train_cases": len(split["train"]), "val_cases": len(val)},
         "split": {"seed": split["seed"], "val_fraction": split["val_fraction"], "by": "patient",
                   "val_ids": [c.id for c in val]},
