@@ -70,6 +70,10 @@ class TrainConfig:
     # several; a new label: none); and the user's mapping file as given (recorded for --resume)
     label_map: list[list[int]] | None = None
     label_map_spec: dict[str, Any] | None = None
+    # studies: the validation split from its own seed (the same cases for every training seed), and a seeded share
+    # of the training patients (low-data regimes); None: the split follows ``seed``, all training cases are used
+    split_seed: int | None = None
+    train_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,7 +229,15 @@ class Trainer:
                 raise InputError(f"case {c.id} has no label; training needs labels")
             validate_case(c, n_ch, labels)
             self.progress.update("validate data", i + 1, len(cases), c.id)
-        train, val = split_by_patient(cases, self.cfg.val_fraction, self.cfg.seed)
+        split_seed = self.cfg.seed if self.cfg.split_seed is None else self.cfg.split_seed
+        train, val = split_by_patient(cases, self.cfg.val_fraction, split_seed)
+        if self.cfg.train_fraction is not None:
+            if not 0 < self.cfg.train_fraction <= 1:
+                raise ConfigError(f"train fraction must be in (0, 1], got {self.cfg.train_fraction}")
+            patients = sorted({c.patient for c in train})
+            random.Random(self.cfg.seed).shuffle(patients)
+            keep = set(patients[:max(1, round(self.cfg.train_fraction * len(patients)))])
+            train = [c for c in train if c.patient in keep]
         if _rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg = {**self.cfg.to_dict(), "resolved": {"epochs": self.epochs, "batch_size": self.batch_size,

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Where does DSD help? plain vs deep supervision only (ds) vs full DSD, several seeds, full and low-data regimes.
+
+Usage:  .venv/bin/python Testing/Benchmarks/bench_dsd_study.py [--task hippocampus] [--backbones basicunet dynunet]
+            [--arms plain ds dsd] [--seeds 0 1 2] [--fractions 0.1 0.25 1.0] [--steps 2000]
+            [--out ~/dsdseg-runs/dsd-study]
+        ... --report        # the tables from finished runs only
+
+Design (every arm gets the same): one validation split by patient (split seed 0) for all runs, so comparisons are
+paired per validation case; per (fraction, seed) the same seeded share of the training patients; the same number of
+optimiser steps per run whatever the fraction (epochs = steps / steps per epoch), the preset's schedule, batch and
+augmentation; seed s fixes the weights' initialisation, data order and augmentation for every arm. Each run is a
+folder with result.json (best checkpoint's Dice per validation case on its original grid): rerunning skips
+finished runs. The fine-tuning regime (DSD vs plain fine-tuning on 5 shifted cases, 3 seeds) is
+bench_finetune_cases.py --scenarios shift --sizes 5.
+
+Report per task, backbone and fraction: mean Dice of each arm (mean ± 95 % CI over seeds), and the paired
+differences dsd − plain and ds − plain over (seed, case) pairs with a Wilcoxon signed-rank test — every arm, also
+where DSD loses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from DSDSegmentationLib.engine.data import Case, find_shared_data
+from DSDSegmentationLib.engine.inference import Predictor
+from DSDSegmentationLib.engine.metrics import evaluate_files
+from DSDSegmentationLib.engine.tasks import load_preset
+from DSDSegmentationLib.engine.training import TrainConfig, Trainer
+
+DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2018_2mm"}
+BACKBONE_OPTIONS = {"basicunet": {}, "dynunet": {"filters": [8, 16, 32, 64, 128]}}
+
+
+def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, steps: int, out: Path) -> dict:
+    if (out / "result.json").is_file():
+        return json.loads((out / "result.json").read_text())
+    preset = load_preset(task)
+    data = find_shared_data() / DATASETS[task]
+    # steps per epoch at this fraction: training patients × samples per volume / batch size (known after the split)
+    train_dir = out / "train"
+    cfg = TrainConfig(task=task, data=str(data), output=str(train_dir), dsd=arm, backbone=backbone,
+                      backbone_options=BACKBONE_OPTIONS.get(backbone, {}) if backbone != preset.network["backbone"] else None,
+                      seed=seed, split_seed=0, train_fraction=fraction if fraction < 1 else None, device="cpu",
+                      epochs=1, val_every=1)
+    resume = (train_dir / "last.pt").is_file()
+    if not resume:
+        shutil.rmtree(train_dir, ignore_errors=True)
+        dry = Trainer(cfg)
+        train_cases, _ = dry._prepare_run_folder()
+        per_epoch = max(1, math.ceil(len(train_cases) / preset.training["batch_size"]))
+        shutil.rmtree(train_dir)
+        cfg.epochs = max(1, round(steps / per_epoch))
+        cfg.val_every = max(1, cfg.epochs // 10)
+    else:
+        saved = json.loads((train_dir / "config.json").read_text())
+        cfg.epochs, cfg.val_every = saved["epochs"], saved["val_every"]
+    Trainer(cfg, resume=resume).fit()
+    split = json.loads((train_dir / "split.json").read_text())
+    val = [Case(**c) for c in split["val"]]
+    predictor = Predictor(train_dir, device="cpu")
+    labels = {int(k): v for k, v in preset.labels.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = []
+        for c in val:
+            p = Path(tmp) / f"{c.id}.nii.gz"
+            predictor.predict_to_file(c.images, p)
+            pairs.append((c.id, str(p), c.label))
+        rows = evaluate_files(pairs, labels)
+    dice = {r["case"]: float(np.mean([m["dice"] for m in r["classes"].values()])) for r in rows}
+    result = {"task": task, "backbone": backbone, "arm": arm, "seed": seed, "fraction": fraction, "epochs": cfg.epochs,
+              "train_cases": len(split["train"]), "dice": dice, "mean": float(np.mean(list(dice.values())))}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def report(root: Path, task: str, backbones, arms, seeds, fractions) -> None:
+    from scipy.stats import t as student, wilcoxon
+
+    for backbone in backbones:
+        print(f"# {task}, {backbone}: mean validation Dice (mean ± 95 % CI over seeds, n seeds)")
+        print("| training share | " + " | ".join(arms) + " | dsd − plain (paired) | ds − plain (paired) |")
+        print("|---:|" + "---:|" * (len(arms) + 2))
+        for f in fractions:
+            res = {a: [json.loads(p.read_text()) for s in seeds
+                       if (p := root / task / backbone / f"frac{f:g}" / f"{a}_seed{s}" / "result.json").is_file()]
+                   for a in arms}
+            cells = []
+            for a in arms:
+                v = [r["mean"] for r in res[a]]
+                ci = student.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+                cells.append(f"{np.mean(v):.4f} ± {ci:.4f} ({len(v)})" if v else "–")
+
+            def paired(a: str, b: str) -> str:
+                da = {(r["seed"], c): d for r in res.get(a, []) for c, d in r["dice"].items()}
+                db = {(r["seed"], c): d for r in res.get(b, []) for c, d in r["dice"].items()}
+                keys = sorted(set(da) & set(db))
+                if len(keys) < 5:
+                    return "–"
+                diff = np.array([da[k] - db[k] for k in keys])
+                p = wilcoxon(diff).pvalue if np.any(diff) else 1.0
+                return f"{100 * diff.mean():+.2f} pts (n={len(keys)}, p={p:.2g})"
+
+            print(f"| {f:g} | " + " | ".join(cells) + f" | {paired('dsd', 'plain')} | {paired('ds', 'plain')} |")
+        print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="hippocampus", choices=sorted(DATASETS))
+    ap.add_argument("--backbones", nargs="+", default=["basicunet", "dynunet"])
+    ap.add_argument("--arms", nargs="+", default=["plain", "ds", "dsd"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 1.0])
+    ap.add_argument("--steps", type=int, default=2000, help="optimiser steps per run, every arm and fraction")
+    ap.add_argument("--out", default=str(Path.home() / "dsdseg-runs" / "dsd-study"))
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    root = Path(args.out).expanduser()
+    if not args.report:
+        # low-data regimes first (where self-distillation is expected to matter most), light backbone first
+        for backbone in args.backbones:
+            for f in sorted(args.fractions):
+                for seed in args.seeds:
+                    for arm in args.arms:
+                        r = run_one(args.task, backbone, arm, seed, f, args.steps,
+                                    root / args.task / backbone / f"frac{f:g}" / f"{arm}_seed{seed}")
+                        print(f"{args.task} {backbone} share {f:g} seed {seed} {arm}: Dice {r['mean']:.4f} "
+                              f"({r['train_cases']} training cases, {r['epochs']} epochs)", flush=True)
+    report(root, args.task, args.backbones, args.arms, args.seeds, args.fractions)
+
+
+if __name__ == "__main__":
+    main()
