@@ -259,7 +259,16 @@ class PromptController:
     @staticmethod
     def roi_ready(roi: Any) -> bool:
         """An ROI is a region once it has a size on every axis (placing a box fires a defined event per corner)."""
-        return all(s > MIN_ROI_MM for s in roi.GetSize())
+        if all(s > MIN_ROI_MM for s in roi.GetSize()):
+            return True
+        # the box may be updated from its corners after the event: judge by the defined control points themselves
+        pts = []
+        for i in range(roi.GetNumberOfControlPoints()):
+            if roi.GetNthControlPointPositionStatus(i) == roi.PositionDefined:
+                p = [0.0, 0.0, 0.0]
+                roi.GetNthControlPointPositionWorld(i, p)
+                pts.append(p)
+        return len(pts) >= 2 and all(max(c) - min(c) > MIN_ROI_MM for c in zip(*pts))
 
     def _on_defined(self, caller: Any, event: Any = None) -> None:
         self.prompt_changed(caller, defined=True)
