@@ -127,3 +127,62 @@ def test_unit_sform_rule_reads_acdc_with_its_true_spacing(hippocampus_dir: Path,
         nib.save(img, str(tmp_path / "q.nii.gz"))
         _, q = load_volume(tmp_path / "q.nii.gz")
     np.testing.assert_allclose(q, np.eye(4))
+
+
+def test_hippocampus_normalisation_ignores_empty_background(hippocampus_dir: Path) -> None:
+    """The hippocampus preset's 'percentile, nonzero' normalisation: a real case alone or inside a large empty
+    (skull-stripped / padded) surrounding gives the same values on the case, and the surrounding stays 0."""
+    import torch
+
+    from DSDSegmentationLib.engine.tasks import load_preset
+    from DSDSegmentationLib.engine.transforms import NormalizeChannelsd
+
+    preset = load_preset("hippocampus")
+    assert preset.normalization == [{"kind": "percentile", "lower": 0.5, "upper": 99.5, "nonzero": True}]
+    x = np.asanyarray(nib.load(hippocampus_dir / "imagesTr" / "hippocampus_015.nii.gz").dataobj).astype(np.float32)
+    x[x == 0] = 1.0  # a voxel of exactly 0 inside the crop would be 'no data' by the rule; keep the comparison exact
+    big = np.zeros((3 * x.shape[0], 2 * x.shape[1], 2 * x.shape[2]), np.float32)
+    sl = tuple(slice(4, 4 + n) for n in x.shape)
+    big[sl] = x
+    norm = NormalizeChannelsd(preset.normalization)
+    alone = norm({"image": torch.from_numpy(x[None])})["image"][0].numpy()
+    inside = norm({"image": torch.from_numpy(big[None])})["image"][0].numpy()
+    assert np.allclose(alone, inside[sl], atol=1e-4)
+    rest = inside.copy()
+    rest[sl] = 0
+    assert not rest.any()
+    assert abs(float(alone.mean())) < 0.05 and abs(float(alone.std()) - 1) < 0.05
+    # the old rule (z-score over the whole crop) is what made a skull-stripped crop look different
+    z = NormalizeChannelsd([{"kind": "zscore", "nonzero": False}])
+    assert not np.allclose(z({"image": torch.from_numpy(x[None])})["image"][0].numpy(),
+                           z({"image": torch.from_numpy(big[None])})["image"][0].numpy()[sl], atol=0.1)
+
+
+def test_background_augmentation_never_cuts_the_structure(hippocampus_dir: Path) -> None:
+    """RandBackgroundSlabd zeroes a slab of the image beyond the labelled structure and never touches the label."""
+    import torch
+
+    from DSDSegmentationLib.engine.tasks import load_preset
+    from DSDSegmentationLib.engine.transforms import RandBackgroundSlabd, isotropic, training_transforms
+
+    x = torch.from_numpy(np.asanyarray(nib.load(hippocampus_dir / "imagesTr" / "hippocampus_015.nii.gz").dataobj)
+                         .astype(np.float32)[None] + 1)
+    y = torch.from_numpy(np.rint(np.asanyarray(nib.load(hippocampus_dir / "labelsTr" / "hippocampus_015.nii.gz")
+                                                .dataobj)).astype(np.float32)[None])
+    t = RandBackgroundSlabd(prob=1.0)
+    t.set_random_state(3)
+    zeroed = []
+    for _ in range(40):
+        d = t({"image": x.clone(), "label": y.clone()})
+        assert torch.equal(d["label"], y)
+        assert bool((d["image"][y > 0] != 0).all()), "no voxel of the structure is zeroed"
+        zeroed.append(float((d["image"] == 0).float().mean()))
+    assert max(zeroed) > 0.05 and min(zeroed) < max(zeroed), zeroed
+    preset = load_preset("hippocampus")
+    assert isotropic(preset) and not isotropic(load_preset("cardiac"))
+    _, random = training_transforms(preset)
+    names = [type(tr).__name__ for tr in random.transforms]
+    assert "RandBackgroundSlabd" in names and "RandBiasFieldd" in names and "RandAffined" in names
+    affine = next(tr for tr in random.transforms if type(tr).__name__ == "RandAffined")
+    ranges = affine.rand_affine.rand_affine_grid.rotate_range
+    assert len([r for r in ranges if r]) == 3, "rotations about all three axes on an isotropic grid"

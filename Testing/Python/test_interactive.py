@@ -12,6 +12,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
 from DSDSegmentationLib.bridge.demo import default_model, default_sample  # noqa: E402
+from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.bridge.interactive import InteractiveLogic  # noqa: E402
@@ -140,3 +141,40 @@ def test_no_side_on_a_crop_around_one_hippocampus(scene, logic) -> None:
     assert region.side is None
     names = sorted(seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments()))
     assert names == ["anterior hippocampus", "posterior hippocampus"]
+
+
+def test_click_on_a_left_handed_file_lands_where_clicked(scene, logic, tmp_path: Path) -> None:
+    """A file stored LAS (x flipped, as FSL's MNI152 templates are) is read by Slicer with another voxel order than
+    the file's; the click, the crop, the paste and the exported labelmap must still agree in world coordinates."""
+    sample = default_sample()
+    img = np.asanyarray(nib.load(sample / "imagesTr" / "hippocampus_015.nii.gz").dataobj).astype(np.float32)
+    lab = np.rint(np.asanyarray(nib.load(sample / "labelsTr" / "hippocampus_015.nii.gz").dataobj)).astype(np.uint8)
+    big = np.full((100, 90, 80), float(np.median(img)), np.float32)
+    big += np.random.default_rng(1).normal(0, 5, big.shape).astype(np.float32)
+    truth = np.zeros(big.shape, np.uint8)
+    o = (50, 20, 20)
+    sl = tuple(slice(a, a + n) for a, n in zip(o, img.shape))
+    big[sl], truth[sl] = img[::-1], lab[::-1]  # the crop mirrored in i, so its anatomy is unchanged under x → -x
+    affine = np.array([[-1.0, 0, 0, 60], [0, 1, 0, -40], [0, 0, 1, -30], [0, 0, 0, 1]])
+    path = tmp_path / "las.nii.gz"
+    nib.save(nib.Nifti1Image(big, affine), path)
+    vol = logic.bridge.load_volume(path)
+    click = list((affine @ np.array([*np.argwhere(truth > 0).mean(0), 1.0]))[:3])
+    seg, region = logic.segment_at(vol, default_model(), click, device="cpu")
+    preset = read_model_card(default_model())["preset"]
+    segmentation = seg.GetSegmentation()
+    mapping = {v: segmentation.GetSegmentIdBySegmentName(f"{region.side} {n}" if region.side else n)
+               for v, n in ((1, "anterior hippocampus"), (2, "posterior hippocampus"))}
+    out = logic.bridge.export_labelmap(seg, vol, preset, tmp_path / "out.nii.gz", mapping=mapping)
+    exported = nib.load(str(out))
+    # compare by world coordinates: every truth voxel's centre looked up in the exported file
+    ijk = np.argwhere(truth > 0)
+    world = affine @ np.c_[ijk, np.ones(len(ijk))].T
+    e = np.rint(np.linalg.inv(exported.affine) @ world)[:3].astype(int)
+    data = np.asanyarray(exported.dataobj)
+    hit = data[e[0], e[1], e[2]]
+    recall = float((hit > 0).mean())
+    assert recall > 0.75, f"the exported result covers the hippocampus where it is in the world ({recall:.2f})"
+    agree = float((hit[hit > 0] == truth[tuple(ijk[hit > 0].T)]).mean())
+    assert agree > 0.75, f"anterior/posterior agree with the truth ({agree:.2f})"
+    assert int((data > 0).sum()) < 2.0 * int((truth > 0).sum()), "no spurious region elsewhere"

@@ -27,7 +27,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 # RandBiasField; noise the std of Gaussian noise (normalised units); blur the max Gaussian sigma (voxels);
 # slice_shift the max in-plane shift (voxels) of single slices along the last axis (cine slice misalignment).
 AUGMENT_DEFAULTS: dict[str, float] = {"rotate_deg": 0.0, "scale": 0.0, "gamma": 0.0, "bias_field": 0.0, "noise": 0.0,
-                                      "blur": 0.0, "slice_shift": 0.0, "prob": 0.2}
+                                      "blur": 0.0, "slice_shift": 0.0, "background": 0.0, "prob": 0.2}
 INFERENCE_DEFAULTS: dict[str, Any] = {"overlap": 0.5, "blend": "gaussian"}
 
 

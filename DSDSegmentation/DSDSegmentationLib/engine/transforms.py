@@ -69,9 +69,30 @@ class LoadCased(MapTransform):
         return d
 
 
+def _percentile_zscore(x: torch.Tensor, lower: float, upper: float, nonzero: bool) -> torch.Tensor:
+    """Clip to the ``lower``/``upper`` percentiles, then z-score. With ``nonzero`` both statistics come from the
+    non-zero voxels only and zeros stay 0: the result does not depend on how much empty background (skull
+    stripping, padding at the volume's border) the crop holds."""
+    if not nonzero:
+        lo, hi = np.percentile(x.numpy(), [lower, upper])
+        return NormalizeIntensity()(torch.clamp(x, float(lo), float(hi)))
+    x = x.float()
+    mask = x != 0
+    if int(mask.sum()) < 2:
+        return torch.zeros_like(x)
+    v = x[mask].numpy()
+    lo, hi = np.percentile(v, [lower, upper])
+    c = np.clip(v, lo, hi)
+    sd = float(c.std())
+    out = torch.zeros_like(x)
+    out[mask] = torch.from_numpy(((c - c.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32))
+    return out
+
+
 class NormalizeChannelsd(MapTransform):
     """Per-channel intensity normalisation from the preset: ``zscore`` (optionally over non-zero voxels),
-    ``percentile`` (clip to per-volume percentiles, then z-score), ``ct_window`` (window to [0, 1]), ``none``."""
+    ``percentile`` (clip to per-volume percentiles, then z-score; optionally over non-zero voxels, zeros kept),
+    ``ct_window`` (window to [0, 1]), ``none``."""
 
     def __init__(self, specs: list[dict[str, Any]], key: str = "image"):
         super().__init__([key])
@@ -87,8 +108,7 @@ class NormalizeChannelsd(MapTransform):
             if kind == "zscore":
                 x = NormalizeIntensity(nonzero=bool(spec.get("nonzero", False)))(x)
             elif kind == "percentile":
-                lo, hi = np.percentile(x.numpy(), [spec.get("lower", 0.5), spec.get("upper", 99.5)])
-                x = NormalizeIntensity()(torch.clamp(x, float(lo), float(hi)))
+                x = _percentile_zscore(x, spec.get("lower", 0.5), spec.get("upper", 99.5), bool(spec.get("nonzero", False)))
             elif kind == "ct_window":
                 x = ScaleIntensityRange(spec["min"], spec["max"], 0.0, 1.0, clip=True)(x)
             out[c] = torch.as_tensor(x)
@@ -127,6 +147,7 @@ def training_transforms(preset: TaskPreset, samples: int | None = None) -> tuple
         RandFlipd(keys, prob=0.5, spatial_axis=2),
         RandRotate90d(keys, prob=0.25, spatial_axes=rot_axes) if preset.patch_size[rot_axes[0]] == preset.patch_size[rot_axes[1]] else Compose([]),
         *_intensity_augment(preset),
+        *([RandBackgroundSlabd(prob=tr["augment"]["background"])] if tr["augment"]["background"] else []),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         EnsureTyped("label", dtype=torch.long),
@@ -142,11 +163,15 @@ def _spatial_augment(preset: TaskPreset, plane: tuple[int, ...]) -> list:
     out: list = []
     if aug["rotate_deg"] or aug["scale"]:
         rng = [0.0, 0.0, 0.0]
-        normal = ({0, 1, 2} - set(plane)).pop()
-        rng[normal] = np.deg2rad(aug["rotate_deg"])  # rotation about the axis normal to the plane
         scale = [0.0, 0.0, 0.0]
-        for a in plane:
-            scale[a] = aug["scale"]
+        if isotropic(preset):  # a 3D isotropic grid: rotate about every axis, scale along every axis
+            rng = [float(np.deg2rad(aug["rotate_deg"]))] * 3
+            scale = [aug["scale"]] * 3
+        else:
+            normal = ({0, 1, 2} - set(plane)).pop()
+            rng[normal] = np.deg2rad(aug["rotate_deg"])  # rotation about the axis normal to the plane
+            for a in plane:
+                scale[a] = aug["scale"]
         out.append(RandAffined(keys, prob=max(aug["prob"], 0.3), rotate_range=rng, scale_range=scale,
                                mode=["bilinear", "nearest"], padding_mode="zeros"))
     if aug["slice_shift"]:
@@ -170,6 +195,47 @@ def _intensity_augment(preset: TaskPreset) -> list:
     if aug["noise"]:
         out.append(RandGaussianNoised("image", std=float(aug["noise"]), prob=p))
     return out
+
+
+def isotropic(preset: TaskPreset) -> bool:
+    """The preset resamples to one spacing on all three axes (then rotations/scaling are 3D)."""
+    sp = preset.spacing
+    return bool(sp) and len(sp) == 3 and all(float(v) > 0 for v in sp) and max(sp) - min(sp) < 1e-6
+
+
+class RandBackgroundSlabd(Randomizable):
+    """Zero the image beyond a random plane that does not cut the foreground: what a crop of a skull-stripped
+    head or a crop at the border of the volume looks like (0 = no data once a ``nonzero`` normalisation ran).
+    Labels are untouched (the structure is never in the zeroed part)."""
+
+    def __init__(self, prob: float, image: str = "image", label: str = "label"):
+        self.prob, self.image, self.label = prob, image, label
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.R.rand() >= self.prob:
+            return d
+        img, lab = d[self.image], d.get(self.label)
+        axis = int(self.R.randint(3))
+        n = img.shape[1 + axis]
+        fg = torch.nonzero(torch.as_tensor(lab)[0] > 0) if lab is not None else torch.zeros((0, 3))
+        lo, hi = (int(fg[:, axis].min()), int(fg[:, axis].max()) + 1) if len(fg) else (n // 2, n // 2)
+        if self.R.rand() < 0.5:  # zero [0, cut) with cut <= lo
+            if lo < 1:
+                return d
+            cut = int(self.R.randint(1, lo + 1))
+            index = [slice(None)] * 4
+            index[1 + axis] = slice(0, cut)
+        else:  # zero [cut, n) with cut >= hi
+            if hi > n - 1:
+                return d
+            cut = int(self.R.randint(hi, n))
+            index = [slice(None)] * 4
+            index[1 + axis] = slice(cut, n)
+        img = img.clone()
+        img[tuple(index)] = 0
+        d[self.image] = img
+        return d
 
 
 class RandSliceShiftd(MapTransform, Randomizable):
