@@ -230,8 +230,11 @@ class PromptController:
         if node is None or self.scene.GetNodeByID(node.GetID()) is None:
             node = self.scene.AddNewNodeByClass(cls, "DSD clicks" if cls == self.POINT else "DSD region")
             node.CreateDefaultDisplayNodes()
-            for event, handler in ((slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._on_defined),
-                                   (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._on_moved)):
+            events = [(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._on_defined),
+                      (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._on_moved)]
+            if cls == self.ROI:  # the second corner of a box does not always fire a defined event (slicer-core 5.11)
+                events.append((slicer.vtkMRMLMarkupsNode.PointModifiedEvent, self._on_roi_modified))
+            for event, handler in events:
                 self._observations.append((node, node.AddObserver(event, handler)))
             self.nodes[cls] = node
         return node
@@ -272,6 +275,11 @@ class PromptController:
 
     def _on_defined(self, caller: Any, event: Any = None) -> None:
         self.prompt_changed(caller, defined=True)
+
+    def _on_roi_modified(self, caller: Any, event: Any = None) -> None:
+        """While a box is being placed, it is defined as soon as it has a size (whichever event says so first)."""
+        if self.placing == self.ROI and self.roi_ready(caller):
+            self.prompt_changed(caller, defined=True)
 
     def _on_moved(self, caller: Any, event: Any = None) -> None:
         self.prompt_changed(caller, defined=False)
