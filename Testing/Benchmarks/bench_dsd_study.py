@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from paired_stats import paired_difference
 
 from DSDSegmentationLib.engine.data import Case, find_shared_data
 from DSDSegmentationLib.engine.inference import Predictor
@@ -45,7 +46,8 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
         return json.loads((out / "result.json").read_text())
     preset = load_preset(task)
     data = find_shared_data() / DATASETS[task]
-    # steps per epoch at this fraction: training patients × samples per volume / batch size (known after the split)
+    # steps per epoch at this fraction: training patients / batch size (each volume gives samples_per_volume
+    # patches to its batch), known after the split
     train_dir = out / "train"
     cfg = TrainConfig(task=task, data=str(data), output=str(train_dir), dsd=arm, backbone=backbone,
                       backbone_options=BACKBONE_OPTIONS.get(backbone, {}) if backbone != preset.network["backbone"] else None,
@@ -83,7 +85,7 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
 
 
 def report(root: Path, task: str, backbones, arms, seeds, fractions) -> None:
-    from scipy.stats import t as student, wilcoxon
+    from scipy.stats import t as student
 
     for backbone in backbones:
         print(f"# {task}, {backbone}: mean validation Dice (mean ± 95 % CI over seeds, n seeds)")
@@ -99,17 +101,8 @@ def report(root: Path, task: str, backbones, arms, seeds, fractions) -> None:
                 ci = student.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
                 cells.append(f"{np.mean(v):.4f} ± {ci:.4f} ({len(v)})" if v else "–")
 
-            def paired(a: str, b: str) -> str:
-                da = {(r["seed"], c): d for r in res.get(a, []) for c, d in r["dice"].items()}
-                db = {(r["seed"], c): d for r in res.get(b, []) for c, d in r["dice"].items()}
-                keys = sorted(set(da) & set(db))
-                if len(keys) < 5:
-                    return "–"
-                diff = np.array([da[k] - db[k] for k in keys])
-                p = wilcoxon(diff).pvalue if np.any(diff) else 1.0
-                return f"{100 * diff.mean():+.2f} pts (n={len(keys)}, p={p:.2g})"
-
-            print(f"| {f:g} | " + " | ".join(cells) + f" | {paired('dsd', 'plain')} | {paired('ds', 'plain')} |")
+            print(f"| {f:g} | " + " | ".join(cells) + f" | {paired_difference(res.get('dsd', []), res.get('plain', []), 2)} | "
+                  f"{paired_difference(res.get('ds', []), res.get('plain', []), 2)} |")
         print()
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_finetune_domain_shift import shift_image  # noqa: E402
+from paired_stats import paired_difference  # noqa: E402
 
 from DSDSegmentationLib.bridge.demo import default_model  # noqa: E402
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
@@ -124,8 +125,6 @@ def report(out: Path, scenarios, sizes, arms, seeds) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scipy.stats import wilcoxon
-
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 3.8), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
         print(f"# {scenario}: mean Dice on 20 evaluation cases (mean ± sd over the seeds that finished)")
@@ -148,17 +147,7 @@ def report(out: Path, scenarios, sizes, arms, seeds) -> None:
                 vals = [r["mean"] for r in res[arm]]
                 cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f} ({len(vals)})" if vals else "–")
 
-            def paired(a: str, b: str) -> str:
-                da = {(r["seed"], c): d for r in res.get(a, []) for c, d in r["dice"].items()}
-                db = {(r["seed"], c): d for r in res.get(b, []) for c, d in r["dice"].items()}
-                keys = sorted(set(da) & set(db))
-                if len(keys) < 5:
-                    return "–"
-                diff = np.array([da[k] - db[k] for k in keys])
-                p = wilcoxon(diff).pvalue if np.any(diff) else 1.0
-                return f"{100 * diff.mean():+.1f} pts (n={len(keys)}, Wilcoxon p={p:.2g})"
-
-            print(f"| {n} | " + " | ".join(cells) + f" | {paired('ft-dsd', 'scratch')} | {paired('ft-dsd', 'ft-plain')} |")
+            print(f"| {n} | " + " | ".join(cells) + f" | {paired_difference(res['ft-dsd'], res['scratch'])} | {paired_difference(res['ft-dsd'], res['ft-plain'])} |")
         print()
         ax.set_title({"labels": "whole hippocampus (merged labels)", "shift": "scanner / sequence shift"}[scenario])
         ax.set_xlabel("annotated cases"), ax.set_ylabel("Dice, 20 unseen cases"), ax.set_ylim(0, 1)
