@@ -156,8 +156,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextErrorButton.connect("clicked(bool)", self.onNextError)
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
         self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
-        self.ui.finetuneButton.connect("clicked(bool)", lambda: self.onFinetune(False))
-        self.ui.resumeButton.connect("clicked(bool)", lambda: self.onFinetune(True))
+        self.ui.finetuneButton.connect("clicked(bool)", lambda: self.onFinetune(self._controllers().finetune.toggle))
+        self.ui.resumeButton.connect("clicked(bool)",
+                                     lambda: self.onFinetune(lambda m: self._controllers().finetune.start(m, resume=True)))
         self.refreshModels()
         self.initializeParameterNode()
         self._timer.start()
@@ -308,8 +309,8 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._controllers().finetune.remove_cases([i.row() for i in self.ui.pairsTable.selectedIndexes()])
         self._showCases()
 
-    def onFinetune(self, resume: bool) -> None:
-        self._run(self._controllers().finetune.start, self.currentModel(), resume)
+    def onFinetune(self, action) -> None:
+        self._run(action, self.currentModel())
         chart = self.panel.finetune.plot_chart
         if chart is not None:
             view = self.ui.plotWidget.mrmlPlotViewNode()

@@ -241,8 +241,11 @@ def test_finetune_controller_cases_mapping_and_a_short_run(panel, scene, tmp_pat
     assert len(rows) == 2 and "posterior hippocampus → posterior hippocampus (name)" in rows[1][2]
     assert "(terminology)" in rows[0][2]
     panel.params.finetuneEpochs = 1
-    panel.finetune.start(model)
+    panel.finetune.toggle(model)
     assert panel.state[C.FINETUNE].status == C.STARTING
+    worker = panel.finetune.worker
+    panel.finetune.start(model, resume=True)  # Resume (or a second start) while it runs never stops it
+    assert panel.finetune.worker is worker and worker.running and panel.state[C.FINETUNE].status == C.STARTING
     t0 = time.monotonic()
     result = None
     while result is None and time.monotonic() - t0 < 300:

@@ -470,12 +470,24 @@ class FinetuneController:
     def can_resume(self) -> bool:
         return self.worker is None and self.run is not None
 
-    def start(self, model: dict[str, Any] | None, resume: bool = False) -> None:
-        """Fine-tune when idle; Stop when running (the last finished epoch's checkpoint is kept)."""
+    def toggle(self, model: dict[str, Any] | None) -> None:
+        """The Fine-tune / Stop button: start a new fine-tune when idle, stop the running one otherwise."""
         if self.worker is not None:
-            self.worker.cancel()
-            self.state.set(FINETUNE, RUNNING, "Stopping… the last finished epoch is kept; Resume continues from it.")
+            self.stop()
+        else:
+            self.start(model)
+
+    def stop(self) -> None:
+        """Stop the running fine-tune; the last finished epoch's checkpoint is kept for Resume."""
+        if self.worker is None:
             return
+        self.worker.cancel()
+        self.state.set(FINETUNE, RUNNING, "Stopping… the last finished epoch is kept; Resume continues from it.")
+
+    def start(self, model: dict[str, Any] | None, resume: bool = False) -> None:
+        """Start a fine-tune (or resume the stopped one). Never stops a running one: that is :meth:`stop`."""
+        if self.worker is not None:
+            return  # already running (a second click, or Resume pressed while it runs): nothing to do
         try:
             if not model or model.get("status") != "ok":
                 raise InputError("Select a usable base model in the Inputs section.")
