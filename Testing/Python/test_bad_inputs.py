@@ -72,6 +72,19 @@ def predict(ws: Path, *extra: str) -> list[str]:
     return ["predict", "--model", str(ws / "model"), "--progress", "none", *extra]
 
 
+def _brats(channel: int) -> str:
+    from DSDSegmentationLib.engine.data import find_shared_data
+
+    return str(find_shared_data() / "BraTS2015_DeepMedicSample" / "imagesTr" / f"brats_2013_pat0001_1_000{channel}.nii.gz")
+
+
+def tumour(ws: Path, *inputs: str) -> list[str]:
+    args = ["predict", "--model", str(REPO / "Resources" / "Models" / "brain-tumour-dsd"), "--progress", "none"]
+    for i in inputs:
+        args += ["-i", i]
+    return args + ["-o", str(ws / "out" / "tumour.nii.gz")]
+
+
 def _nifti(ws: Path, name: str, affine: np.ndarray, data: np.ndarray | None = None) -> str:
     ref = nib.load(img(ws))
     arr = np.asarray(ref.dataobj) if data is None else data
@@ -190,6 +203,10 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
      r"--overlap must be in \[0, 1\)"),
     ("sw batch 0", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--sw-batch-size", "0"), 2,
      "must be at least 1"),
+    # multi-sequence inputs (the shipped FLAIR + T1c tumour model)
+    ("same sequence twice", lambda w: tumour(w, _brats(0), _brats(0)), 2,
+     "inputs 'FLAIR' and 'T1c' are the same image; each input must be its own sequence"),
+    ("a sequence missing", lambda w: tumour(w, _brats(0)), 2, r"1 channel\(s\) given, the model expects 2 \(FLAIR, T1c\)"),
     # geometry
     ("zero spacing", lambda w: predict(w, "-i", _nifti(w, "zero.nii.gz", A(np.diag([1.0, 0.0, 1.0, 1.0]))), "-o",
                                        str(w / "out" / "s.nii.gz")), 2, "degenerate"),

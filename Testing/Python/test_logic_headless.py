@@ -193,6 +193,11 @@ def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_p
         logic.start([vec], model)
     with pytest.raises(InputError, match="does not exist"):
         logic.start([vol], tmp_path / "no_model")
+    two = {"preset": {"channels": ["FLAIR", "T1c"]}}  # a two-sequence model's card: one volume picked twice
+    with pytest.raises(InputError, match=r"inputs 'FLAIR' and 'T1c' are the same volume \(.*\); pick each sequence once"):
+        logic.check_inputs([vol, vol], two)
+    other, _, _ = oblique_volume(scene, hippocampus_dir)
+    logic.check_inputs([vol, other], two)  # two different volumes pass
     flat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "flat")
     slicer.util.updateVolumeFromArray(flat, np.full((10, 12, 14), 5.0, np.float32))
     with pytest.raises(InputError, match="constant intensity"):

@@ -98,6 +98,11 @@ class SegmentationBridge:
                                  "(vector or 4D) volumes are not supported; extract one frame or component first")
             if min(image.GetDimensions()) < 2:
                 raise InputError(f"input '{channel}' ({node.GetName()}): dimensions {image.GetDimensions()} are not 3D")
+        for i, (node, channel) in enumerate(zip(volume_nodes, channels)):
+            for other, other_channel in zip(volume_nodes[i + 1:], channels[i + 1:]):
+                if other is node:
+                    raise InputError(f"inputs '{channel}' and '{other_channel}' are the same volume ({node.GetName()}); "
+                                     "pick each sequence once")
 
     @staticmethod
     def check_temp_space(folder: Path, nodes: Sequence[Any], outputs: int = 2) -> None:

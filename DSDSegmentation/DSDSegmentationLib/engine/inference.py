@@ -49,10 +49,11 @@ def check_geometry(affine: np.ndarray, what: str) -> None:
                          "the file's header is probably wrong (check its units and pixdim)")
 
 
-def check_input_image(image: np.ndarray, n_channels: int, what: str) -> None:
-    """Clear errors for images the model cannot segment."""
+def check_input_image(image: np.ndarray, n_channels: int, what: str, names: list[str] | None = None) -> None:
+    """Clear errors for images the model cannot segment (``names``: the model's input names, for the messages)."""
     if image.shape[0] != n_channels:
-        raise InputError(f"{what}: {image.shape[0]} channel(s) given, the model expects {n_channels}")
+        listed = f" ({', '.join(names)})" if names else ""
+        raise InputError(f"{what}: {image.shape[0]} channel(s) given, the model expects {n_channels}{listed}")
     if any(s < 2 for s in image.shape[1:]):
         raise InputError(f"{what}: shape {image.shape[1:]} is not a 3D volume (a 2D image?)")
     if not np.all(np.isfinite(image)):
@@ -60,6 +61,12 @@ def check_input_image(image: np.ndarray, n_channels: int, what: str) -> None:
     for c in range(image.shape[0]):
         if float(image[c].max()) == float(image[c].min()):
             raise InputError(f"{what}: channel {c} has constant intensity {float(image[c].min())}; nothing to segment")
+    name = (lambda c: f"'{names[c]}'") if names else (lambda c: f"channel {c}")
+    for a in range(image.shape[0]):
+        for b in range(a + 1, image.shape[0]):
+            if np.array_equal(image[a], image[b]):
+                raise InputError(f"{what}: inputs {name(a)} and {name(b)} are the same image; each input must be its "
+                                 "own sequence (the same volume was picked twice?)")
 
 
 class Predictor:
@@ -137,7 +144,7 @@ class Predictor:
         paths = [images] if isinstance(images, (str, Path)) else [str(p) for p in images]
         what = f"input {Path(paths[0]).name}"
         raw, affine = load_channels(paths, what=what, resample=True, notes=self.notes)
-        check_input_image(raw, len(self.model.preset.channels), what)
+        check_input_image(raw, len(self.model.preset.channels), what, list(self.model.preset.channels))
         check_geometry(affine, what)
         loaded = MetaTensor(torch.from_numpy(raw), affine=torch.as_tensor(affine, dtype=torch.float64),
                             meta={"filename_or_obj": paths[0]})
