@@ -98,7 +98,18 @@ def test_roi_placement_waits_for_the_second_corner(panel, scene) -> None:
     roi.AddControlPoint(vtk.vtkVector3d(c[0] - 12, c[1] - 16, c[2] - 12))  # first corner: defined, size 0
     assert panel.prompt.pending is None and panel.prompt.placing == C.PromptController.ROI
     assert interaction.GetCurrentInteractionMode() == interaction.Place, "still placing the box"
-    roi.AddControlPoint(vtk.vtkVector3d(c[0] + 12, c[1] + 16, c[2] + 12))  # second corner: a real box
+    # the mouse moves: Slicer's markups widget keeps the second corner as a PositionPreview control point, and the
+    # box already has a size that follows the mouse (vtkMRMLMarkupsROINode counts preview points); PointModified
+    # (and here a defined event for the first corner again) fire on every move
+    modify = roi.StartModify()
+    i = roi.AddControlPoint(vtk.vtkVector3d(c[0] + 5, c[1] + 5, c[2] + 5))
+    roi.ResetNthControlPointPosition(i)
+    roi.EndModify(modify)
+    roi.SetNthControlPointPositionWorld(i, c[0] + 8, c[1] + 10, c[2] + 6, roi.PositionPreview)
+    assert roi.GetNthControlPointPositionStatus(i) == roi.PositionPreview and min(roi.GetSize()) > 5
+    assert panel.prompt.pending is None, "a box whose second corner is a preview does not start a run"
+    assert interaction.GetCurrentInteractionMode() == interaction.Place, "still placing the box"
+    roi.SetNthControlPointPositionWorld(i, c[0] + 12, c[1] + 16, c[2] + 12)  # second click: a real box
     assert panel.prompt.pending is not None and panel.prompt.pending[1] == -1
     assert placing[-1] is None and interaction.GetCurrentInteractionMode() == interaction.ViewTransform
     seg = run_until(panel, "prompt")

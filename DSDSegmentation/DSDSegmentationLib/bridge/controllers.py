@@ -261,23 +261,27 @@ class PromptController:
     # events ------------------------------------------------------------------------------------------------
     @staticmethod
     def roi_ready(roi: Any) -> bool:
-        """An ROI is a region once it has a size on every axis (placing a box fires a defined event per corner)."""
+        """An ROI is a region once it has a size on every axis and no corner is still a preview: while the second
+        corner follows the mouse (a PositionPreview control point) the box already has a size, but is not placed."""
+        statuses = [roi.GetNthControlPointPositionStatus(i) for i in range(roi.GetNumberOfControlPoints())]
+        if any(st != roi.PositionDefined for st in statuses):
+            return False
         if all(s > MIN_ROI_MM for s in roi.GetSize()):
             return True
         # the box may be updated from its corners after the event: judge by the defined control points themselves
         pts = []
         for i in range(roi.GetNumberOfControlPoints()):
-            if roi.GetNthControlPointPositionStatus(i) == roi.PositionDefined:
-                p = [0.0, 0.0, 0.0]
-                roi.GetNthControlPointPositionWorld(i, p)
-                pts.append(p)
+            p = [0.0, 0.0, 0.0]
+            roi.GetNthControlPointPositionWorld(i, p)
+            pts.append(p)
         return len(pts) >= 2 and all(max(c) - min(c) > MIN_ROI_MM for c in zip(*pts))
 
     def _on_defined(self, caller: Any, event: Any = None) -> None:
         self.prompt_changed(caller, defined=True)
 
     def _on_roi_modified(self, caller: Any, event: Any = None) -> None:
-        """While a box is being placed, it is defined as soon as it has a size (whichever event says so first)."""
+        """While a box is being placed it is defined once both corners are (whichever event says so first): a
+        preview corner following the mouse fires this event too, and :meth:`roi_ready` says no to it."""
         if self.placing == self.ROI and self.roi_ready(caller):
             self.prompt_changed(caller, defined=True)
 
