@@ -111,7 +111,7 @@ class DSDSegmentationParameterNode:
     finetuneFolder: Path = Path()
     finetuneEpochs: int = 30
     finetuneLearningRate: float = 0.001
-    finetuneDSD: bool = True
+    finetuneDSD: bool = False
     finetuneFreezeEncoder: bool = False
     finetuneName: str = ""
 

@@ -30,7 +30,7 @@ PARAMETERS: dict[str, Any] = {
     "outputSegmentation": None, "modelPath": "", "device": "auto", "tta": False, "show3D": True,
     "liveRerun": True, "qaSegmentation": None, "qaReference": None, "qaVolume": None, "qaToleranceMm": 1.0,
     "finetuneVolume": None, "finetuneSegmentation": None, "finetuneFolder": "", "finetuneEpochs": 30,
-    "finetuneLearningRate": 0.001, "finetuneDSD": True, "finetuneFreezeEncoder": False, "finetuneName": "",
+    "finetuneLearningRate": 0.001, "finetuneDSD": False, "finetuneFreezeEncoder": False, "finetuneName": "",
 }
 
 SEGMENT, PROMPT, UNCERTAINTY, FINETUNE = "segment", "prompt", "uncertainty", "finetune"
