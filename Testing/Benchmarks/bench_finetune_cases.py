@@ -86,7 +86,7 @@ def per_case_dice(model, folder: Path, pred_dir: Path) -> dict[str, float]:
     return {r["case"]: float(np.mean([m["dice"] for m in r["classes"].values()])) for r in rows}
 
 
-def run_one(arm: str, data: Path, run: Path, epochs: int, seed: int, eval_dir: Path) -> dict:
+def run_one(base: Path, arm: str, data: Path, run: Path, epochs: int, seed: int, eval_dir: Path) -> dict:
     from DSDSegmentationLib.engine.finetune import finetune
     from DSDSegmentationLib.engine.labelmapping import derive_mapping, mapped_preset
     from DSDSegmentationLib.engine.training import TrainConfig, Trainer
@@ -95,7 +95,6 @@ def run_one(arm: str, data: Path, run: Path, epochs: int, seed: int, eval_dir: P
         return json.loads((run / "result.json").read_text())
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    base = default_model()
     card = read_model_card(base)
     t0 = time.time()
     if arm.startswith("ft-"):
@@ -115,6 +114,7 @@ def run_one(arm: str, data: Path, run: Path, epochs: int, seed: int, eval_dir: P
     minutes = (time.time() - t0) / 60
     dice = per_case_dice(model, eval_dir, run / "pred")
     out = {"arm": arm, "epochs": epochs, "seed": seed, "minutes": minutes, "dice": dice,
+           "base": {"id": card.get("id"), "version": card.get("version")},
            "mean": float(np.mean(list(dice.values())))}
     (run / "result.json").write_text(json.dumps(out, indent=1))
     return out
@@ -167,11 +167,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default=str(Path.home() / "dsdseg-runs" / "finetune-cases"))
     ap.add_argument("--report", action="store_true", help="only print the tables and write the plot")
+    ap.add_argument("--base", default=str(default_model()),
+                    help="the base model package (pin one version for a whole curve; the shipped one by default)")
     args = ap.parse_args()
     if min(args.sizes) < 2:
         raise SystemExit("a fine-tune holds one annotated case out for validation: N must be at least 2")
     out = Path(args.out).expanduser()
-    card = read_model_card(default_model())
+    base = Path(args.base).expanduser()
+    card = read_model_card(base)
     by_id = {c.id: c for c in list_cases(find_shared_data() / "Task04_Hippocampus")}
     val = [by_id[i] for i in card["split"]["val_ids"]]
     pool, evaluate = val[:22], val[22:42]
@@ -184,7 +187,7 @@ def main() -> None:
                     chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
                     data = write_cases(chosen, out / scenario / f"n{n}" / f"cases_seed{seed}", scenario)
                     for arm in args.arms:
-                        r = run_one(arm, data, out / scenario / f"n{n}" / f"{arm}_seed{seed}", args.epochs, seed, eval_dir)
+                        r = run_one(base, arm, data, out / scenario / f"n{n}" / f"{arm}_seed{seed}", args.epochs, seed, eval_dir)
                         print(f"{scenario} n={n} {arm} seed {seed}: Dice {r['mean']:.4f} ({r['minutes']:.1f} min)",
                               flush=True)
     report(out, args.scenarios, args.sizes, args.arms, args.seeds)

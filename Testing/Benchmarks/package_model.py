@@ -8,6 +8,10 @@ Evaluates the run's best checkpoint on its own validation split (Dice, HD95, ASS
 grid, CPU seconds per case), then writes the package (head-free weights, model.json, SHA256SUMS) with: labels,
 colours, terminology and interactive region (from the current built-in preset of the task), inputs, preprocessing, backbone and DSD
 settings, training data and its licence, split, seed, epochs, wall time, package versions and the metrics.
+
+A new version of a shipped package whose weights stay and whose preprocessing changes (re-measured the same way):
+        ... package_model.py --from-package Resources/Models/hippocampus-dsd --set 'spacing=[1,1,1]' \
+            --version 1.1.0 --output /tmp/new --note "why"      (then replace the package folder with /tmp/new)
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import monai
 import numpy
 import torch
 
-from DSDSegmentationLib.engine.data import Case
+from DSDSegmentationLib.engine.cards import read_model_card
+from DSDSegmentationLib.engine.data import Case, find_shared_data, list_cases
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 from DSDSegmentationLib.engine.models import export_package
@@ -61,30 +66,17 @@ DATA: dict = {
 
 
 DATA["brain_tumour_2seq"] = {**DATA["brain_tumour"], "name": DATA["brain_tumour"]["name"] + "; FLAIR and T1c only"}
+FOLDERS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2018_2mm",
+           "brain_tumour_2seq": "BraTS2018_2mm", "brain_tumour_2015": "BraTS2015_DeepMedicSample"}
+PRESET_KEYS = ("spacing", "normalization", "orientation", "crop_foreground", "inference")  # what --set may change
 
 
 def _r(v, digits: int):
     return None if v is None else round(v, digits)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="training run folder (config.json, best.pt, history.json, split.json)")
-    ap.add_argument("--id", required=True, help="model id, e.g. hippocampus-dsd")
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--version", default="1.0.0")
-    ap.add_argument("--replace", action="store_true", help="replace an existing package at --output")
-    ap.add_argument("--note", default="", help="how the run was made (e.g. CPU shared with other runs), kept in the card")
-    args = ap.parse_args()
-    run = Path(args.run)
-    cfg = json.loads((run / "config.json").read_text())
-    history = json.loads((run / "history.json").read_text())
-    split = json.loads((run / "split.json").read_text())
-    task = cfg["resolved"]["preset"]["name"]
-    preset = load_preset(task)  # current labels, colours and terminology of the task
-    val = [Case(**c) for c in split["val"]]
-
-    predictor = Predictor(run, device="cpu")
+def evaluate(predictor: Predictor, val: list[Case], preset) -> tuple[dict, list[float]]:
+    """Dice, HD95, ASSD per class and region on each validation case's original grid, and CPU seconds per case."""
     secs = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs = []
@@ -105,6 +97,73 @@ def main() -> None:
     }
     validation["mean_dice"] = round(statistics.mean(validation["per_class"][n]["dice"] for n in classes
                                                     if n not in preset.regions), 4)
+    return validation, secs
+
+
+def from_package(args) -> None:
+    """Same weights, new preprocessing (``--set key=json``): re-measured on the card's own validation cases."""
+    src = Path(args.from_package)
+    card = read_model_card(src)
+    changes = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in PRESET_KEYS:
+            raise SystemExit(f"--set {key}: only {PRESET_KEYS} may change without retraining")
+        changes[key] = json.loads(value)
+    preset_dict = {**card["preset"], **changes}
+    task = card["task"]
+    ids = set(card["split"]["val_ids"])
+    folder = find_shared_data() / FOLDERS[task]
+    val = [c for c in list_cases(folder, channels=card["preset"]["channels"]) if c.id in ids]
+    if len(val) != len(ids):
+        raise SystemExit(f"found {len(val)} of the card's {len(ids)} validation cases in {folder}")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "staged"
+        export_package(src, staged, {"preset": preset_dict})
+        validation, secs = evaluate(Predictor(staged, device="cpu"), val, load_preset(task))
+    history = list(card.get("history_of_versions", []))
+    history.append({"version": card.get("version"), "validation_mean_dice": card.get("validation", {}).get("mean_dice")})
+    extra = {"preset": preset_dict, "version": args.version, "validation": validation,
+             "expected_seconds": {**card.get("expected_seconds", {}), "cpu": round(statistics.median(secs), 3),
+                                  "cpu_note": f"median per validation case, {torch.get_num_threads()} torch thread(s) "
+                                              f"on a {os.cpu_count()}-core CPU" + (f"; {args.note}" if args.note else "")},
+             "changes": {"from_version": card.get("version"), "preset": changes, "weights": "unchanged",
+                         "note": args.note},
+             "history_of_versions": history,
+             "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+                          "numpy": numpy.__version__}}
+    out = Path(args.output)
+    if out.exists():
+        raise SystemExit(f"{out} exists; choose a new folder")
+    export_package(src, out, extra)
+    print(json.dumps({"package": str(out), "changes": changes, "validation": validation,
+                      "expected_seconds": extra["expected_seconds"]}, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", help="training run folder (config.json, best.pt, history.json, split.json)")
+    ap.add_argument("--from-package", help="a package to re-issue with new preprocessing (see --set)")
+    ap.add_argument("--set", action="append", help="with --from-package: preset key=json value, e.g. 'spacing=[1,1,1]'")
+    ap.add_argument("--id", help="model id, e.g. hippocampus-dsd (with --run)")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--replace", action="store_true", help="replace an existing package at --output")
+    ap.add_argument("--note", default="", help="how the run was made (e.g. CPU shared with other runs), kept in the card")
+    args = ap.parse_args()
+    if args.from_package:
+        return from_package(args)
+    if not (args.run and args.id):
+        raise SystemExit("give --run and --id (a new package from a run) or --from-package")
+    run = Path(args.run)
+    cfg = json.loads((run / "config.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    task = cfg["resolved"]["preset"]["name"]
+    preset = load_preset(task)  # current labels, colours and terminology of the task
+    val = [Case(**c) for c in split["val"]]
+
+    validation, secs = evaluate(Predictor(run, device="cpu"), val, preset)
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
                    "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
                    "roi": preset.roi}
