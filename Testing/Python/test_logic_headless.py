@@ -92,9 +92,15 @@ def test_segment_oblique_volume_matches_engine(scene, make_logic, model: Path, h
     assert list(tmp_path.iterdir()) == [], "temporary files must be removed"
     assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study, "placed beside the input volume"
-    # the same image, segmented by the engine outside MRML from a NIfTI with the same geometry
-    ref_in = tmp_path / "ref.nii.gz"
-    nib.save(nib.Nifti1Image(data, ijk_to_ras), ref_in)  # IJKToRAS is the NIfTI voxel-to-RAS affine
+    # the same image, segmented by the engine outside MRML: written as the bridge writes it, whose header must hold
+    # the node's geometry (IJKToRAS as the voxel-to-RAS affine; a NIfTI's float32 sform would round the oblique
+    # matrix, and with the preset's resampling even such rounding flips a few near-tie voxels of this 1-epoch model)
+    from DSDSegmentationLib.engine.io import load_volume
+
+    ref_in = logic.write_volume(vol, tmp_path / "ref.nrrd")
+    ref_data, ref_affine = load_volume(str(ref_in))
+    np.testing.assert_allclose(ref_affine, ijk_to_ras, atol=1e-9)
+    np.testing.assert_array_equal(ref_data, data)
     labels, _ = Predictor(model, device="cpu").predict([str(ref_in)])
     for value, name in ((1, "anterior hippocampus"), (2, "posterior hippocampus")):
         arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetSegmentIdBySegmentName(name), vol)
