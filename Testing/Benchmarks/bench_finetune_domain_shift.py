@@ -36,23 +36,33 @@ from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 
 
-def shift_image(x: np.ndarray, seed: int) -> np.ndarray:
+SHIFTS = ("contrast", "bias", "thick", "noise")
+
+
+def shift_image(x: np.ndarray, seed: int, parts: tuple[str, ...] = SHIFTS) -> np.ndarray:
+    """The simulated scanner/sequence shift, all four parts by default (the target domain of this benchmark), or
+    only some of them (``bench_single_shifts.py``); the random draws are the same whichever parts run."""
     rng = np.random.default_rng(seed)
     lo, hi = np.percentile(x, [0.5, 99.5])
     v = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
-    v = (1 - v) ** 1.5
+    if "contrast" in parts:
+        v = (1 - v) ** 1.5
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in v.shape], indexing="ij")
     terms = [np.ones_like(grids[0]), *grids] + [g * h for i, g in enumerate(grids) for h in grids[i:]]
     log_field = sum(rng.uniform(-0.3, 0.3) * t for t in terms[1:])
-    v = v * np.exp(log_field)
-    k = v.shape[2]
-    thick = np.stack([v[:, :, max(i - 1, 0):i + 2].mean(axis=2) for i in range(0, k, 3)], axis=2)
-    t = np.arange(k) / 3.0  # linear interpolation of the thick slices back onto the original slice positions
-    i0 = np.minimum(np.floor(t).astype(int), thick.shape[2] - 1)
-    i1 = np.minimum(i0 + 1, thick.shape[2] - 1)
-    w = t - i0
-    v = thick[:, :, i0] * (1 - w) + thick[:, :, i1] * w
-    v = v + rng.normal(0, 0.02, v.shape)
+    if "bias" in parts:
+        v = v * np.exp(log_field)
+    if "thick" in parts:
+        k = v.shape[2]
+        thick = np.stack([v[:, :, max(i - 1, 0):i + 2].mean(axis=2) for i in range(0, k, 3)], axis=2)
+        t = np.arange(k) / 3.0  # linear interpolation of the thick slices back onto the original slice positions
+        i0 = np.minimum(np.floor(t).astype(int), thick.shape[2] - 1)
+        i1 = np.minimum(i0 + 1, thick.shape[2] - 1)
+        w = t - i0
+        v = thick[:, :, i0] * (1 - w) + thick[:, :, i1] * w
+    noise = rng.normal(0, 0.02, v.shape)
+    if "noise" in parts:
+        v = v + noise
     return (v * 1000).astype(np.float32)
 
 
