@@ -6,11 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from monai.utils import set_determinism
 
 from DSDSegmentationLib.worker.cli import main as cli_main
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
-from DSDSegmentationLib.engine.data import list_cases
+from DSDSegmentationLib.engine.data import find_shared_data, list_cases
 from DSDSegmentationLib.engine.smoke import case_loader, train_steps
 
 
@@ -41,3 +43,41 @@ def test_cli_reports_bad_data_folder(tmp_path: Path, capsys) -> None:
     rc = cli_main(["smoke", "--data", str(tmp_path)])
     assert rc == 2
     assert "has no dataset.json" in capsys.readouterr().err
+
+
+def test_two_sequence_model_initialised_from_the_four_sequence_one(tmp_path: Path, capsys) -> None:
+    """`dsdseg train --init-from`: FLAIR + T1c input weights are channels 0 and 2 of the FLAIR, T1, T1c, T2 model's,
+    every other backbone weight is the base's; a base trained on this run's validation cases is reported; a base
+    without the task's channels is refused by name."""
+    from DSDSegmentationLib.engine.models import load_model
+    from DSDSegmentationLib.engine.training import _dims_sized_by
+
+    data = find_shared_data() / "BraTS2018_2mm"
+    common = ["--data", str(data), "--epochs", "1", "--max-cases", "6", "--max-steps", "1", "--progress", "none",
+              "--device", "cpu"]
+    assert cli_main(["train", "--task", "brain_tumour", "--output", str(tmp_path / "four"), *common]) == 0
+    assert cli_main(["train", "--task", "brain_tumour_2seq", "--output", str(tmp_path / "two"), "--init-from",
+                str(tmp_path / "four"), "--epochs", "1", *common[:2], *common[4:], "--lr", "1e-12"]) == 0
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert "initialised from channels [0, 2]" in log and "warning" not in log  # same split: no overlap
+    base, new = load_model(tmp_path / "four" / "last.pt"), load_model(tmp_path / "two" / "last.pt")
+    assert new.preset.channels == ["FLAIR", "T1c"] and new.net_config.in_channels == 2
+    dims = _dims_sized_by(base.net_config, "in_channels")
+    assert dims and all(d == [1] for d in dims.values())  # the input convolutions (out, in, kx, ky, kz)
+    b, n = base.network.state_dict(), new.network.state_dict()
+    for key in dims:  # lr 1e-12: one step leaves the transferred weights as they were
+        torch.testing.assert_close(n[key], b[key][:, [0, 2]], atol=1e-6, rtol=0)
+    same = [k for k in b if k not in dims and b[k].dtype.is_floating_point]
+    assert len(same) > 20 and all(torch.allclose(n[k], b[k], atol=1e-6) for k in same if "running" not in k)
+
+    # another split (seed 1): the base saw some of this run's validation cases
+    with pytest.warns(UserWarning, match="validation case"):
+        assert cli_main(["train", "--task", "brain_tumour_2seq", "--output", str(tmp_path / "leak"), "--init-from",
+                    str(tmp_path / "four"), "--seed", "1", *common]) == 0
+    # a base without FLAIR / T1c
+    hippo = tmp_path / "hippo"
+    assert cli_main(["train", "--task", "hippocampus", "--data", str(find_shared_data() / "Task04_Hippocampus"),
+                "--output", str(hippo), *common[2:]]) == 0
+    assert cli_main(["train", "--task", "brain_tumour_2seq", "--output", str(tmp_path / "bad"), "--init-from", str(hippo),
+                *common]) != 0
+    assert "lack ['FLAIR', 'T1c']" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import tempfile
+import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -304,7 +305,7 @@ class Trainer:
 
         model = DSDNet(self.net_config, self.dsd_config)
         if self.cfg.init_from and not self.resume:
-            self._init_from_base(model)
+            self._init_from_base(model, val_cases)
         if self.cfg.freeze_encoder:
             frozen = self._freeze_encoder(model)
             self._log(f"encoder frozen: {frozen} parameters in {', '.join(t.module for t in model.spec.taps() if t.role == 'enc')}")
@@ -395,27 +396,46 @@ class Trainer:
             self._log(f"done: best validation Dice {self.best:.4f}")
         return result
 
-    def _init_from_base(self, model: DSDNet) -> None:
-        """Backbone weights of the base model (package, run folder or checkpoint); the DSD heads stay fresh."""
+    def _init_from_base(self, model: DSDNet, val_cases: list[Case] | None = None) -> None:
+        """Backbone weights of the base model (package, run folder or checkpoint); the DSD heads stay fresh.
+
+        A base with more input channels gives the channels of this task by name (e.g. FLAIR + T1c out of FLAIR, T1,
+        T1c, T2): the input layers keep the weights of those channels. A base trained on cases that are this run's
+        validation cases (known when the base is a run folder or checkpoint with its split.json) is reported, since
+        its validation Dice would then be optimistic."""
         from .models import load_model
 
         base = load_model(self.cfg.init_from)
         mine = self.net_config.to_dict()
         theirs = base.net_config.to_dict()
+        base_state = base.network.state_dict()
+        if theirs["in_channels"] != mine["in_channels"]:
+            picks = input_channel_picks(base.preset.channels, self.preset.channels)
+            base_state = transfer_input_channels(base_state, _dims_sized_by(base.net_config, "in_channels"), picks)
+            theirs = {**theirs, "in_channels": mine["in_channels"]}
+            self._log(f"input channels {self.preset.channels} initialised from channels {picks} of the base model's "
+                      f"{base.preset.channels}")
         if self.cfg.label_map is not None:
             theirs = {**theirs, "out_channels": mine["out_channels"]}
         if theirs != mine:
             raise ConfigError(f"the base model's network {base.net_config.to_dict()} differs from this run's {mine}")
         if self.cfg.label_map is None:
-            model.backbone.load_state_dict(base.network.state_dict())
+            model.backbone.load_state_dict(base_state)
         else:
             from .labelmapping import MappedLabel, transfer_output_layer
 
             mapping = [MappedLabel(v, "", list(src), "") for v, src in zip(self.preset.label_values, self.cfg.label_map)]
-            state = transfer_output_layer(base.network.state_dict(), model.backbone.state_dict(),
+            state = transfer_output_layer(base_state, model.backbone.state_dict(),
                                           _class_dims(self.net_config), mapping, base.preset.label_values)
             model.backbone.load_state_dict(state)
         self._log(f"initialised from {self.cfg.init_from}")
+        overlap = sorted(base_training_ids(self.cfg.init_from) & {c.id for c in val_cases or []})
+        if overlap:
+            message = (f"the base model {self.cfg.init_from} was trained on {len(overlap)} of this run's validation "
+                       f"case(s) ({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}): its validation Dice "
+                       "will be optimistic; use the base's split (same --seed and --val-fraction on the same cases)")
+            warnings.warn(message, stacklevel=2)
+            self._log("warning: " + message)
 
     @staticmethod
     def _freeze_encoder(model: DSDNet) -> int:
@@ -525,17 +545,52 @@ class Trainer:
         os.replace(tmp, self.out / "curves.png")
 
 
-def _class_dims(net_config: NetworkConfig) -> dict[str, list[int]]:
-    """Parameter name → the dimensions whose size is the number of classes (the output layer), found by building
-    the backbone with K and K+1 outputs: generic over every backbone."""
+def _dims_sized_by(net_config: NetworkConfig, field: str) -> dict[str, list[int]]:
+    """Parameter name → the dimensions whose size is ``field`` of the network (``in_channels``: the input layers,
+    ``out_channels``: the output layer), found by building the backbone with one more: generic over every backbone."""
     from .networks import DSDNet
 
-    k = net_config.out_channels
+    n = getattr(net_config, field)
     a = DSDNet(net_config, DSDConfig.preset("plain")).backbone.state_dict()
-    b = DSDNet(NetworkConfig.from_dict({**net_config.to_dict(), "out_channels": k + 1}),
+    b = DSDNet(NetworkConfig.from_dict({**net_config.to_dict(), field: n + 1}),
                DSDConfig.preset("plain")).backbone.state_dict()
     return {key: [d for d, (x, y) in enumerate(zip(a[key].shape, b[key].shape)) if x != y]
             for key in a if tuple(a[key].shape) != tuple(b[key].shape)}
+
+
+def _class_dims(net_config: NetworkConfig) -> dict[str, list[int]]:
+    return _dims_sized_by(net_config, "out_channels")
+
+
+def input_channel_picks(base_channels: list[str], channels: list[str]) -> list[int]:
+    """Index of each of this task's channels among the base model's, matched by name (case-insensitive)."""
+    index = {name.strip().lower(): i for i, name in enumerate(base_channels)}
+    missing = [c for c in channels if c.strip().lower() not in index]
+    if missing:
+        raise ConfigError(f"the base model's inputs {list(base_channels)} lack {missing}: a model with other inputs can "
+                          "only be initialised from one whose inputs include each of this task's by name")
+    return [index[c.strip().lower()] for c in channels]
+
+
+def transfer_input_channels(state: dict[str, Any], input_dims: dict[str, list[int]], picks: list[int]) -> dict[str, Any]:
+    """``state`` with the input-channel dimensions (``input_dims``, from :func:`_dims_sized_by`) reduced to ``picks``."""
+    out = dict(state)
+    for key, dims in input_dims.items():
+        t = state[key]
+        for d in dims:
+            t = t.index_select(d, torch.tensor(picks)).clone()
+        out[key] = t
+    return out
+
+
+def base_training_ids(source: str | Path) -> set[str]:
+    """Case ids a base model was trained on, where its run folder's split.json says (else empty)."""
+    p = Path(source)
+    split = p / "split.json" if p.is_dir() else p.parent / "split.json"
+    try:
+        return {c["id"] for c in json.loads(split.read_text())["train"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def _float(out: Any) -> Any:

@@ -83,7 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, samples_per_volume=args.samples,
                       lr=args.lr, val_every=args.val_every, val_fraction=args.val_fraction, max_cases=args.max_cases,
                       max_steps_per_epoch=args.max_steps, seed=args.seed, device=args.device, amp=not args.no_amp,
-                      num_workers=args.workers)
+                      num_workers=args.workers, init_from=args.init_from)
     result = Trainer(cfg, _progress(args), resume=args.resume).fit()
     if args.progress == "json":
         _report(args, {"stage": "done", **result})
@@ -472,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--detach-teacher", action="store_true")
     t.add_argument("--upsample", choices=["deconv_shared", "deconv", "trilinear"])
     t.add_argument("--backbone", help="override the preset's backbone")
+    t.add_argument("--init-from", metavar="MODEL",
+                   help="start from this model's backbone weights (package, run folder or checkpoint; same network, "
+                        "or one whose inputs include this task's channels by name, e.g. FLAIR + T1c from the "
+                        "four-sequence brain-tumour model)")
     for name, typ in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--samples", _positive_int),
                       ("--lr", _positive_float), ("--val-every", _positive_int), ("--max-cases", _positive_int),
                       ("--max-steps", _positive_int), ("--workers", int)):
