@@ -9,6 +9,7 @@ grid, CPU seconds per case), then writes the package (head-free weights, model.j
 colours, terminology and interactive region (from the current built-in preset of the task), inputs, preprocessing, backbone and DSD
 settings, training data and its licence, split, seed, epochs, wall time, package versions and the metrics.
 
+A new version from a new run: add --previous Resources/Models/<id> --version X (history carried on, change recorded).
 A new version of a shipped package whose weights stay and whose preprocessing changes (re-measured the same way):
         ... package_model.py --from-package Resources/Models/hippocampus-dsd --set 'spacing=[1,1,1]' \
             --version 1.1.0 --output /tmp/new --note "why"      (then replace the package folder with /tmp/new)
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--replace", action="store_true", help="replace an existing package at --output")
     ap.add_argument("--note", default="", help="how the run was made (e.g. CPU shared with other runs), kept in the card")
+    ap.add_argument("--previous", help="with --run: the package this one succeeds (its version history is carried on "
+                                       "and the change recorded: retrained weights)")
     args = ap.parse_args()
     if args.from_package:
         return from_package(args)
@@ -192,6 +195,15 @@ def main() -> None:
                      "numpy": numpy.__version__},
     }
     del extra["training"]["steps_per_epoch"]
+    if args.previous:
+        prev = read_model_card(Path(args.previous))
+        if prev.get("task") != task:
+            raise SystemExit(f"--previous {args.previous} is a {prev.get('task')} model, this run is {task}")
+        same_val = set(prev.get("split", {}).get("val_ids", [])) == {c.id for c in val}
+        extra["history_of_versions"] = list(prev.get("history_of_versions", [])) + [
+            {"version": prev.get("version"), "validation_mean_dice": prev.get("validation", {}).get("mean_dice")}]
+        extra["changes"] = {"from_version": prev.get("version"), "weights": "retrained", "note": args.note,
+                            "same_validation_cases": same_val}
     out = Path(args.output)
     if out.exists():
         if not args.replace:
