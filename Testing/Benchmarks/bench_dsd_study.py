@@ -3,7 +3,7 @@
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_dsd_study.py [--task hippocampus] [--backbones basicunet dynunet]
             [--arms plain ds dsd] [--seeds 0 1 2] [--fractions 0.1 0.25 1.0] [--steps 2000]
-            [--out ~/dsdseg-runs/dsd-study]
+            [--out ~/dsdseg-runs/dsd-study]      (runs in <out>/<task>/<backbone>/steps<N>/frac<f>/<arm>_seed<s>)
         ... --report        # the tables from finished runs only
 
 Design (every arm gets the same): one validation split by patient (split seed 0) for all runs, so comparisons are
@@ -78,22 +78,29 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
             pairs.append((c.id, str(p), c.label))
         rows = evaluate_files(pairs, labels)
     dice = {r["case"]: float(np.mean([m["dice"] for m in r["classes"].values()])) for r in rows}
-    result = {"task": task, "backbone": backbone, "arm": arm, "seed": seed, "fraction": fraction, "epochs": cfg.epochs,
+    result = {"task": task, "backbone": backbone, "arm": arm, "seed": seed, "fraction": fraction, "steps": steps,
+              "epochs": cfg.epochs,
               "train_cases": len(split["train"]), "dice": dice, "mean": float(np.mean(list(dice.values())))}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def report(root: Path, task: str, backbones, arms, seeds, fractions) -> None:
+def run_dir(root: Path, task: str, backbone: str, steps: int, fraction: float, arm: str, seed: int) -> Path:
+    """One run's folder: the step budget is part of it, so budgets never mix in a table."""
+    return root / task / backbone / f"steps{steps}" / f"frac{fraction:g}" / f"{arm}_seed{seed}"
+
+
+def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int) -> None:
     from scipy.stats import t as student
 
     for backbone in backbones:
-        print(f"# {task}, {backbone}: mean validation Dice (mean ± 95 % CI over seeds, n seeds)")
+        print(f"# {task}, {backbone}, {steps} optimiser steps per run: mean validation Dice (mean ± 95 % CI over seeds, "
+              "n seeds)")
         print("| training share | " + " | ".join(arms) + " | dsd − plain (paired) | ds − plain (paired) |")
         print("|---:|" + "---:|" * (len(arms) + 2))
         for f in fractions:
             res = {a: [json.loads(p.read_text()) for s in seeds
-                       if (p := root / task / backbone / f"frac{f:g}" / f"{a}_seed{s}" / "result.json").is_file()]
+                       if (p := run_dir(root, task, backbone, steps, f, a, s) / "result.json").is_file()]
                    for a in arms}
             cells = []
             for a in arms:
@@ -125,10 +132,10 @@ def main() -> None:
                 for seed in args.seeds:
                     for arm in args.arms:
                         r = run_one(args.task, backbone, arm, seed, f, args.steps,
-                                    root / args.task / backbone / f"frac{f:g}" / f"{arm}_seed{seed}")
+                                    run_dir(root, args.task, backbone, args.steps, f, arm, seed))
                         print(f"{args.task} {backbone} share {f:g} seed {seed} {arm}: Dice {r['mean']:.4f} "
                               f"({r['train_cases']} training cases, {r['epochs']} epochs)", flush=True)
-    report(root, args.task, args.backbones, args.arms, args.seeds, args.fractions)
+    report(root, args.task, args.backbones, args.arms, args.seeds, args.fractions, args.steps)
 
 
 if __name__ == "__main__":
