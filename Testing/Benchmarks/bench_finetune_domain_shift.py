@@ -47,6 +47,9 @@ def shift_image(x: np.ndarray, seed: int, parts: tuple[str, ...] = SHIFTS) -> np
     v = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
     if "contrast" in parts:
         v = (1 - v) ** 1.5
+    for part, gamma in (("gamma", 1.5), ("gamma_low", 1 / 1.5)):  # gamma alone (single-shift benchmark only)
+        if part in parts:
+            v = v ** gamma
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in v.shape], indexing="ij")
     terms = [np.ones_like(grids[0]), *grids] + [g * h for i, g in enumerate(grids) for h in grids[i:]]
     log_field = sum(rng.uniform(-0.3, 0.3) * t for t in terms[1:])

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Hippocampus models under each single simulated shift: contrast (T2-like), bias field, thick slices, noise.
+"""Hippocampus models under each single simulated shift: contrast (T2-like), gamma, bias field, thick slices, noise.
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_single_shifts.py --model A [B ...] [--names a b] [--cases 42]
 
 The shifts are the parts of ``bench_finetune_domain_shift.shift_image`` (same deterministic draws per case), each
-alone, then all four together. Cases: the validation cases of the first model (its card's ``split.val_ids`` or its
+alone, then all four together; plus gamma alone (1.5 and 1/1.5 on the intensities scaled to [0, 1], no
+inversion), which the combined shift does not use. Cases: the validation cases of the first model (its card's ``split.val_ids`` or its
 run's ``split.json``); every other model must have been validated on the same cases (checked), so no model is
 scored on images it was trained on. Prints mean Dice (anterior, posterior, mean) per model and condition.
 """
@@ -29,7 +30,8 @@ from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize  # noqa: E402
 
 LABELS = {0: "background", 1: "anterior hippocampus", 2: "posterior hippocampus"}
-CONDITIONS = [("none", ())] + [(s, (s,)) for s in SHIFTS] + [("all four", SHIFTS)]
+CONDITIONS = ([("none", ())] + [(s, (s,)) for s in SHIFTS] + [("gamma 1.5", ("gamma",)), ("gamma 0.67", ("gamma_low",))]
+              + [("all four", SHIFTS)])
 
 
 def val_ids(model: Path) -> list[str]:
