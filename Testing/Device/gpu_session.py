@@ -4,13 +4,16 @@
 Prepare here:   .venv/bin/python Testing/Device/pack.py --dataset ACDC_subset      (or BraTS2018_2mm)
 Run there (device ``run``, carry [".device"], timeout_s 600), as ONE command:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl &&
-    PYTHONPATH=/tmp/site:$PWD/DSDSegmentation python3 Testing/Device/gpu_session.py --train-min 5.5 --out $OUT
+    PYTHONPATH=/tmp/site:$PWD/DSDSegmentation python3 Testing/Device/gpu_session.py --train-min 5.5 --out $OUT \
+        [--arms dsd plain]
 (about 0.5 min install, 1.5 min checks, 0.5 min calibration, 1 min caching, then the schedule: under 10 min)
 Dry run here (CPU, a few steps):  .venv/bin/python Testing/Device/gpu_session.py --dry-run --out /tmp/gpu-dry
+Back here:  .venv/bin/python Testing/Device/unpack.py FILES_AT --to ~/dsdseg-runs/gpu-<task>   (run folders that
+package_model.py --run takes, their data paths pointed at ../shared/data, so validation runs on the original files)
 
-Writes to --out (at most 8 files come back): session.json (card, torch, CUDA, timings, every check with its numbers
-and pass/fail), log.txt (the training log), history.json, config.json, split.json and best.pt of the run (package
-them here with Testing/Benchmarks/package_model.py --run). Checks:
+Writes to --out (at most 8 files of at most 16 MiB come back): session.json (card, torch, CUDA, timings, every check
+with its numbers and pass/fail) and per arm <arm>_run.json (the run's config, split, history and log) and its best
+checkpoint in parts of at most 15 MiB (<arm>_best.pt.00, .01, ...: the brain-tumour checkpoint is 23 MB). Checks:
   1. CUDA inference equals CPU: the shipped hippocampus model on its sample cases, labels agree on >= 99.9 % of
      voxels and the uncertainty maps within 1e-3 (float32 on both; a different kernel order only);
   2. AMP training step: DSD loss under autocast + GradScaler equals the float32 loss at the same weights within
@@ -18,8 +21,9 @@ them here with Testing/Benchmarks/package_model.py --run). Checks:
   3. out-of-memory fallback: with the process limited to a sliver of GPU memory, the Predictor's real CUDA
      out-of-memory falls back to the CPU, says so in its notes, and gives the CPU result;
   4. timings, median of repetitions: inference per case (CUDA vs this machine's CPU) and a DSD training step.
-Training: the packed task's preset (DSD, seed 0), epochs chosen from a 2-epoch calibration so that the full
-schedule (poly learning rate to 0) ends within --train-min minutes, validation every ~10 % of the epochs.
+Training: the packed task's preset (seed 0) for each arm (``--arms``: DSD by default; ``dsd plain`` compares them at
+the same budget), the same number of epochs for every arm, chosen from a 2-epoch DSD calibration so that all arms'
+full schedules (poly learning rate to 0) end within --train-min minutes; validation every ~10 % of the epochs.
 """
 
 from __future__ import annotations
@@ -48,7 +52,21 @@ from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.engine.tasks import load_preset  # noqa: E402
 from DSDSegmentationLib.engine.training import TrainConfig, Trainer  # noqa: E402
 
-RUN_FILES = ("log.txt", "history.json", "config.json", "split.json", "best.pt")
+RUN_JSON = ("config.json", "history.json", "split.json")
+PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
+
+
+def write_run(run_dir: Path, out: Path, arm: str) -> list[str]:
+    """One run as <arm>_run.json (config, history, split, log) and <arm>_best.pt.NN parts; returns the names."""
+    record = {name: json.loads((run_dir / name).read_text()) for name in RUN_JSON if (run_dir / name).is_file()}
+    record["log.txt"] = (run_dir / "log.txt").read_text() if (run_dir / "log.txt").is_file() else ""
+    names = [f"{arm}_run.json"]
+    (out / names[0]).write_text(json.dumps(record))
+    data = (run_dir / "best.pt").read_bytes() if (run_dir / "best.pt").is_file() else b""
+    for i in range(0, len(data), PART_BYTES):
+        names.append(f"{arm}_best.pt.{i // PART_BYTES:02d}")
+        (out / names[-1]).write_bytes(data[i:i + PART_BYTES])
+    return names
 
 
 def sample_cases() -> list[str]:
@@ -152,37 +170,43 @@ def timings(dev: str, reps: int = 5) -> dict:
     return out
 
 
-def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, dry: bool) -> dict:
+def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, dry: bool,
+          arms: tuple[str, ...] = ("dsd",)) -> dict:
     data = REPO / ".device" / "data" / manifest["dataset"]
     task = manifest["task"]
-    cal_dir, run_dir = Path("/tmp/dsdseg-cal"), Path("/tmp/dsdseg-run")
+    cal_dir = Path("/tmp/dsdseg-cal")
     shutil.rmtree(cal_dir, ignore_errors=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    common = dict(task=task, data=str(data), dsd="dsd", seed=0, device=device, num_workers=workers)
+    common = dict(task=task, data=str(data), seed=0, device=device, num_workers=workers)
     if dry:
         common.update(max_cases=6, max_steps_per_epoch=2)
-    # calibration on 8 cases, 6 steps per epoch: the time of one optimiser step once data and kernels are warm
+    # calibration on 8 cases, 6 steps per epoch: the time of one DSD optimiser step once data and kernels are warm
+    # (plain steps are cheaper, so every arm fits)
     cal_steps = 6
-    Trainer(TrainConfig(output=str(cal_dir), epochs=2, val_every=2, **{**common, "max_cases": 8,
-                                                                        "max_steps_per_epoch": cal_steps})).fit()
+    Trainer(TrainConfig(output=str(cal_dir), epochs=2, val_every=2, dsd="dsd",
+                        **{**common, "max_cases": 8, "max_steps_per_epoch": cal_steps})).fit()
     hist = json.loads((cal_dir / "history.json").read_text())
     step_s = float(hist[-1]["seconds"]) / cal_steps
     preset = load_preset(task)
     n_train = round(len(list_cases(data, channels=preset.channels)) * 0.8)
     epoch_s = step_s * math.ceil(n_train / preset.training["batch_size"])
-    budget = minutes * 60 - 90  # caching the dataset and the last validation
+    budget = minutes * 60 / len(arms) - 90  # per arm: caching the dataset and the last validation
     epochs = 3 if dry else max(5, int(budget / (epoch_s * 1.15)))  # 15 %: the validations along the way
     val_every = max(1, epochs // 10)
-    t1 = time.perf_counter()
-    Trainer(TrainConfig(output=str(run_dir), epochs=epochs, val_every=val_every, **common)).fit()
-    for name in RUN_FILES:
-        if (run_dir / name).is_file():
-            shutil.copy(run_dir / name, out / name)
-    hist = json.loads((run_dir / "history.json").read_text())
-    best = max((h.get("val_dice", float("nan")) for h in hist if "val_dice" in h), default=None)
-    return {"task": task, "dataset": manifest["dataset"], "calibration_step_s": step_s, "planned_epoch_s": epoch_s,
-            "epochs": epochs,
-            "val_every": val_every, "wall_s": time.perf_counter() - t1, "best_val_dice": best}
+    result = {"task": task, "dataset": manifest["dataset"], "calibration_step_s": step_s, "planned_epoch_s": epoch_s,
+              "epochs": epochs, "val_every": val_every, "arms": {}}
+    for arm in arms:
+        run_dir = Path(f"/tmp/dsdseg-run-{arm}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t1 = time.perf_counter()
+        try:
+            Trainer(TrainConfig(output=str(run_dir), epochs=epochs, val_every=val_every, dsd=arm, **common)).fit()
+            hist = json.loads((run_dir / "history.json").read_text())
+            best = max((h.get("val_dice", float("nan")) for h in hist if "val_dice" in h), default=None)
+            result["arms"][arm] = {"wall_s": time.perf_counter() - t1, "best_val_dice": best,
+                                   "files": write_run(run_dir, out, arm)}
+        except Exception:  # noqa: BLE001 (one failed arm must not cost the others)
+            result["arms"][arm] = {"error": traceback.format_exc()[-3000:]}
+    return result
 
 
 def main() -> None:
@@ -191,6 +215,8 @@ def main() -> None:
     ap.add_argument("--train-min", type=float, default=5.5, help="wall minutes for the training schedule")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--dry-run", action="store_true", help="on this CPU: no GPU checks, a few training steps")
+    ap.add_argument("--arms", nargs="+", default=["dsd"], choices=["plain", "ds", "dsd"],
+                    help="train each, same epochs and seed (e.g. dsd plain for the comparison)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +240,8 @@ def main() -> None:
             save()
     manifest = json.loads((REPO / ".device" / "manifest.json").read_text())
     try:
-        session["training"] = train(manifest, out, args.train_min, dev, args.workers if cuda else 0, args.dry_run)
+        session["training"] = train(manifest, out, args.train_min, dev, args.workers if cuda else 0, args.dry_run,
+                                    tuple(args.arms))
     except Exception:  # noqa: BLE001
         session["training"] = {"error": traceback.format_exc()[-3000:]}
     session["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

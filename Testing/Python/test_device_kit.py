@@ -1,0 +1,54 @@
+"""The GPU session's way back: a run split into files the device returns (at most 8, 16 MiB each) and joined here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+DEVICE = Path(__file__).resolve().parents[1] / "Device"
+sys.path.insert(0, str(DEVICE))
+
+from gpu_session import PART_BYTES, write_run  # noqa: E402
+from unpack import unpack  # noqa: E402
+
+
+def test_a_run_larger_than_a_returned_file_comes_back_whole(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    (shared / "ACDC_subset" / "imagesTr").mkdir(parents=True)
+    device_data = "/somewhere/repo/.device/data/ACDC_subset"
+    run = tmp_path / "run"
+    run.mkdir()
+    case = {"id": "patient001_frame01", "images": [f"{device_data}/imagesTr/patient001_frame01.nii.gz"],
+            "label": f"{device_data}/labelsTr/patient001_frame01.nii.gz", "patient": "patient001"}
+    (run / "config.json").write_text(json.dumps({"data": device_data, "output": "/tmp/dsdseg-run-dsd", "seed": 0,
+                                                 "resolved": {"epochs": 3}}))
+    (run / "split.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.2, "train": [case], "val": [case]}))
+    (run / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 1.0, "seconds": 2.0}]))
+    (run / "log.txt").write_text("epoch 1/3\n")
+    checkpoint = os.urandom(PART_BYTES * 2 + 12345)  # the brain-tumour checkpoint is 23 MB: three parts here
+    (run / "best.pt").write_bytes(checkpoint)
+
+    back = tmp_path / "back"
+    back.mkdir()
+    names = write_run(run, back, "dsd")
+    assert names == ["dsd_run.json", "dsd_best.pt.00", "dsd_best.pt.01", "dsd_best.pt.02"]
+    assert all((back / n).stat().st_size <= 16 * 2**20 for n in names)
+
+    (made,) = unpack(back, tmp_path / "runs", shared=shared)
+    assert made.name == "dsd_seed0"
+    assert (made / "best.pt").read_bytes() == checkpoint
+    split = json.loads((made / "split.json").read_text())
+    assert split["val"][0]["images"] == [f"{shared}/ACDC_subset/imagesTr/patient001_frame01.nii.gz"]
+    config = json.loads((made / "config.json").read_text())
+    assert config["data"] == f"{shared}/ACDC_subset" and config["output"] == str(made)
+    assert (made / "log.txt").read_text() == "epoch 1/3\n"
+
+    with pytest.raises(SystemExit, match="exists"):  # never overwrites
+        unpack(back, tmp_path / "runs", shared=shared)
+    (back / "dsd_best.pt.01").unlink()
+    with pytest.raises(SystemExit, match="missing"):
+        unpack(back, tmp_path / "other", shared=shared)
