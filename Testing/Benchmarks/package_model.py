@@ -36,7 +36,7 @@ from DSDSegmentationLib.engine.data import Case, find_shared_data, list_cases
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 from DSDSegmentationLib.engine.models import export_package
-from DSDSegmentationLib.engine.tasks import load_preset
+from DSDSegmentationLib.engine.tasks import TaskPreset, load_preset
 
 DATA: dict = {
     "hippocampus": {
@@ -76,6 +76,13 @@ def _r(v, digits: int):
     return None if v is None else round(v, digits)
 
 
+def regions_for(model_preset, preset) -> dict[str, list[int]]:
+    """The task's current evaluation regions (a run started before they existed records none) whose label values
+    the model has."""
+    values = set(model_preset.label_values)
+    return {k: v for k, v in (preset.regions or model_preset.regions or {}).items() if set(v) <= values}
+
+
 def evaluate(predictor: Predictor, val: list[Case], preset) -> tuple[dict, list[float]]:
     """Dice, HD95, ASSD per class and region on each validation case's original grid, and CPU seconds per case."""
     secs = []
@@ -87,8 +94,8 @@ def evaluate(predictor: Predictor, val: list[Case], preset) -> tuple[dict, list[
             predictor.predict_to_file(c.images, out)
             secs.append(time.perf_counter() - t0)
             pairs.append((c.id, str(out), c.label))
-        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels, predictor.model.preset.regions))
-    classes = [n for v, n in sorted(preset.labels.items()) if v] + list(preset.regions)
+        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels, regions_for(predictor.model.preset, preset)))
+    classes = [n for v, n in sorted(preset.labels.items()) if v] + list(regions_for(predictor.model.preset, preset))
     validation = {
         "cases": len(val), "grid": "each case's original grid", "checkpoint": "best validation Dice",
         "per_class": {n: {"dice": round(metrics[n]["dice"]["mean"], 4), "dice_std": round(metrics[n]["dice"]["std"], 4),
@@ -169,7 +176,7 @@ def main() -> None:
     validation, secs = evaluate(Predictor(run, device="cpu"), val, preset)
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
                    "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
-                   "roi": preset.roi}
+                   "roi": preset.roi, "regions": regions_for(TaskPreset.from_dict(cfg["resolved"]["preset"]), preset)}
     extra = {
         "id": args.id, "version": args.version, "title": preset.title, "task": task,
         "inputs": list(preset.channels),
