@@ -86,9 +86,9 @@ def main() -> None:
         if task not in args.tasks:
             continue
         shipped = builtin_models_dir() / f"{task.replace('_', '-')}-dsd"
-        if shipped.is_dir() and task == "brain_tumour" and len(json.loads((shipped / "model.json").read_text())["inputs"]) != 4:
-            shipped = tmp / "none"  # the shipped demonstration model takes FLAIR + T1c only
-        model = Path(model) if model else shipped if shipped.is_dir() else tiny_model(task, data / folder, tmp / task)
+        usable = shipped.is_dir() and (task != "brain_tumour"  # the demonstration model takes FLAIR + T1c only
+                                       or len(json.loads((shipped / "model.json").read_text())["inputs"]) == 4)
+        model = Path(model) if model else shipped if usable else tiny_model(task, data / folder, tmp / task)
         print(f"{task}: model {model}")
         (case,) = [c for c in list_cases(data / folder) if c.id == case_id]
         images = brats_1mm(case, tmp) if task == "brain_tumour" else case.images

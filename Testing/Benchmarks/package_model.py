@@ -94,8 +94,9 @@ def evaluate(predictor: Predictor, val: list[Case], preset) -> tuple[dict, list[
             predictor.predict_to_file(c.images, out)
             secs.append(time.perf_counter() - t0)
             pairs.append((c.id, str(out), c.label))
-        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels, regions_for(predictor.model.preset, preset)))
-    classes = [n for v, n in sorted(preset.labels.items()) if v] + list(regions_for(predictor.model.preset, preset))
+        regions = regions_for(predictor.model.preset, preset)
+        metrics = summarize(evaluate_files(pairs, predictor.model.preset.labels, regions))
+    classes = [n for v, n in sorted(preset.labels.items()) if v] + list(regions)
     validation = {
         "cases": len(val), "grid": "each case's original grid", "checkpoint": "best validation Dice",
         "per_class": {n: {"dice": round(metrics[n]["dice"]["mean"], 4), "dice_std": round(metrics[n]["dice"]["std"], 4),
@@ -104,7 +105,7 @@ def evaluate(predictor: Predictor, val: list[Case], preset) -> tuple[dict, list[
                       for n in classes},
     }
     validation["mean_dice"] = round(statistics.mean(validation["per_class"][n]["dice"] for n in classes
-                                                    if n not in preset.regions), 4)
+                                                    if n not in regions), 4)
     return validation, secs
 
 

@@ -578,7 +578,7 @@ def transfer_input_channels(state: dict[str, Any], input_dims: dict[str, list[in
     for key, dims in input_dims.items():
         t = state[key]
         for d in dims:
-            t = t.index_select(d, torch.tensor(picks)).clone()
+            t = t.index_select(d, torch.tensor(picks))  # a copy, not a view
         out[key] = t
     return out
 
