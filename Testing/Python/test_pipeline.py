@@ -71,7 +71,7 @@ def _history(run: Path) -> list[dict]:
 
 
 def test_resume_after_kill_continues_the_same_run(hippocampus_dir: Path, tmp_path: Path) -> None:
-    args = ["train", "--data", str(hippocampus_dir), "--epochs", "4", *TRAIN]
+    args = ["train", "--data", str(hippocampus_dir), "--epochs", "3", *TRAIN]
     ref = tmp_path / "uninterrupted"
     assert run_cli(*args, "--output", ref) == 0
     run = tmp_path / "killed"
@@ -79,16 +79,16 @@ def test_resume_after_kill_continues_the_same_run(hippocampus_dir: Path, tmp_pat
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (run / "history.json").is_file() and len(_history(run)) >= 2:
+        if (run / "history.json").is_file() and len(_history(run)) >= 1:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(_history(run))
-    assert 2 <= done < 4, "the run should have been killed part-way"
+    assert 1 <= done < 3, "the run should have been killed part-way"
     assert run_cli(*args, "--output", run, "--resume") == 0
     h, r = _history(run), _history(ref)
-    assert [x["epoch"] for x in h] == [1, 2, 3, 4]
+    assert [x["epoch"] for x in h] == [1, 2, 3]
     for a, b in zip(h, r):  # same schedule and, with per-epoch reseeding, the same losses
         assert a["lr"] == pytest.approx(b["lr"])
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4)
