@@ -3,7 +3,8 @@
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_dsd_study.py [--task hippocampus] [--backbones basicunet dynunet]
             [--arms plain ds dsd] [--seeds 0 1 2] [--fractions 0.1 0.25 1.0] [--steps 2000]
-            [--out ~/dsdseg-runs/dsd-study]      (runs in <out>/<task>/<backbone>/steps<N>/frac<f>/<arm>_seed<s>)
+            [--precision auto|fp32|bf16] [--out ~/dsdseg-runs/dsd-study]
+            (runs in <out>/<task>/<backbone>/steps<N>[-bf16]/frac<f>/<arm>_seed<s>)
         ... --report        # the tables from finished runs only
 
 Design (every arm gets the same): one validation split by patient (split seed 0) for all runs, so comparisons are
@@ -35,13 +36,14 @@ from DSDSegmentationLib.engine.data import Case, find_shared_data
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files
 from DSDSegmentationLib.engine.tasks import load_preset
-from DSDSegmentationLib.engine.training import TrainConfig, Trainer
+from DSDSegmentationLib.engine.training import TrainConfig, Trainer, resolve_precision
 
 DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2018_2mm"}
 BACKBONE_OPTIONS = {"basicunet": {}, "dynunet": {"filters": [8, 16, 32, 64, 128]}}
 
 
-def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, steps: int, out: Path) -> dict:
+def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, steps: int, out: Path,
+            precision: str = "fp32") -> dict:
     if (out / "result.json").is_file():
         return json.loads((out / "result.json").read_text())
     preset = load_preset(task)
@@ -52,7 +54,7 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
     cfg = TrainConfig(task=task, data=str(data), output=str(train_dir), dsd=arm, backbone=backbone,
                       backbone_options=BACKBONE_OPTIONS.get(backbone, {}) if backbone != preset.network["backbone"] else None,
                       seed=seed, split_seed=0, train_fraction=fraction if fraction < 1 else None, device="cpu",
-                      epochs=1, val_every=1)
+                      epochs=1, val_every=1, precision=precision)
     resume = (train_dir / "last.pt").is_file()
     if not resume:
         shutil.rmtree(train_dir, ignore_errors=True)
@@ -79,28 +81,31 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
         rows = evaluate_files(pairs, labels)
     dice = {r["case"]: float(np.mean([m["dice"] for m in r["classes"].values()])) for r in rows}
     result = {"task": task, "backbone": backbone, "arm": arm, "seed": seed, "fraction": fraction, "steps": steps,
-              "epochs": cfg.epochs,
+              "epochs": cfg.epochs, "precision": precision,
               "train_cases": len(split["train"]), "dice": dice, "mean": float(np.mean(list(dice.values())))}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def run_dir(root: Path, task: str, backbone: str, steps: int, fraction: float, arm: str, seed: int) -> Path:
-    """One run's folder: the step budget is part of it, so budgets never mix in a table."""
-    return root / task / backbone / f"steps{steps}" / f"frac{fraction:g}" / f"{arm}_seed{seed}"
+def run_dir(root: Path, task: str, backbone: str, steps: int, fraction: float, arm: str, seed: int,
+            precision: str = "fp32") -> Path:
+    """One run's folder: the step budget and the arithmetic (fp32, or bf16 autocast) are part of it, so neither
+    ever mixes in a table."""
+    budget = f"steps{steps}" + ("" if precision == "fp32" else f"-{precision}")
+    return root / task / backbone / budget / f"frac{fraction:g}" / f"{arm}_seed{seed}"
 
 
-def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int) -> None:
+def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int, precision: str = "fp32") -> None:
     from scipy.stats import t as student
 
     for backbone in backbones:
-        print(f"# {task}, {backbone}, {steps} optimiser steps per run: mean validation Dice (mean ± 95 % CI over seeds, "
-              "n seeds)")
+        print(f"# {task}, {backbone}, {steps} optimiser steps per run, {precision}: mean validation Dice (mean ± 95 % CI "
+              "over seeds, n seeds)")
         print("| training share | " + " | ".join(arms) + " | dsd − plain (paired) | ds − plain (paired) |")
         print("|---:|" + "---:|" * (len(arms) + 2))
         for f in fractions:
             res = {a: [json.loads(p.read_text()) for s in seeds
-                       if (p := run_dir(root, task, backbone, steps, f, a, s) / "result.json").is_file()]
+                       if (p := run_dir(root, task, backbone, steps, f, a, s, precision) / "result.json").is_file()]
                    for a in arms}
             cells = []
             for a in arms:
@@ -122,9 +127,14 @@ def main() -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 1.0])
     ap.add_argument("--steps", type=int, default=2000, help="optimiser steps per run, every arm and fraction")
     ap.add_argument("--out", default=str(Path.home() / "dsdseg-runs" / "dsd-study"))
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="training arithmetic of every run (auto: bf16 on a CPU with native bf16, else fp32)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     root = Path(args.out).expanduser()
+    import torch
+
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     if not args.report:
         # low-data regimes first (where self-distillation is expected to matter most), light backbone first
         for backbone in args.backbones:
@@ -132,10 +142,10 @@ def main() -> None:
                 for seed in args.seeds:
                     for arm in args.arms:
                         r = run_one(args.task, backbone, arm, seed, f, args.steps,
-                                    run_dir(root, args.task, backbone, args.steps, f, arm, seed))
+                                    run_dir(root, args.task, backbone, args.steps, f, arm, seed, precision), precision)
                         print(f"{args.task} {backbone} share {f:g} seed {seed} {arm}: Dice {r['mean']:.4f} "
                               f"({r['train_cases']} training cases, {r['epochs']} epochs)", flush=True)
-    report(root, args.task, args.backbones, args.arms, args.seeds, args.fractions, args.steps)
+    report(root, args.task, args.backbones, args.arms, args.seeds, args.fractions, args.steps, precision)
 
 
 if __name__ == "__main__":

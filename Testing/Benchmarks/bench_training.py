@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="default output/bench_<task>")
     ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="passed to dsdseg train (default: a new run uses auto, a resumed run keeps its own)")
     ap.add_argument("--no-train", action="store_true",
                     help="evaluate the runs as they are (e.g. interrupted), without training further")
     args = ap.parse_args()
@@ -57,7 +59,8 @@ def main() -> None:
     for mode in args.modes:
         run = out / f"{mode}_seed{args.seed}"
         common = ["train", "--task", args.task, "--data", str(data), "--output", str(run), "--epochs", str(args.epochs),
-                  "--dsd", mode, "--seed", str(args.seed), "--val-every", str(args.val_every), "--progress", "none"]
+                  "--dsd", mode, "--seed", str(args.seed), "--val-every", str(args.val_every), "--progress", "none",
+                  *(["--precision", args.precision] if args.precision else [])]
         history_path = run / "history.json"
         done = history_path.is_file() and len(json.loads(history_path.read_text())) >= args.epochs
         if not done and not args.no_train:

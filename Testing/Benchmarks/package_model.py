@@ -76,6 +76,20 @@ def _r(v, digits: int):
     return None if v is None else round(v, digits)
 
 
+def precision_spans(history: list[dict]) -> str:
+    """The training arithmetic by epoch range, e.g. "fp32 (epochs 1-82), bf16 autocast (epochs 83-150)"; epochs
+    from before the setting was recorded ran in fp32 on the CPU."""
+    spans: list[list] = []
+    for h in history:
+        p = h.get("precision", "fp32")
+        if spans and spans[-1][0] == p:
+            spans[-1][2] = h["epoch"]
+        else:
+            spans.append([p, h["epoch"], h["epoch"]])
+    name = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+    return ", ".join(f"{name.get(p, p)} (epochs {a}-{b})" for p, a, b in spans)
+
+
 def regions_for(model_preset, preset) -> dict[str, list[int]]:
     """The task's current evaluation regions (a run started before they existed records none) whose label values
     the model has."""
@@ -191,6 +205,7 @@ def main() -> None:
                      "lr": cfg["resolved"]["lr"], "batch_size": cfg["resolved"]["batch_size"],
                      "samples_per_volume": cfg["resolved"]["samples_per_volume"],
                      "wall_time_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
+                     "precision": precision_spans(history),
                      "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU",
                      "note": args.note,
                      "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in history)},

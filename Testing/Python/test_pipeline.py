@@ -95,6 +95,51 @@ def test_resume_after_kill_continues_the_same_run(hippocampus_dir: Path, tmp_pat
     assert "resumed from epoch" in (run / "log.txt").read_text()
 
 
+def test_precision_bf16_autocasts_the_steps_and_a_resumed_run_keeps_or_switches_it(
+        hippocampus_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """bf16 really runs the network under CPU autocast (loss in fp32), the run records it, a resumed run keeps it,
+    and an explicit other precision switches it with a log line; fp16 on a CPU is refused by name."""
+    import torch
+    from DSDSegmentationLib.engine import training
+    from DSDSegmentationLib.engine.errors import ConfigError
+
+    seen: list[tuple[bool, object]] = []
+
+    class Recording(training.DSDNet):
+        def forward(self, x):
+            out = super().forward(x)
+            if self.training:
+                seen.append((torch.is_autocast_enabled("cpu"), (out.main if hasattr(out, "main") else out).dtype))
+            return out
+
+    monkeypatch.setattr(training, "DSDNet", Recording)
+    run = tmp_path / "bf16"
+    assert run_cli("train", "--data", hippocampus_dir, "--output", run, "--epochs", "1", "--precision", "bf16",
+                   *TRAIN[:4], "--max-steps", "1", "--progress", "none") == 0
+    assert seen == [(True, torch.bfloat16)]
+    assert json.loads((run / "config.json").read_text())["resolved"]["precision"] == "bf16"
+    assert _history(run)[0]["precision"] == "bf16" and math.isfinite(_history(run)[0]["loss/total"])
+    # resumed: keeps bf16 without being told; an explicit fp32 switches and says so
+    cfg = training.TrainConfig(task="hippocampus", data=str(hippocampus_dir), output=str(run), max_cases=8)
+    kept = training.Trainer(cfg, resume=True)
+    kept._prepare_run_folder()
+    assert kept.precision == "bf16" and kept.first_log == []
+    cfg.precision = "fp32"
+    trainer = training.Trainer(cfg, resume=True)
+    trainer._prepare_run_folder()
+    assert trainer.precision == "fp32" and trainer.first_log == ["precision bf16 -> fp32 from this resumption on"]
+    assert json.loads((run / "config.json").read_text())["resolved"]["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        training.resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not one of"):
+        training.resolve_precision("half", torch.device("cpu"))
+    assert training.resolve_precision("bf16", torch.device("cpu"), amp=False) == "fp32"
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.resolve_precision("auto", torch.device("cpu")) == "fp32"  # emulated bf16 would be slower
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.resolve_precision("auto", torch.device("cpu")) == "bf16"
+
+
 def test_resume_needs_a_checkpoint(tmp_path: Path, hippocampus_dir: Path, capsys) -> None:
     assert run_cli("train", "--data", hippocampus_dir, "--output", tmp_path / "none", "--resume", *TRAIN) == 2
     assert "has no last.pt checkpoint" in capsys.readouterr().err

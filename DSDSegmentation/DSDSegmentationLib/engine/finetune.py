@@ -113,7 +113,8 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
              val_fraction: float | None = None, seed: int | None = None, device: str = "auto",
              store: str | Path | None = None, name: str | None = None, resume: bool = False,
              max_steps_per_epoch: int | None = None, progress: Progress | None = None,
-             val_every: int | None = None, label_map: dict[str, Any] | None = None) -> dict[str, Any]:
+             val_every: int | None = None, label_map: dict[str, Any] | None = None,
+             precision: str = "auto") -> dict[str, Any]:
     """Fine-tune ``base`` on the cases in ``data`` (run folder ``output``) and register the result in ``store``.
 
     Settings left as None take :data:`FINETUNE_DEFAULTS` for a new run and the run's own values on ``resume``
@@ -188,7 +189,7 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
                           max_steps_per_epoch=max_steps_per_epoch, preset=preset, network=network,
                           init_from=str(base), freeze_encoder=freeze_encoder, patience=patience,
                           label_map=None if identity else [m.sources for m in mapping],
-                          label_map_spec=label_map)
+                          label_map_spec=label_map, precision=precision)
         t0 = time.time()
         trainer = Trainer(cfg, progress=progress, resume=resume)
         if not identity and not resume:

@@ -83,6 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, samples_per_volume=args.samples,
                       lr=args.lr, val_every=args.val_every, val_fraction=args.val_fraction, max_cases=args.max_cases,
                       max_steps_per_epoch=args.max_steps, seed=args.seed, device=args.device, amp=not args.no_amp,
+                      precision=args.precision,
                       num_workers=args.workers, init_from=args.init_from)
     result = Trainer(cfg, _progress(args), resume=args.resume).fit()
     if args.progress == "json":
@@ -113,7 +114,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     result = finetune(base, data, args.output, epochs=args.epochs, lr=args.lr, dsd=args.dsd, label_map=label_map,
                       freeze_encoder=args.freeze_encoder, patience=args.patience, val_fraction=args.val_fraction,
                       seed=args.seed, device=args.device, store=args.store, name=args.name, resume=args.resume,
-                      max_steps_per_epoch=args.max_steps, progress=_progress(args), val_every=args.val_every)
+                      max_steps_per_epoch=args.max_steps, progress=_progress(args), val_every=args.val_every,
+                      precision=args.precision)
     if args.progress == "json":
         _report(args, {"stage": "done", **result})
     else:
@@ -444,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
                         help="progress as a tqdm bar (default), JSON lines on stdout, or nothing")
 
+    def precision_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="arithmetic of the training steps: auto = fp16 mixed precision on CUDA, bf16 on a CPU "
+                             "with native bf16 (AMX / AVX512-BF16), else fp32; loss, optimiser and validation stay "
+                             "fp32; a resumed run keeps its own unless this is given")
+
     sub.add_parser("backbones", help="list the backbones and their DSD taps").set_defaults(func=_cmd_backbones)
     sub.add_parser("presets", help="list the built-in task presets").set_defaults(func=_cmd_presets)
 
@@ -484,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    precision_arg(t)
+    t.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
     progress_arg(t)
     t.set_defaults(func=_cmd_train)
 
@@ -510,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-steps", type=_positive_int)
     f.add_argument("--seed", type=int)
     f.add_argument("--device", default="auto")
+    precision_arg(f)
     progress_arg(f)
     f.set_defaults(func=_cmd_finetune)
 
