@@ -2,6 +2,7 @@
 """DSD overhead per backbone: parameters, training-step time and eval time, DSD vs plain, measured interleaved.
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_dsd_overhead.py [--reps 8] [--backbones basicunet dynunet ...]
+            [--precision fp32|bf16]   (bf16: forward under CPU bf16 autocast, loss in fp32, as training does)
 Prints a Markdown table (the one in README). Targets: step ratio <= 1.10, parameter overhead <= 1 %, eval ratio 1.00.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
 from DSDSegmentationLib.engine.runtime import tune_cpu_allocator
+from DSDSegmentationLib.engine.training import _float
 
 # (backbone, patch, batch, options): hippocampus-sized patches for the CNNs, CPU-feasible sizes for the rest
 CONFIGS = {
@@ -34,7 +36,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, reps: int) -> dict:
+def bench(name: str, reps: int, bf16: bool = False) -> dict:
     patch, batch, opts = CONFIGS[name]
     net = NetworkConfig(name, 1, K, patch, opts)
     models = {mode: DSDNet(net, DSDConfig.preset(mode)) for mode in ("plain", "dsd")}
@@ -46,7 +48,9 @@ def bench(name: str, reps: int) -> dict:
     def step(mode: str) -> None:
         m = models[mode].train()
         opts_[mode].zero_grad(set_to_none=True)
-        losses[mode](m(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x)
+        losses[mode](_float(out), y).backward()
         opts_[mode].step()
 
     def infer(mode: str) -> None:
@@ -88,16 +92,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--backbones", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training-step arithmetic")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tuned = tune_cpu_allocator()  # as the dsdseg worker does; applies to plain and DSD alike
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"K={K}, median of {args.reps} interleaved repetitions, allocator tuned: {tuned}")
+          f"K={K}, median of {args.reps} interleaved repetitions, allocator tuned: {tuned}, steps in {args.precision}")
     print("| backbone | patch × batch | params plain | params DSD | overhead | step plain (s) | step DSD (s) | step ratio | eval plain (s) | eval DSD (s) | eval ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.backbones:
-        r = bench(name, args.reps)
+        r = bench(name, args.reps, args.precision == "bf16")
         print(f"| {r['backbone']} | {r['patch']} × {r['batch']} | {r['params_plain']:,} | {r['params_dsd']:,} | "
               f"{r['overhead_pct']:.3f} % | {r['step_plain']:.3f} | {r['step_dsd']:.3f} | {r['step_ratio']:.2f} | "
               f"{r['eval_plain']:.3f} | {r['eval_dsd']:.3f} | {r['eval_ratio']:.2f} |", flush=True)
