@@ -116,6 +116,28 @@ def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int,
             print(f"| {f:g} | " + " | ".join(cells) + f" | {paired_difference(res.get('dsd', []), res.get('plain', []), 2)} | "
                   f"{paired_difference(res.get('ds', []), res.get('plain', []), 2)} |")
         print()
+        if precision != "fp32":
+            precision_check(root, task, backbone, arms, seeds, fractions, steps, precision)
+
+
+def precision_check(root: Path, task: str, backbone: str, arms, seeds, fractions, steps: int, precision: str) -> None:
+    """Runs that exist in fp32 and in ``precision`` with the same arm, seed and share: Dice of each and the paired
+    per-case difference (same validation cases), so the faster arithmetic is checked against fp32."""
+    rows = []
+    for f in fractions:
+        for a in arms:
+            for s in seeds:
+                pa, pb = (run_dir(root, task, backbone, steps, f, a, s, p) / "result.json" for p in (precision, "fp32"))
+                if pa.is_file() and pb.is_file():
+                    ra, rb = json.loads(pa.read_text()), json.loads(pb.read_text())
+                    rows.append(f"| {f:g} | {a} | {s} | {rb['mean']:.4f} | {ra['mean']:.4f} | "
+                                f"{paired_difference([ra], [rb], 2)} |")
+    if rows:
+        print(f"# {precision} vs fp32, same arm, seed, training share and validation cases")
+        print(f"| training share | arm | seed | fp32 | {precision} | {precision} − fp32 (paired) |")
+        print("|---:|---|---:|---:|---:|---:|")
+        print("\n".join(rows))
+        print()
 
 
 def main() -> None:
