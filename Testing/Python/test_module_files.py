@@ -83,6 +83,53 @@ def test_module_and_bridge_use_only_apis_of_the_oldest_slicer() -> None:
             assert newer not in text, f"{f.name} calls {newer}"
 
 
+def slicer_util_calls(files: list[Path]) -> list[tuple[str, str, set[str], int]]:
+    """Every ``slicer.util.<name>(...)`` call: (file, name, keyword names, number of positional arguments)."""
+    calls = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "util"
+                    and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "slicer"):
+                calls.append((f.name, node.func.attr, {k.arg for k in node.keywords if k.arg}, len(node.args)))
+    return calls
+
+
+def test_slicer_util_calls_exist_in_the_oldest_supported_slicer() -> None:
+    """slicer.util functions and keyword arguments as Slicer 5.10.0 defines them (a snapshot of the public function
+    signatures of Base/Python/slicer/util.py at the git tag v5.10.0: Testing/Python/slicer_util_v5.10.0.json); a
+    call to a function or keyword added later would fail in Slicer 5.10 and fails here."""
+    api = json.loads((Path(__file__).parent / "slicer_util_v5.10.0.json").read_text())["functions"]
+    files = [MODULE, *sorted((ROOT / "DSDSegmentation" / "DSDSegmentationLib" / "bridge").glob("*.py")),
+             ROOT / "Testing" / "Slicer" / "run_selftest.py"]
+    calls = slicer_util_calls(files)
+    assert len({name for _, name, _, _ in calls}) >= 10  # the parser finds the module's calls
+    problems = []
+    for file, name, keywords, positional in calls:
+        sig = api.get(name)
+        if sig is None:
+            problems.append(f"{file}: slicer.util.{name} does not exist in Slicer 5.10.0")
+            continue
+        if not sig["varkw"] and keywords - set(sig["params"]):
+            problems.append(f"{file}: slicer.util.{name} has no keyword(s) {sorted(keywords - set(sig['params']))} in 5.10.0")
+        if not sig["varargs"] and positional > len(sig["params"]):
+            problems.append(f"{file}: slicer.util.{name} takes at most {len(sig['params'])} arguments in 5.10.0")
+    assert not problems, problems
+    # the check itself: a keyword that 5.10.0 lacks is caught
+    assert "foregroundOpacity" in api["setSliceViewerLayers"]["params"] and "opacity" not in api["setSliceViewerLayers"]["params"]
+
+
+def test_slicer_methods_called_were_checked_at_the_oldest_slicer_tag() -> None:
+    """Every CamelCase method the module and the MRML bridge call is on the list checked in Slicer's source at the
+    tag v5.10.0 (slicer-core's oldest wheel is 5.11, so the headless tests alone would not catch a 5.11 API)."""
+    lines = (Path(__file__).parent / "slicer_methods_v5.10.0.txt").read_text().splitlines()
+    checked = {line.split()[0] for line in lines if line and not line.startswith("#")}
+    files = [MODULE, *sorted((ROOT / "DSDSegmentation" / "DSDSegmentationLib" / "bridge").glob("*.py"))]
+    called = {m for f in files for m in re.findall(r"\.([A-Z][A-Za-z0-9]+)\(", f.read_text())}
+    assert len(called) > 100
+    assert not called - checked, f"check these at Slicer's v5.10.0 tag, then list them: {sorted(called - checked)}"
+
+
 def test_logic_classes_have_distinct_names() -> None:
     bridge = (ROOT / "DSDSegmentation" / "DSDSegmentationLib" / "bridge" / "logic.py").read_text()
     assert "class DSDSegmentationLogic" not in bridge and "class SegmentationBridge" in bridge
