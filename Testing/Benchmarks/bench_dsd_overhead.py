@@ -17,7 +17,7 @@ import torch
 
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
 from DSDSegmentationLib.engine.runtime import tune_cpu_allocator
-from DSDSegmentationLib.engine.training import _float
+from DSDSegmentationLib.engine.training import training_forward
 
 # (backbone, patch, batch, options): hippocampus-sized patches for the CNNs, CPU-feasible sizes for the rest
 CONFIGS = {
@@ -48,9 +48,7 @@ def bench(name: str, reps: int, bf16: bool = False) -> dict:
     def step(mode: str) -> None:
         m = models[mode].train()
         opts_[mode].zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = m(x)
-        losses[mode](_float(out), y).backward()
+        losses[mode](training_forward(m, x, "bf16" if bf16 else "fp32"), y).backward()
         opts_[mode].step()
 
     def infer(mode: str) -> None:

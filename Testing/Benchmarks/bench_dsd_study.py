@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from paired_stats import paired_difference
 
 from DSDSegmentationLib.engine.data import Case, find_shared_data
@@ -154,8 +155,6 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     root = Path(args.out).expanduser()
-    import torch
-
     precision = resolve_precision(args.precision, torch.device("cpu"))
     if not args.report:
         # low-data regimes first (where self-distillation is expected to matter most), light backbone first

@@ -23,7 +23,7 @@ import torch
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet
 from DSDSegmentationLib.engine.runtime import tune_cpu_allocator
 from DSDSegmentationLib.engine.tasks import load_preset
-from DSDSegmentationLib.engine.training import _float, cpu_has_native_bf16
+from DSDSegmentationLib.engine.training import cpu_has_native_bf16, training_forward
 
 
 def bench(task: str, reps: int) -> dict:
@@ -40,9 +40,7 @@ def bench(task: str, reps: int) -> dict:
     def step(bf16: bool) -> float:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        loss_fn(_float(out), y).backward()
+        loss_fn(training_forward(model, x, "bf16" if bf16 else "fp32"), y).backward()
         opt.step()
         return time.perf_counter() - t0
 

@@ -368,8 +368,6 @@ class Trainer:
                                 weight_decay=self.cfg.weight_decay)
         steps_per_epoch = len(loader) if not self.cfg.max_steps_per_epoch else min(len(loader), self.cfg.max_steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 - e / self.epochs) ** 0.9)  # poly, per epoch
-        use_amp = self.precision != "fp32"
-        amp_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         if self.resume:
             self._load_state(model, opt, sched, scaler)
@@ -395,9 +393,7 @@ class Trainer:
                     break
                 x, y = batch["image"].to(self.device), batch["label"].to(self.device)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = net(x)
-                loss = loss_fn(_float(out), y)
+                loss = loss_fn(training_forward(net, x, self.precision), y)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {loss_fn.last_terms}")
                 scaler.scale(loss).backward()
@@ -648,6 +644,14 @@ def base_training_ids(source: str | Path) -> set[str]:
         return {c["id"] for c in json.loads(split.read_text())["train"]}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
+
+
+def training_forward(net: torch.nn.Module, x: torch.Tensor, precision: str) -> Any:
+    """The forward pass of a training step in ``precision`` (autocast for bf16 / fp16), outputs in fp32 for the loss."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
+        out = net(x)
+    return _float(out)
 
 
 def _float(out: Any) -> Any:
