@@ -5,7 +5,7 @@ Prepare here:   .venv/bin/python Testing/Device/pack.py --dataset ACDC_subset   
 Run there (device ``run``, carry [".device"], timeout_s 600), as ONE command:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl &&
     PYTHONPATH=/tmp/site:$PWD/DSDSegmentation python3 Testing/Device/gpu_session.py --train-min 5.5 --out $OUT \
-        [--arms dsd plain]
+        [--arms dsd plain] [--init-from Resources/Models/cardiac-dsd --lr 0.001]
 (about 0.5 min install, 1.5 min checks, 0.5 min calibration, 1 min caching, then the schedule: under 10 min)
 Dry run here (CPU, a few steps):  .venv/bin/python Testing/Device/gpu_session.py --dry-run --out /tmp/gpu-dry
 Back here:  .venv/bin/python Testing/Device/unpack.py FILES_AT --to ~/dsdseg-runs/gpu-<task>   (run folders that
@@ -31,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -56,17 +58,47 @@ RUN_JSON = ("config.json", "history.json", "split.json")
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_run(run_dir: Path, out: Path, arm: str) -> list[str]:
-    """One run as <arm>_run.json (config, history, split, log) and <arm>_best.pt.NN parts; returns the names."""
+    """One run as <arm>_run.json (config, history, split, log) and <arm>_best.pt.NN parts; returns the names.
+    Each file is replaced atomically, so a snapshot taken while training (see Snapshots) is never half written."""
     record = {name: json.loads((run_dir / name).read_text()) for name in RUN_JSON if (run_dir / name).is_file()}
     record["log.txt"] = (run_dir / "log.txt").read_text() if (run_dir / "log.txt").is_file() else ""
     names = [f"{arm}_run.json"]
-    (out / names[0]).write_text(json.dumps(record))
     data = (run_dir / "best.pt").read_bytes() if (run_dir / "best.pt").is_file() else b""
     for i in range(0, len(data), PART_BYTES):
         names.append(f"{arm}_best.pt.{i // PART_BYTES:02d}")
-        (out / names[-1]).write_bytes(data[i:i + PART_BYTES])
+        _write_atomic(out / names[-1], data[i:i + PART_BYTES])
+    _write_atomic(out / names[0], json.dumps(record).encode())
     return names
+
+
+class Snapshots(threading.Thread):
+    """While an arm trains, copies its run (best checkpoint, history, log) to --out whenever best.pt changes, so a
+    session stopped at the device's time limit still brings back the best weights so far."""
+
+    def __init__(self, run_dir: Path, out: Path, arm: str, every_s: float = 20.0):
+        super().__init__(daemon=True)
+        self.run_dir, self.out, self.arm, self.every_s = run_dir, out, arm, every_s
+        self.done = threading.Event()
+        self.seen = None
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            best = self.run_dir / "best.pt"
+            try:
+                stamp = best.stat().st_mtime_ns if best.is_file() else None
+                if stamp is not None and stamp != self.seen:
+                    time.sleep(1.0)  # best.pt is saved atomically; history may follow a moment later
+                    write_run(self.run_dir, self.out, self.arm)
+                    self.seen = stamp
+            except Exception:  # noqa: BLE001 (a snapshot must never stop the training)
+                traceback.print_exc()
 
 
 def sample_cases() -> list[str]:
@@ -171,7 +203,7 @@ def timings(dev: str, reps: int = 5) -> dict:
 
 
 def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, dry: bool,
-          arms: tuple[str, ...] = ("dsd",)) -> dict:
+          arms: tuple[str, ...] = ("dsd",), init_from: str | None = None, lr: float | None = None) -> dict:
     data = REPO / ".device" / "data" / manifest["dataset"]
     task = manifest["task"]
     cal_dir = Path("/tmp/dsdseg-cal")
@@ -193,18 +225,24 @@ def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, 
     epochs = 3 if dry else max(5, int(budget / (epoch_s * 1.15)))  # 15 %: the validations along the way
     val_every = max(1, epochs // 10)
     result = {"task": task, "dataset": manifest["dataset"], "calibration_step_s": step_s, "planned_epoch_s": epoch_s,
-              "epochs": epochs, "val_every": val_every, "arms": {}}
+              "epochs": epochs, "val_every": val_every, "init_from": init_from, "lr": lr, "arms": {}}
     for arm in arms:
         run_dir = Path(f"/tmp/dsdseg-run-{arm}")
         shutil.rmtree(run_dir, ignore_errors=True)
         t1 = time.perf_counter()
+        snapshots = Snapshots(run_dir, out, arm)
+        snapshots.start()
         try:
-            Trainer(TrainConfig(output=str(run_dir), epochs=epochs, val_every=val_every, dsd=arm, **common)).fit()
+            Trainer(TrainConfig(output=str(run_dir), epochs=epochs, val_every=val_every, dsd=arm, init_from=init_from,
+                                lr=lr, **common)).fit()
+            snapshots.done.set()
+            snapshots.join()
             hist = json.loads((run_dir / "history.json").read_text())
             best = max((h.get("val_dice", float("nan")) for h in hist if "val_dice" in h), default=None)
             result["arms"][arm] = {"wall_s": time.perf_counter() - t1, "best_val_dice": best,
                                    "files": write_run(run_dir, out, arm)}
         except Exception:  # noqa: BLE001 (one failed arm must not cost the others)
+            snapshots.done.set()
             result["arms"][arm] = {"error": traceback.format_exc()[-3000:]}
     return result
 
@@ -217,6 +255,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="on this CPU: no GPU checks, a few training steps")
     ap.add_argument("--arms", nargs="+", default=["dsd"], choices=["plain", "ds", "dsd"],
                     help="train each, same epochs and seed (e.g. dsd plain for the comparison)")
+    ap.add_argument("--init-from", help="a model folder (e.g. Resources/Models/cardiac-dsd) that starts every arm")
+    ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +281,7 @@ def main() -> None:
     manifest = json.loads((REPO / ".device" / "manifest.json").read_text())
     try:
         session["training"] = train(manifest, out, args.train_min, dev, args.workers if cuda else 0, args.dry_run,
-                                    tuple(args.arms))
+                                    tuple(args.arms), args.init_from, args.lr)
     except Exception:  # noqa: BLE001
         session["training"] = {"error": traceback.format_exc()[-3000:]}
     session["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

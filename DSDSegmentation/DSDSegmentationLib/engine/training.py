@@ -348,12 +348,14 @@ class Trainer:
             dist.barrier()
         cached_tf, random_tf = training_transforms(self.preset, self.samples)
         items = [{"image": c.images, "label": c.label} for c in train_cases]
-        base = CacheDataset(items, cached_tf, progress=False, num_workers=0)
+        # the deterministic part once, in threads when workers are asked for (a GPU machine's cores)
+        base = CacheDataset(items, cached_tf, progress=False, num_workers=max(1, self.cfg.num_workers))
         train_ds = Dataset(base, random_tf)
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, shuffle=True, seed=self.cfg.seed) if _world() > 1 else None
         gen = torch.Generator()
         loader = DataLoader(train_ds, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-                            num_workers=self.cfg.num_workers, collate_fn=list_data_collate, generator=gen)
+                            num_workers=self.cfg.num_workers, collate_fn=list_data_collate, generator=gen,
+                            persistent_workers=self.cfg.num_workers > 0)  # no worker start-up every epoch
         val_ds = CacheDataset([{"image": c.images, "label": c.label} for c in val_cases], validation_transforms(self.preset),
                               progress=False) if _rank() == 0 else None
 
