@@ -87,3 +87,59 @@ def test_tampered_shipped_package_is_refused(tmp_path: Path) -> None:
     (card / "model.json").write_text(json.dumps(text))
     with pytest.raises(InputError, match="model.json does not match its sha256"):
         load_model(card)
+
+
+class _FakeCuda:
+    """Stands in for a CUDA device on this CPU-only machine: a move onto it or a window on it runs out of memory
+    at the chosen steps (``fail``: 'load', 'input', 'window'), else runs on the CPU."""
+
+    type = "cuda"
+
+    def __init__(self, fail: set[str]):
+        self.fail = fail
+
+
+def _fake_gpu_predictor(monkeypatch: pytest.MonkeyPatch, fail: set[str]) -> Predictor:
+    import torch
+
+    from DSDSegmentationLib.engine import inference
+
+    gpu = _FakeCuda(fail)
+    real_to = Predictor._to
+
+    def to(obj, device):
+        if isinstance(device, _FakeCuda):
+            step = "load" if isinstance(obj, torch.nn.Module) else "input"
+            if step in device.fail:
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated at {step})")
+            return obj  # stays on the CPU
+        return real_to(obj, device)
+
+    real_window = Predictor._window
+
+    def window(self, x, sw_device, stitch):
+        if isinstance(sw_device, _FakeCuda) and "window" in sw_device.fail:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated in a window)")
+        cpu = torch.device("cpu")
+        return real_window(self, x, cpu, cpu)
+
+    monkeypatch.setattr(Predictor, "_to", staticmethod(to))
+    monkeypatch.setattr(Predictor, "_window", window)
+    monkeypatch.setattr(inference, "resolve_device", lambda name: gpu if name == "cuda" else torch.device(name))
+    monkeypatch.setattr(inference, "check_predict_options", lambda *a, **k: None)
+    return Predictor(builtin_models_dir() / "hippocampus-dsd", device="cuda")
+
+
+@pytest.mark.parametrize("fail, note", [
+    ({"input"}, "GPU out of memory: retrying"),  # the input's move (a GPU session found this one uncaught)
+    ({"input", "window"}, "GPU out of memory: retrying on the CPU"),
+    ({"load"}, "GPU out of memory while loading the model: running on the CPU"),
+])
+def test_gpu_out_of_memory_anywhere_falls_back_to_the_cpu_result(monkeypatch: pytest.MonkeyPatch, fail: set[str],
+                                                                   note: str) -> None:
+    sample = sorted((builtin_models_dir().parent / "SampleData" / "Hippocampus").glob("imagesTr/*.nii.gz"))[0]
+    expected, _ = Predictor(builtin_models_dir() / "hippocampus-dsd", device="cpu").predict(str(sample))
+    predictor = _fake_gpu_predictor(monkeypatch, fail)
+    labels, _ = predictor.predict(str(sample))
+    assert np.array_equal(labels, expected)
+    assert any(n.startswith(note) for n in predictor.notes), predictor.notes

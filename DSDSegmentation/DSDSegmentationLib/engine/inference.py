@@ -77,13 +77,19 @@ class Predictor:
         check_predict_options(device, overlap, sw_batch_size)
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = resolve_device(device)
-        self.network = self.model.network.to(self.device).eval()
+        self.notes: list[str] = []
+        try:
+            self.network = self._to(self.model.network, self.device).eval()
+        except torch.cuda.OutOfMemoryError:  # a GPU that another program fills: the CPU, said once
+            torch.cuda.empty_cache()
+            self.device = torch.device("cpu")
+            self.network = self.model.network.cpu().eval()
+            self.notes.append("GPU out of memory while loading the model: running on the CPU")
         self.overlap = self.model.preset.inference["overlap"] if overlap is None else overlap
         self.sw_batch_size = sw_batch_size
         self.tta = tta
         self.progress = progress or Progress("none")
         self.transforms = inference_transforms(self.model.preset)
-        self.notes: list[str] = []
         # asked between sliding-window batches and before anything is written: True stops the run (Cancelled),
         # so a warm worker cancels one request without being killed
         self.should_stop: Callable[[], bool] | None = None
@@ -96,13 +102,19 @@ class Predictor:
         self._check_stop()
         return self.network(x)
 
+    @staticmethod
+    def _to(obj, device: torch.device):
+        """Every move onto the GPU goes through here (one place where a CUDA out-of-memory can start)."""
+        return obj.to(device)
+
     def _window(self, x: torch.Tensor, sw_device: torch.device, stitch: torch.device) -> torch.Tensor:
         return sliding_window_inference(x, self.model.net_config.patch_size, self.sw_batch_size, self._forward,
                                         overlap=self.overlap, mode=self.model.preset.inference["blend"], sw_device=sw_device, device=stitch,
                                         progress=False)
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (1, K, ...) on CPU; CUDA out-of-memory → CPU stitching → all on CPU."""
+        """Softmax probabilities (1, K, ...) on CPU from the input ``x`` on the CPU; CUDA out-of-memory, from moving
+        the input onto the GPU on, → CPU stitching (windows still on the GPU) → all on the CPU."""
         flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if self.tta else [])
         cpu = torch.device("cpu")
         attempts = [(self.device, self.device)]
@@ -116,9 +128,10 @@ class Predictor:
             try:
                 if sw_dev.type == "cpu" and self.device.type == "cuda":
                     self.network = self.network.cpu()
+                xd = self._to(x, stitch)  # the volume lives where it is stitched; windows go to sw_dev
                 acc = None
                 for j, axes in enumerate(flips):
-                    xi = torch.flip(x, axes) if axes else x
+                    xi = torch.flip(xd, axes) if axes else xd
                     with torch.no_grad():
                         p = torch.softmax(self._window(xi, sw_dev, stitch).float(), dim=1)
                     p = torch.flip(p, axes) if axes else p
@@ -127,6 +140,7 @@ class Predictor:
                 assert acc is not None
                 return (acc / len(flips)).cpu()
             except torch.cuda.OutOfMemoryError:
+                xd = acc = None  # noqa: F841 (let the GPU copies go before retrying)
                 torch.cuda.empty_cache()
                 if i + 1 == len(attempts):
                     raise
@@ -150,7 +164,7 @@ class Predictor:
                             meta={"filename_or_obj": paths[0]})
         data = self.transforms({"image": loaded})
         img: MetaTensor = data["image"]
-        probs = self._probabilities(img.as_tensor()[None].float().to(self.device))
+        probs = self._probabilities(img.as_tensor()[None].float())
         inv = probs[0]
         if img.applied_operations:  # orientation / spacing / crop to undo
             pred = MetaTensor(probs[0], meta=dict(img.meta), applied_operations=list(img.applied_operations))
