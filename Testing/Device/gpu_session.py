@@ -162,8 +162,9 @@ def check_oom_fallback(dev: str) -> dict:
         torch.cuda.empty_cache()
     notes, late_notes = list(predictor.notes), list(late.notes)
     agree, late_agree = float((labels == expected).mean()), float((late_labels == expected).mean())
+    # the late model's weights may still fit in memory the allocator holds: then its windows run out instead
     ok = (any("out of memory" in n for n in notes) and agree >= 0.999
-          and any("while loading" in n for n in late_notes) and late_agree >= 0.999)
+          and any("out of memory" in n for n in late_notes) and late_agree >= 0.999)
     return {"pass": ok, "notes": notes, "agreement_with_cpu": agree, "notes_model_loaded_when_full": late_notes,
             "agreement_with_cpu_model_loaded_when_full": late_agree}
 

@@ -139,7 +139,10 @@ class Predictor:
                     self.progress.update("predict", j + 1, len(flips))
                 assert acc is not None
                 return (acc / len(flips)).cpu()
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                # MONAI's sliding window re-raises a CUDA out-of-memory as a RuntimeError caused by it
+                if not (isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc.__cause__, torch.cuda.OutOfMemoryError)):
+                    raise
                 xd = acc = None  # noqa: F841 (let the GPU copies go before retrying)
                 torch.cuda.empty_cache()
                 if i + 1 == len(attempts):
