@@ -161,6 +161,10 @@ def test_one_cancel_stops_only_its_own_job(scene, make_logic, model: Path, hippo
     time.sleep(0.3)
     logic.cancel(stop)
     assert stop.worker.result().status == "cancelled"
+    if cancelled == "second":
+        # a request still in the queue is answered at once, while the one before it runs (before: only after
+        # it, so a run longer than the client's cancel timeout got the worker, and with it that run, killed)
+        assert keep.worker.running, "the queued request's cancel was answered only after the running one ended"
     seg = logic.finish(keep)
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
     assert logic.server.proc.proc.pid == pid

@@ -293,6 +293,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     out_lock = threading.Lock()
     pending: queue.Queue = queue.Queue()
     cancelled: set = set()
+    # a cancel of a request still waiting in the queue is answered at once, not when the request before it ends
+    # (a long Apply must not make the client give up on the worker, and end that Apply too)
+    state_lock = threading.Lock()
+    queued: set = set()  # ids read but not yet taken by the main loop
+    answered: set = set()  # queued ids whose "cancelled" line is already out
 
     def emit(record: dict) -> None:
         with out_lock:
@@ -314,8 +319,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 error(None, f"bad request: a request is a JSON object, got {type(req).__name__}")
                 continue
             if req.get("command") == "cancel":
-                cancelled.add(req.get("target"))
+                target = req.get("target")
+                with state_lock:
+                    cancelled.add(target)
+                    if target in queued and target not in answered:
+                        answered.add(target)
+                        emit({"stage": "cancelled", "id": target, "exit_code": EXIT_INTERRUPTED})
                 continue
+            with state_lock:
+                queued.add(req.get("id"))
             pending.put(req)
         pending.put({"command": "quit"})
 
@@ -327,8 +339,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         command = req.get("command")
         if command == "quit":
             break
-        if rid in cancelled:
-            emit({"stage": "cancelled", "id": rid, "exit_code": EXIT_INTERRUPTED})
+        with state_lock:
+            queued.discard(rid)
+            skip = rid in cancelled
+            if skip:
+                cancelled.discard(rid)
+                if rid not in answered:
+                    emit({"stage": "cancelled", "id": rid, "exit_code": EXIT_INTERRUPTED})
+                answered.discard(rid)
+        if skip:
             continue
         try:
             if command != "predict":
