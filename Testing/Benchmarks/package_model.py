@@ -76,6 +76,17 @@ def _r(v, digits: int):
     return None if v is None else round(v, digits)
 
 
+def run_hardware(cfg: dict) -> str:
+    """The hardware a run trained on: recorded in its config since session 7; older runs trained on this project's
+    CPU machines unless their device was CUDA."""
+    recorded = cfg.get("resolved", {}).get("hardware")
+    if recorded:
+        return recorded
+    if str(cfg.get("device", "")).startswith("cuda"):
+        return "a CUDA GPU (model not recorded)"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU"
+
+
 def precision_spans(history: list[dict]) -> str:
     """The training arithmetic by epoch range, e.g. "fp32 (epochs 1-82), bf16 autocast (epochs 83-150)"; epochs
     from before the setting was recorded ran in fp32 on the CPU."""
@@ -206,13 +217,13 @@ def main() -> None:
                      "samples_per_volume": cfg["resolved"]["samples_per_volume"],
                      "wall_time_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
                      "precision": precision_spans(history),
-                     "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU",
+                     "hardware": run_hardware(cfg),
                      "note": args.note,
                      "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in history)},
         "validation": validation,
         "expected_seconds": {"cpu": round(statistics.median(secs), 3),
                              "cpu_note": f"median per validation case, {torch.get_num_threads()} torch thread(s) on a "
-                                         f"{os.cpu_count()}-core CPU" + (f"; {args.note}" if args.note else ""),
+                                         f"{os.cpu_count()}-core CPU (measured while packaging)",
                              "gpu": None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
                      "numpy": numpy.__version__},

@@ -55,6 +55,11 @@ def unpack(files_at: Path, to: Path, shared: Path | None = None) -> list[Path]:
             raise SystemExit(f"{dest} exists; choose another --to (nothing was overwritten)")
         dest.mkdir(parents=True)
         config = remap({**config, "output": str(dest)}, device_data, local_data)
+        session = files_at / "session.json"  # runs from before the config recorded its hardware: the session's card
+        if session.is_file() and not config.get("resolved", {}).get("hardware"):
+            device = json.loads(session.read_text()).get("device")
+            if device:
+                config.setdefault("resolved", {})["hardware"] = f"{device} (from the GPU session's session.json)"
         (dest / "config.json").write_text(json.dumps(config, indent=2))
         for name in ("history.json", "split.json"):
             if name in record:

@@ -38,6 +38,7 @@ def test_a_run_larger_than_a_returned_file_comes_back_whole(tmp_path: Path) -> N
     assert names == ["dsd_run.json", "dsd_best.pt.00", "dsd_best.pt.01", "dsd_best.pt.02"]
     assert all((back / n).stat().st_size <= 16 * 2**20 for n in names)
 
+    (back / "session.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3"}))
     (made,) = unpack(back, tmp_path / "runs", shared=shared)
     assert made.name == "dsd_seed0"
     assert (made / "best.pt").read_bytes() == checkpoint
@@ -45,6 +46,7 @@ def test_a_run_larger_than_a_returned_file_comes_back_whole(tmp_path: Path) -> N
     assert split["val"][0]["images"] == [f"{shared}/ACDC_subset/imagesTr/patient001_frame01.nii.gz"]
     config = json.loads((made / "config.json").read_text())
     assert config["data"] == f"{shared}/ACDC_subset" and config["output"] == str(made)
+    assert config["resolved"]["hardware"].startswith("NVIDIA H100")  # from session.json, for the card
     assert (made / "log.txt").read_text() == "epoch 1/3\n"
 
     with pytest.raises(SystemExit, match="exists"):  # never overwrites
@@ -52,3 +54,13 @@ def test_a_run_larger_than_a_returned_file_comes_back_whole(tmp_path: Path) -> N
     (back / "dsd_best.pt.01").unlink()
     with pytest.raises(SystemExit, match="missing"):
         unpack(back, tmp_path / "other", shared=shared)
+
+
+def test_the_card_names_the_gpu_a_run_trained_on(tmp_path: Path) -> None:
+    """package_model.py takes the hardware from the run (a GPU run packaged on this CPU is not 'no GPU')."""
+    sys.path.insert(0, str(DEVICE.parent / "Benchmarks"))
+    from package_model import run_hardware
+
+    assert run_hardware({"device": "cuda", "resolved": {"hardware": "NVIDIA H100 80GB HBM3 (CUDA 13.0)"}}).startswith("NVIDIA H100")
+    assert "CUDA GPU" in run_hardware({"device": "cuda", "resolved": {}})
+    assert run_hardware({"device": "cpu", "resolved": {}}).startswith("CPU")

@@ -100,6 +100,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def describe_hardware(device: torch.device) -> str:
+    """What a run trained on, for its config and the model card: the GPU's name, or the CPU and its core count."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda}), {_world()} process(es)"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores), {_world()} process(es)"
+
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -282,7 +293,8 @@ class Trainer:
                    "samples_per_volume": self.samples, "lr": self.lr, "val_every": self.val_every,
                    "network": self.net_config.to_dict(), "dsd": self.dsd_config.to_dict(),
                    "preset": self.preset.to_dict(), "world_size": _world(),
-                   "torch": torch.__version__, "precision": self.precision}}
+                   "torch": torch.__version__, "precision": self.precision,
+                   "hardware": describe_hardware(self.device)}}
             atomic_write_text(cfg_path, json.dumps(cfg, indent=2))
             atomic_write_text(self.out / "split.json", json.dumps(
                 {"seed": self.cfg.seed, "val_fraction": self.cfg.val_fraction,
