@@ -210,12 +210,15 @@ def timings(dev: str, reps: int = 5) -> dict:
 
 
 def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, dry: bool,
-          arms: tuple[str, ...] = ("dsd",), init_from: str | None = None, lr: float | None = None) -> dict:
+          arms: tuple[str, ...] = ("dsd",), init_from: str | None = None, lr: float | None = None,
+          filters: list[int] | None = None) -> dict:
     data = REPO / ".device" / "data" / manifest["dataset"]
     task = manifest["task"]
     cal_dir = Path("/tmp/dsdseg-cal")
     shutil.rmtree(cal_dir, ignore_errors=True)
     common = dict(task=task, data=str(data), seed=0, device=device, num_workers=workers)
+    if filters:  # a wider (or narrower) network than the preset's, everything else as the preset says
+        common["backbone_options"] = {**load_preset(task).network.get("options", {}), "filters": list(filters)}
     if dry:
         common.update(max_cases=6, max_steps_per_epoch=2)
     # calibration on 8 cases, 6 steps per epoch: the time of one DSD optimiser step once data and kernels are warm
@@ -232,7 +235,7 @@ def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, 
     epochs = 3 if dry else max(5, int(budget / (epoch_s * 1.15)))  # 15 %: the validations along the way
     val_every = max(1, epochs // 10)
     result = {"task": task, "dataset": manifest["dataset"], "calibration_step_s": step_s, "planned_epoch_s": epoch_s,
-              "epochs": epochs, "val_every": val_every, "init_from": init_from, "lr": lr, "arms": {}}
+              "epochs": epochs, "val_every": val_every, "init_from": init_from, "lr": lr, "filters": filters, "arms": {}}
     for arm in arms:
         run_dir = Path(f"/tmp/dsdseg-run-{arm}")
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -265,7 +268,11 @@ def main() -> None:
     ap.add_argument("--checks-only", action="store_true", help="the GPU checks and timings, no training")
     ap.add_argument("--init-from", help="a model folder (e.g. Resources/Models/cardiac-dsd) that starts every arm")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    ap.add_argument("--filters", type=int, nargs="+", help="the backbone's filters per stage instead of the preset's "
+                    "(a wider network; not with --init-from)")
     args = ap.parse_args()
+    if args.filters and args.init_from:
+        ap.error("--filters makes a new network: it cannot start from --init-from's weights")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -293,7 +300,7 @@ def main() -> None:
     manifest = json.loads((REPO / ".device" / "manifest.json").read_text())
     try:
         session["training"] = train(manifest, out, args.train_min, dev, args.workers if cuda else 0, args.dry_run,
-                                    tuple(args.arms), args.init_from, args.lr)
+                                    tuple(args.arms), args.init_from, args.lr, args.filters)
     except Exception:  # noqa: BLE001
         session["training"] = {"error": traceback.format_exc()[-3000:]}
     session["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
