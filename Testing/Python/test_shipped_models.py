@@ -146,3 +146,5 @@ def test_gpu_out_of_memory_anywhere_falls_back_to_the_cpu_result(monkeypatch: py
     labels, _ = predictor.predict(str(sample))
     assert np.array_equal(labels, expected)
     assert any(n.startswith(note) for n in predictor.notes), predictor.notes
+    again, _ = predictor.predict(str(sample))  # a warm worker's next request, on the same predictor
+    assert np.array_equal(again, expected)

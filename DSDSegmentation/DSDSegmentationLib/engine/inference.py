@@ -126,8 +126,8 @@ class Predictor:
             attempts += [(self.device, cpu), (cpu, cpu)]
         for i, (sw_dev, stitch) in enumerate(attempts):
             try:
-                if sw_dev.type == "cpu" and self.device.type == "cuda":
-                    self.network = self.network.cpu()
+                if self.device.type == "cuda":  # back onto the GPU after an earlier request fell back to the CPU
+                    self.network = self._to(self.network, sw_dev)
                 xd = self._to(x, stitch)  # the volume lives where it is stitched; windows go to sw_dev
                 acc = None
                 for j, axes in enumerate(flips):
