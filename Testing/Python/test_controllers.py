@@ -303,3 +303,29 @@ def test_finetune_controller_with_the_users_own_segments(panel, scene, tmp_path:
     card = json.loads((Path(result["package"]) / "model.json").read_text())
     assert card["preset"]["labels"] == {"0": "background", "1": "Hippocampus"}
     assert card["label_mapping"][0]["kind"] == "merge"
+
+
+def test_the_workers_notes_reach_the_done_message(panel, scene) -> None:
+    """A note the worker writes about a finished run (here: the second sequence is on another grid and was resampled
+    onto the first's) ends up in the panel's Done message, not only in a log line that the next message replaces."""
+    from DSDSegmentationLib.engine.data import find_shared_data
+
+    (model,) = [m for m in list_models() if m["id"] == "brain-tumour-dsd"]
+    case = list_cases(find_shared_data() / "BraTS2015_DeepMedicSample", channels=model["card"]["inputs"])[0]
+    flair = panel.bridge.load_volume(case.images[0])
+    t1c_full = panel.bridge.load_volume(case.images[1])
+    t1c = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1c cropped")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    t1c_full.GetIJKToRASMatrix(ijk_to_ras)
+    slicer.util.updateVolumeFromArray(t1c, np.ascontiguousarray(slicer.util.arrayFromVolume(t1c_full)[5:]))  # KJI
+    origin = ijk_to_ras.MultiplyPoint((0, 0, 5, 1))
+    for r in range(3):
+        ijk_to_ras.SetElement(r, 3, origin[r])
+    t1c.SetIJKToRASMatrix(ijk_to_ras)  # 5 slices fewer: another grid over the same anatomy
+    panel.params.inputVolume0, panel.params.inputVolume1 = flair, t1c
+    panel.model_entry = model
+    panel.segment.apply(model)
+    seg = run_until(panel, "segment", timeout=300)
+    assert seg is not None and panel.state[C.SEGMENT].status == C.DONE
+    message = panel.state[C.SEGMENT].message
+    assert f"Note: 'T1c cropped' was resampled onto the grid of '{flair.GetName()}'" in message, message

@@ -108,6 +108,12 @@ def _progress(state: ProcessingState, kind: str, records: list[dict[str, Any]]) 
             state.set(kind, RUNNING, message, done=int(rec.get("done") or 0) if total else None, total=total or None)
 
 
+def with_notes(message: str, run: Any) -> str:
+    """A finished run's message with the worker's notes (GPU fallback, resampled inputs), which must not be lost."""
+    notes = run.notes
+    return message + (" Note: " + "; ".join(notes) + "." if notes else "")
+
+
 def card_of(model: dict[str, Any] | None) -> dict[str, Any] | None:
     return model["card"] if model and model.get("card") else None
 
@@ -190,7 +196,7 @@ class SegmentController:
         message = f"Done: {n} segments in '{seg.GetName()}'."
         if run.uncertainty_node is not None:
             message += " Uncertainty overlay: bright = the model is unsure; segments are listed most uncertain first."
-        self.state.set(self.kind, DONE, message)
+        self.state.set(self.kind, DONE, with_notes(message, run))
         return seg
 
     def cancel(self) -> None:
@@ -330,7 +336,8 @@ class PromptController:
         if seg.GetDisplayNode():
             seg.GetDisplayNode().SetVisibility(True)
         side = f" ({region.side})" if region.side else ""
-        self.state.set(PROMPT, DONE, f"Segmented region{side}: voxels {list(region.lo)} to {list(region.hi)}.")
+        self.state.set(PROMPT, DONE, with_notes(f"Segmented region{side}: voxels {list(region.lo)} to "
+                                                f"{list(region.hi)}.", region.run))
         return seg
 
     def _start(self, node: Any, index: int) -> None:

@@ -136,6 +136,7 @@ class InteractiveLogic:
         run = region.run
         try:
             result = run.worker.wait()
+            run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             labelmap = slicer.vtkMRMLLabelMapVolumeNode()
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()

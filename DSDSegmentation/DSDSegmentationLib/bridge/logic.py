@@ -37,6 +37,11 @@ def _entry_from_tag(tag: str) -> dict[str, str] | None:
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
 
 
+def input_file_name(index: int) -> str:
+    """The temporary file the worker reads the index-th input volume from."""
+    return f"input_{index:04d}.nrrd"
+
+
 @dataclass
 class SegmentationRun:
     """A worker run started by :meth:`SegmentationBridge.start`; owns its temporary folder."""
@@ -54,6 +59,16 @@ class SegmentationRun:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the worker said about a finished run that the user must know (e.g. it fell back from the GPU to the
+        CPU, an input was resampled onto the first one's grid): the notes of its final "done" record."""
+        done = [r for r in self.records if r.get("stage") == "done"]
+        notes = [str(n) for n in done[-1].get("notes", [])] if done else []
+        for i, node in enumerate(self.inputs):  # the worker saw temporary files: name the user's volumes instead
+            notes = [n.replace(input_file_name(i), f"'{node.GetName()}'") for n in notes]
+        return notes
 
 
 class SegmentationBridge:
@@ -430,7 +445,7 @@ class SegmentationBridge:
         except OSError as e:
             raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
         try:
-            files = [self.write_volume(n, temp_dir / f"input_{i:04d}.nrrd") for i, n in enumerate(volume_nodes)]
+            files = [self.write_volume(n, temp_dir / input_file_name(i)) for i, n in enumerate(volume_nodes)]
             output = temp_dir / "segmentation.nrrd"
             unc = temp_dir / "uncertainty.nrrd" if uncertainty else None
             if self.server is not None:
