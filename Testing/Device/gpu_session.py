@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shutil
 import statistics
@@ -53,16 +52,10 @@ from DSDSegmentationLib.engine.cards import builtin_models_dir  # noqa: E402
 from DSDSegmentationLib.engine.data import list_cases  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.engine.tasks import load_preset  # noqa: E402
-from DSDSegmentationLib.engine.training import TrainConfig, Trainer  # noqa: E402
+from DSDSegmentationLib.engine.training import TrainConfig, Trainer, atomic_write_text  # noqa: E402
 
 RUN_JSON = ("config.json", "history.json", "split.json")
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_run(run_dir: Path, out: Path, arm: str) -> list[str]:
@@ -74,8 +67,8 @@ def write_run(run_dir: Path, out: Path, arm: str) -> list[str]:
     data = (run_dir / "best.pt").read_bytes() if (run_dir / "best.pt").is_file() else b""
     for i in range(0, len(data), PART_BYTES):
         names.append(f"{arm}_best.pt.{i // PART_BYTES:02d}")
-        _write_atomic(out / names[-1], data[i:i + PART_BYTES])
-    _write_atomic(out / names[0], json.dumps(record).encode())
+        atomic_write_text(out / names[-1], data[i:i + PART_BYTES])
+    atomic_write_text(out / names[0], json.dumps(record))
     return names
 
 
@@ -249,16 +242,17 @@ def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, 
         snapshots = Snapshots(run_dir, out, arm)
         snapshots.start()
         try:
-            Trainer(TrainConfig(output=str(run_dir), epochs=epochs, val_every=val_every, dsd=arm, init_from=init_from,
-                                lr=lr, **common)).fit()
-            snapshots.done.set()
-            snapshots.join()
+            try:
+                Trainer(TrainConfig(output=str(run_dir), epochs=epochs, val_every=val_every, dsd=arm,
+                                    init_from=init_from, lr=lr, **common)).fit()
+            finally:  # no snapshot may write while the final copy below does
+                snapshots.done.set()
+                snapshots.join()
             hist = json.loads((run_dir / "history.json").read_text())
             best = max((h.get("val_dice", float("nan")) for h in hist if "val_dice" in h), default=None)
             result["arms"][arm] = {"wall_s": time.perf_counter() - t1, "best_val_dice": best,
                                    "files": write_run(run_dir, out, arm)}
         except Exception:  # noqa: BLE001 (one failed arm must not cost the others)
-            snapshots.done.set()
             result["arms"][arm] = {"error": traceback.format_exc()[-3000:]}
     return result
 

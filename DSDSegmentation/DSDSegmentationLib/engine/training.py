@@ -158,10 +158,11 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.remove(tmp)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Text (UTF-8) or bytes to a temporary file in the same folder, then rename: never a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
         apply_umask(tmp)
         os.replace(tmp, path)
