@@ -36,6 +36,7 @@ from DSDSegmentationLib.engine.data import Case, find_shared_data, list_cases
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 from DSDSegmentationLib.engine.models import export_package
+from DSDSegmentationLib.engine.sequence_check import template_from_cases
 from DSDSegmentationLib.engine.tasks import TaskPreset, load_preset
 
 DATA: dict = {
@@ -229,6 +230,12 @@ def main() -> None:
                      "numpy": numpy.__version__},
     }
     del extra["training"]["steps_per_epoch"]
+    if len(preset.channels) > 1:  # the sequence-order check's template, from the training cases
+        template, measured = template_from_cases([c["images"] for c in split["train"]], list(preset.channels))
+        print(f"sequence-order check (leave-one-out on {measured['cases']} training cases): {measured}"
+              + ("" if template else " -> too weak, not stored"))
+        if template:
+            extra["input_check"] = template
     if args.previous:
         prev = read_model_card(Path(args.previous))
         if prev.get("task") != task:

@@ -16,6 +16,7 @@ from .errors import Cancelled, InputError
 from .io import load_channels, save_image, save_labelmap
 from .models import LoadedModel, load_model
 from .progress import Progress
+from .sequence_check import check_order
 from .training import resolve_device
 from .transforms import inference_transforms
 
@@ -163,6 +164,12 @@ class Predictor:
         raw, affine = load_channels(paths, what=what, resample=True, notes=self.notes)
         check_input_image(raw, len(self.model.preset.channels), what, list(self.model.preset.channels))
         check_geometry(affine, what)
+        channels = list(self.model.preset.channels)
+        order_note = check_order(raw, self.model.card.get("input_check"), channels,
+                                 given=[Path(p).name for p in paths] if len(paths) == len(channels) else None)
+        if order_note:
+            self.notes.append(order_note)
+            self.progress.log(order_note)
         loaded = MetaTensor(torch.from_numpy(raw), affine=torch.as_tensor(affine, dtype=torch.float64),
                             meta={"filename_or_obj": paths[0]})
         data = self.transforms({"image": loaded})
