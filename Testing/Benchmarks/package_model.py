@@ -154,7 +154,7 @@ def from_package(args) -> None:
         raise SystemExit(f"found {len(val)} of the card's {len(ids)} validation cases in {folder}")
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "staged"
-        export_package(src, staged, {"preset": preset_dict})
+        export_package(src, staged, {"preset": preset_dict}, weights_dtype=card.get("weights_dtype", "float32"))
         validation, secs = evaluate(Predictor(staged, device="cpu"), val, load_preset(task))
     history = list(card.get("history_of_versions", []))
     history.append({"version": card.get("version"), "validation_mean_dice": card.get("validation", {}).get("mean_dice")})
@@ -170,7 +170,7 @@ def from_package(args) -> None:
     out = Path(args.output)
     if out.exists():
         raise SystemExit(f"{out} exists; choose a new folder")
-    export_package(src, out, extra)
+    export_package(src, out, extra, weights_dtype=card.get("weights_dtype", "float32"))
     print(json.dumps({"package": str(out), "changes": changes, "validation": validation,
                       "expected_seconds": extra["expected_seconds"]}, indent=2))
 
@@ -185,6 +185,8 @@ def main() -> None:
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--replace", action="store_true", help="replace an existing package at --output")
     ap.add_argument("--note", default="", help="how the run was made (e.g. CPU shared with other runs), kept in the card")
+    ap.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32",
+                    help="float16: half the package size; the validation is measured with the stored weights")
     ap.add_argument("--previous", help="with --run: the package this one succeeds (its version history is carried on "
                                        "and the change recorded: retrained weights)")
     args = ap.parse_args()
@@ -200,7 +202,10 @@ def main() -> None:
     preset = load_preset(task)  # current labels, colours and terminology of the task
     val = [Case(**c) for c in split["val"]]
 
-    validation, secs = evaluate(Predictor(run, device="cpu"), val, preset)
+    with tempfile.TemporaryDirectory() as tmp:  # measured with the weights as stored (float16 rounds them)
+        staged = Path(tmp) / "staged"
+        export_package(run, staged, weights_dtype=args.weights_dtype)
+        validation, secs = evaluate(Predictor(staged, device="cpu"), val, preset)
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
                    "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
                    "roi": preset.roi, "regions": regions_for(TaskPreset.from_dict(cfg["resolved"]["preset"]), preset)}
@@ -250,7 +255,7 @@ def main() -> None:
         if not args.replace:
             raise SystemExit(f"{out} exists; pass --replace to overwrite it")
         shutil.rmtree(out)
-    export_package(run, out, extra)
+    export_package(run, out, extra, weights_dtype=args.weights_dtype)
     print(json.dumps({"package": str(out), "validation": validation, "expected_seconds": extra["expected_seconds"]}, indent=2))
 
 

@@ -17,9 +17,11 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
+import torch
 
 from DSDSegmentationLib.worker.cli import main as cli
 from DSDSegmentationLib.engine.io import load_volume
+from DSDSegmentationLib.engine.models import load_model
 
 TRAIN = ["--task", "hippocampus", "--max-cases", "8", "--max-steps", "3", "--val-every", "1", "--progress", "none"]
 
@@ -320,6 +322,15 @@ def test_export_package_and_tamper(trained_run: Path, hippocampus_dir: Path, tmp
     assert run_cli("predict", "--model", pkg, "-i", img, "-o", a, "--progress", "none") == 0
     assert run_cli("predict", "--model", trained_run, "-i", img, "-o", b, "--progress", "none") == 0
     assert np.array_equal(load_volume(a)[0], load_volume(b)[0])
+    # float16 storage: half the file, the network still float32, the same labels but for a few boundary voxels
+    half = tmp_path / "half"
+    assert run_cli("export", "--model", trained_run, "--output", half, "--weights-dtype", "float16") == 0
+    assert json.loads((half / "model.json").read_text())["weights_dtype"] == "float16"
+    assert (half / "weights.pt").stat().st_size < 0.55 * (pkg / "weights.pt").stat().st_size
+    assert all(p.dtype == torch.float32 for p in load_model(half).network.parameters())
+    h = tmp_path / "h.nii.gz"
+    assert run_cli("predict", "--model", half, "-i", img, "-o", h, "--progress", "none") == 0
+    assert np.mean(load_volume(h)[0] == load_volume(a)[0]) > 0.999
     with open(pkg / "weights.pt", "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01\x02")

@@ -85,8 +85,17 @@ def load_model(source: str | Path) -> LoadedModel:
     raise InputError(f"model {p} does not exist")
 
 
-def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str, Any] | None = None) -> Path:
-    """Write a model package (head-free weights + card with sha256) from a run folder or checkpoint, atomically."""
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str, Any] | None = None,
+                   weights_dtype: str = "float32") -> Path:
+    """Write a model package (head-free weights + card with sha256) from a run folder or checkpoint, atomically.
+
+    ``weights_dtype="float16"`` stores the weights at half the size (recorded in the card); loading copies them into
+    the float32 network, so inference arithmetic is unchanged and only the rounding of the weights differs."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise InputError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     loaded = load_model(source)
     out = Path(out_dir)
     if out.exists():
@@ -94,9 +103,14 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-pkg-", dir=out.parent))
     try:
-        torch.save(loaded.network.state_dict(), tmp / WEIGHTS_FILE)
+        dtype = WEIGHTS_DTYPES[weights_dtype]
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.network.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS_FILE)
         card = {**loaded.card, **(extra_card or {}), "weights": WEIGHTS_FILE, "sha256": sha256_of(tmp / WEIGHTS_FILE),
                 "parameters": sum(p.numel() for p in loaded.network.parameters())}
+        card.pop("weights_dtype", None)
+        if weights_dtype != "float32":
+            card["weights_dtype"] = weights_dtype
         (tmp / PACKAGE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
         write_checksums(tmp, [PACKAGE_CARD, WEIGHTS_FILE])
         for f in (tmp, *tmp.iterdir()):

@@ -420,7 +420,7 @@ class _TaggedProgress:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..engine.models import export_package
 
-    out = export_package(args.model, args.output)
+    out = export_package(args.model, args.output, weights_dtype=args.weights_dtype)
     print(f"model package written to {out}")
     return EXIT_OK
 
@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a model package (head-free weights + card + sha256) from a run")
     x.add_argument("--model", required=True)
     x.add_argument("--output", required=True)
+    x.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32",
+                   help="float16 halves the package (the network still runs in float32; labels may differ in a few "
+                        "boundary voxels)")
     x.set_defaults(func=_cmd_export)
     return p
 
