@@ -329,3 +329,32 @@ def test_the_workers_notes_reach_the_done_message(panel, scene) -> None:
     assert seg is not None and panel.state[C.SEGMENT].status == C.DONE
     message = panel.state[C.SEGMENT].message
     assert f"Note: 'T1c cropped' was resampled onto the grid of '{flair.GetName()}'" in message, message
+
+
+def test_a_click_uses_every_sequence_of_a_multi_sequence_model(panel, scene) -> None:
+    """The panel's click with a brain-tumour model sends all its input volumes (not only the first): refused with
+    a clear message while one is missing, a region with tumour segments once all are picked."""
+    from DSDSegmentationLib.engine.data import find_shared_data
+
+    (model,) = [m for m in list_models() if m["id"] == "brain-tumour-dsd"]
+    channels = model["card"]["inputs"]
+    case = next(c for c in list_cases(find_shared_data() / "BraTS2018_2mm", channels=channels) if c.id == "Brats18_2013_3_1")
+    volumes = [panel.bridge.load_volume(p, name=ch) for p, ch in zip(case.images, channels)]
+    panel.prompt.model = lambda: model
+    panel.params.inputVolume0 = volumes[0]
+    truth = panel.bridge.load_volume(case.label, labelmap=True)
+    ijk = [int(v) for v in np.argwhere(slicer.util.arrayFromVolume(truth) > 0).mean(0)[::-1]]  # KJI -> IJK
+    click(panel, ijk)
+    assert panel.prompt.region is None and panel.state[C.PROMPT].status == C.FAILED
+    assert f"the model needs {len(channels)} input volumes ({', '.join(channels)})" in panel.state[C.PROMPT].message
+    for i, v in enumerate(volumes):
+        setattr(panel.params, f"inputVolume{i}", v)
+    click(panel, ijk)
+    seg = run_until(panel, "prompt", timeout=300)
+    assert seg is not None and panel.state[C.PROMPT].status == C.DONE, panel.state[C.PROMPT].message
+    segmentation = seg.GetSegmentation()
+    names = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+    assert names == {n for v, n in model["card"]["preset"]["labels"].items() if v != "0"}
+    tumour = sum(int(slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(i), volumes[0]).sum())
+                 for i in range(segmentation.GetNumberOfSegments()))
+    assert tumour > 0

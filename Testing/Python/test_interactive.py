@@ -15,7 +15,7 @@ from DSDSegmentationLib.bridge.demo import default_model, default_sample  # noqa
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
-from DSDSegmentationLib.bridge.interactive import InteractiveLogic  # noqa: E402
+from DSDSegmentationLib.bridge.interactive import InteractiveLogic, _matrix, region_ijk  # noqa: E402
 from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
 
 BIG = (110, 96, 80)  # i, j, k
@@ -178,3 +178,63 @@ def test_click_on_a_left_handed_file_lands_where_clicked(scene, logic, tmp_path:
     agree = float((hit[hit > 0] == truth[tuple(ijk[hit > 0].T)]).mean())
     assert agree > 0.75, f"anterior/posterior agree with the truth ({agree:.2f})"
     assert int((data > 0).sum()) < 2.0 * int((truth > 0).sum()), "no spurious region elsewhere"
+
+
+def test_a_click_with_a_multi_sequence_model_crops_every_sequence(scene, logic, tmp_path: Path) -> None:
+    """A brain-tumour model takes several sequences: a click crops each of them around the same point (one on its
+    own, shorter grid) and the pasted labels are the engine's on those crops; without the other sequences the click
+    is refused, naming them, and leaves no node behind."""
+    from DSDSegmentationLib.engine.cards import builtin_models_dir
+    from DSDSegmentationLib.engine.data import find_shared_data, list_cases
+
+    model = builtin_models_dir() / "brain-tumour-dsd"
+    channels = read_model_card(model)["preset"]["channels"]
+    case = next(c for c in list_cases(find_shared_data() / "BraTS2018_2mm", channels=channels)
+                if c.id == "Brats18_2013_3_1")
+    images = [nib.load(p) for p in case.images]
+    nodes = []
+    for k, (name, im) in enumerate(zip(channels, images)):
+        data, aff = np.asanyarray(im.dataobj).astype(np.float32), im.affine.copy()
+        if k == len(channels) - 1:  # the last sequence on another grid: 6 slices shorter, shifted by half a voxel
+            data = data[:, :, :-6]
+            aff[:3, 3] += 0.5 * aff[:3, 0]
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(data.transpose(2, 1, 0)))
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(aff))
+        nodes.append(node)
+    truth = np.rint(np.asanyarray(nib.load(case.label).dataobj)).astype(int)
+    center = ras_of(images[0].affine, np.argwhere(truth > 0).mean(0))
+    n_before = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match=f"the model needs {len(channels)} input volumes \\({', '.join(channels)}\\)"):
+        logic.start(nodes[0], model, center)
+    assert scene.GetNumberOfNodes() == n_before
+    seg, region = logic.segment_at(nodes[0], model, center, device="cpu", others=nodes[1:])
+    assert not [scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())
+                if scene.GetNthNode(i).GetName().endswith(" region")], "no crop node is left behind"
+    assert f"'{channels[-1]} region' was resampled onto the grid of '{channels[0]} region'" in region.run.notes, \
+        region.run.notes
+    # the same crops outside MRML, through the engine
+    size = read_model_card(model)["preset"]["roi"]["size_mm"]
+    files = []
+    for k, node in enumerate(nodes):
+        m = _matrix(node, "IJKToRAS")
+        olo, ohi = region_ijk(node, center, size)
+        if k == 0:
+            assert (olo, ohi) == (region.lo, region.hi)
+        arr = slicer.util.arrayFromVolume(node).transpose(2, 1, 0)
+        aff = m.copy()
+        aff[:3, 3] = ras_of(m, olo)
+        files.append(tmp_path / f"crop{k}.nii.gz")
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr[olo[0]:ohi[0], olo[1]:ohi[1], olo[2]:ohi[2]]), aff), files[-1])
+    lo, hi = region.lo, region.hi
+    expected, _ = Predictor(model, device="cpu").predict([str(f) for f in files])
+    labels = read_model_card(model)["preset"]["labels"]
+    segmentation = seg.GetSegmentation()
+    found = 0
+    for value, name in ((int(v), n) for v, n in labels.items() if v != "0"):
+        sid = segmentation.GetSegmentIdBySegmentName(name)
+        assert sid, name
+        arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, nodes[0]).transpose(2, 1, 0) > 0
+        assert np.array_equal(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], expected == value), name
+        found += int(arr.sum())
+    assert found > 0, "the click found tumour"

@@ -353,14 +353,18 @@ class PromptController:
         if seg is None and self.regions:
             seg = next(iter(self.regions.values())).segmentation_node
         self.state.set(PROMPT, STARTING, "Segmenting the region…")
+        card = card_of(model)
+        n_inputs = len(card["preset"]["channels"]) if card else 1
+        others = [getattr(self.params, f"inputVolume{i}") for i in range(1, n_inputs)]  # further sequences
         try:
             if index < 0:
-                region = self.interactive.start_roi(volume, model["path"], node, seg, device=self.params.device)
+                region = self.interactive.start_roi(volume, model["path"], node, seg, device=self.params.device,
+                                                    others=others)
             else:
                 pos = [0.0, 0.0, 0.0]
                 node.GetNthControlPointPositionWorld(index, pos)
                 region = self.interactive.start(volume, model["path"], pos, segmentation_node=seg,
-                                                device=self.params.device)
+                                                device=self.params.device, others=others)
         except Exception as e:  # noqa: BLE001 - e.g. a click outside the volume: say so, change nothing
             _failure(self.state, PROMPT, e)
             return

@@ -36,7 +36,7 @@ class RegionRun:
 
     run: SegmentationRun
     volume: Any
-    crop: Any
+    crops: list[Any]  # one per model input: the clicked volume's first, then the other sequences'
     lo: tuple[int, int, int]  # IJK start (inclusive)
     hi: tuple[int, int, int]  # IJK end (exclusive)
     side: str | None
@@ -100,35 +100,50 @@ class InteractiveLogic:
         return node
 
     def start(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,
-              segmentation_node: Any = None, device: str = "auto") -> RegionRun:
-        """Crop around ``center_ras`` (size: ``size_mm`` or the card's field of view) and start the worker."""
+              segmentation_node: Any = None, device: str = "auto", others: Sequence[Any] = ()) -> RegionRun:
+        """Crop around ``center_ras`` (size: ``size_mm`` or the card's field of view) and start the worker.
+
+        ``others``: a multi-sequence model's further inputs (e.g. T1, T1c, T2 after FLAIR), each cropped to the same
+        RAS box on its own grid; the worker resamples a crop on another grid onto the first one's (with a note).
+        The result is pasted on ``volume``'s grid."""
         card = read_model_card(model)
+        channels = list(card["preset"]["channels"])
+        if len(others) != len(channels) - 1 or any(o is None for o in others):
+            raise InputError(f"the model needs {len(channels)} input volumes ({', '.join(channels)}); select every "
+                             "input volume before clicking")
         roi = card["preset"].get("roi") or {}
         size = size_mm or roi.get("size_mm")
         if size is None:
             raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
         lo, hi = region_ijk(volume, center_ras, size)
+        boxes = [region_ijk(other, center_ras, size) for other in others]  # raises for a point outside any of them
         side = side_of(volume, center_ras, size) if roi.get("sides") else None
-        crop = self.crop(volume, lo, hi)
+        crops: list[Any] = []
         try:
-            run = self.bridge.start([crop], model, device=device)
+            crops.append(self.crop(volume, lo, hi))
+            crops += [self.crop(other, olo, ohi) for other, (olo, ohi) in zip(others, boxes)]
+            run = self.bridge.start(crops, model, device=device)
         except BaseException:
-            self.scene.RemoveNode(crop)
+            self._remove(crops)
             raise
-        return RegionRun(run, volume, crop, lo, hi, side, segmentation_node)
+        return RegionRun(run, volume, crops, lo, hi, side, segmentation_node)
+
+    def _remove(self, nodes: Sequence[Any]) -> None:
+        for node in nodes:
+            self.scene.RemoveNode(node)
 
     def start_roi(self, volume: Any, model: str | Path, roi_node: Any, segmentation_node: Any = None,
-                  device: str = "auto") -> RegionRun:
+                  device: str = "auto", others: Sequence[Any] = ()) -> RegionRun:
         """Segment inside a markups ROI (its axis-aligned RAS bounds)."""
         bounds = [0.0] * 6
         roi_node.GetRASBounds(bounds)
         center = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
         size = [bounds[1] - bounds[0], bounds[3] - bounds[2], bounds[5] - bounds[4]]
-        return self.start(volume, model, center, size, segmentation_node, device)
+        return self.start(volume, model, center, size, segmentation_node, device, others)
 
     def cancel(self, region: RegionRun) -> None:
         self.bridge.cancel(region.run)
-        self.scene.RemoveNode(region.crop)
+        self._remove(region.crops)
 
     def finish(self, region: RegionRun, previous: RegionRun | None = None) -> Any:
         """Paste the region's labels into the full-grid segmentation (created beside the volume if none).
@@ -150,7 +165,7 @@ class InteractiveLogic:
             return self.paste(region, labels, run.card["preset"])
         finally:
             run.cleanup()
-            self.scene.RemoveNode(region.crop)
+            self._remove(region.crops)
 
     def clear(self, region: RegionRun, preset: dict[str, Any]) -> None:
         """Erase what an earlier region run of the same prompt wrote (its segments, inside its region only)."""
@@ -200,9 +215,9 @@ class InteractiveLogic:
         return seg
 
     def segment_at(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,
-                   segmentation_node: Any = None, device: str = "auto") -> tuple[Any, RegionRun]:
+                   segmentation_node: Any = None, device: str = "auto", others: Sequence[Any] = ()) -> tuple[Any, RegionRun]:
         """Blocking: crop, segment, paste. Returns the segmentation and the finished region run."""
-        region = self.start(volume, model, center_ras, size_mm, segmentation_node, device)
+        region = self.start(volume, model, center_ras, size_mm, segmentation_node, device, others)
         try:
             while region.run.worker.running:
                 region.run.worker.poll()
