@@ -35,12 +35,18 @@ MIN_THRESHOLD = 0.25
 def sequence_features(image: np.ndarray, order: Sequence[int] | None = None) -> np.ndarray | None:
     """Feature vector of a (C, x, y, z) image with its channels taken in ``order``: per channel skewness and log
     kurtosis, then the correlations of every channel pair (upper triangle, row-major), all inside the voxels where
-    every channel is non-zero (the brain of a skull-stripped scan). None when that mask is too small, or covers most
+    no channel holds its constant background (the brain of a skull-stripped scan; background 0 or, in a scan
+    someone already z-scored, its constant minimum). None when that mask is too small, or covers most
     of the volume (no zero background, so no brain mask)."""
     image = np.asarray(image)
     c = image.shape[0]
     order = list(range(c)) if order is None else list(order)
-    mask = np.all(image != 0, axis=0)
+    from .transforms import constant_background  # the background rule of the preprocessing (0 or another constant)
+
+    mask = np.ones(image.shape[1:], dtype=bool)
+    for ch in image:
+        bg = constant_background(ch)
+        mask &= ch != (0.0 if bg is None else bg)
     if int(mask.sum()) < MIN_VOXELS or mask.mean() > MAX_MASK_FRACTION:
         return None
     z = []

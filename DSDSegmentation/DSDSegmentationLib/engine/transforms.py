@@ -69,6 +69,44 @@ class LoadCased(MapTransform):
         return d
 
 
+BACKGROUND_MIN_FRACTION = 0.1  # a minimum held by at least this share of the voxels is a constant background
+
+
+def constant_background(x: torch.Tensor | np.ndarray) -> float | None:
+    """The value of a channel's constant background: its minimum, when at least ``BACKGROUND_MIN_FRACTION`` of
+    the voxels hold exactly that value (0 in most skull-stripped scans, -3.6 in an already z-scored one); None
+    when there is none (e.g. a head with noisy air around it)."""
+    t = torch.as_tensor(x)
+    lo = t.min()
+    return float(lo) if float((t == lo).float().mean()) >= BACKGROUND_MIN_FRACTION else None
+
+
+class ZeroBackgroundd(MapTransform):
+    """For channels normalised over their non-zero voxels (skull-stripped MRI): a constant background that is not 0
+    (the minimum of a scan someone already z-scored, as in the BraTS 2015 sample) becomes 0 first, so the
+    statistics come from the brain, as in training; runs before any resampling blurs the background's edge.
+    A background that is already 0 is left as it is (no change for such scans)."""
+
+    def __init__(self, specs: list[dict[str, Any]], key: str = "image"):
+        super().__init__([key])
+        self.channels = [c for c, spec in enumerate(specs) if spec.get("nonzero")]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        img = d[self.keys[0]]
+        out = None
+        for c in self.channels:
+            bg = constant_background(img[c])
+            if bg is None or bg == 0:
+                continue
+            if out is None:
+                out = img.clone()
+            out[c] = torch.where(torch.as_tensor(img[c]) == bg, torch.zeros((), dtype=out.dtype), torch.as_tensor(img[c]))
+        if out is not None:
+            d[self.keys[0]] = out
+        return d
+
+
 def _percentile_zscore(x: torch.Tensor, lower: float, upper: float, nonzero: bool) -> torch.Tensor:
     """Clip to the ``lower``/``upper`` percentiles, then z-score. With ``nonzero`` both statistics come from the
     non-zero voxels only and zeros stay 0: the result does not depend on how much empty background (skull
@@ -121,6 +159,8 @@ def preprocessing(preset: TaskPreset, with_label: bool = True) -> list:
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     t: list = [LoadCased(preset=preset)]
+    if any(spec.get("nonzero") for spec in preset.normalization):
+        t.append(ZeroBackgroundd(preset.normalization))
     if preset.orientation:
         t.append(Orientationd(keys, axcodes=preset.orientation, labels=None))
     if preset.spacing:
