@@ -72,10 +72,15 @@ def predict(ws: Path, *extra: str) -> list[str]:
     return ["predict", "--model", str(ws / "model"), "--progress", "none", *extra]
 
 
+TUMOUR_INPUTS = json.loads((REPO / "Resources" / "Models" / "brain-tumour-dsd" / "model.json").read_text())["inputs"]
+
+
 def _brats(channel: int) -> str:
+    """The file of the shipped tumour model's ``channel``-th input (a BraTS 2018 case has all four sequences)."""
     from DSDSegmentationLib.engine.data import find_shared_data
 
-    return str(find_shared_data() / "BraTS2015_DeepMedicSample" / "imagesTr" / f"brats_2013_pat0001_1_000{channel}.nii.gz")
+    index = ["FLAIR", "T1", "T1c", "T2"].index(TUMOUR_INPUTS[channel])
+    return str(find_shared_data() / "BraTS2018_2mm" / "imagesTr" / f"Brats18_2013_11_1_000{index}.nii.gz")
 
 
 def tumour(ws: Path, *inputs: str) -> list[str]:
@@ -203,10 +208,11 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
      r"--overlap must be in \[0, 1\)"),
     ("sw batch 0", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--sw-batch-size", "0"), 2,
      "must be at least 1"),
-    # multi-sequence inputs (the shipped FLAIR + T1c tumour model)
-    ("same sequence twice", lambda w: tumour(w, _brats(0), _brats(0)), 2,
-     "inputs 'FLAIR' and 'T1c' are the same image; each input must be its own sequence"),
-    ("a sequence missing", lambda w: tumour(w, _brats(0)), 2, r"1 channel\(s\) given, the model expects 2 \(FLAIR, T1c\)"),
+    # multi-sequence inputs (the shipped tumour model)
+    ("same sequence twice", lambda w: tumour(w, _brats(0), *[_brats(k) for k in range(len(TUMOUR_INPUTS) - 1)]), 2,
+     f"inputs '{TUMOUR_INPUTS[0]}' and '{TUMOUR_INPUTS[1]}' are the same image; each input must be its own sequence"),
+    ("a sequence missing", lambda w: tumour(w, *[_brats(k) for k in range(len(TUMOUR_INPUTS) - 1)]), 2,
+     rf"{len(TUMOUR_INPUTS) - 1} channel\(s\) given, the model expects {len(TUMOUR_INPUTS)} \({', '.join(TUMOUR_INPUTS)}\)"),
     # geometry
     ("zero spacing", lambda w: predict(w, "-i", _nifti(w, "zero.nii.gz", A(np.diag([1.0, 0.0, 1.0, 1.0]))), "-o",
                                        str(w / "out" / "s.nii.gz")), 2, "degenerate"),

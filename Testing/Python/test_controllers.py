@@ -311,24 +311,26 @@ def test_the_workers_notes_reach_the_done_message(panel, scene) -> None:
     from DSDSegmentationLib.engine.data import find_shared_data
 
     (model,) = [m for m in list_models() if m["id"] == "brain-tumour-dsd"]
-    case = list_cases(find_shared_data() / "BraTS2015_DeepMedicSample", channels=model["card"]["inputs"])[0]
-    flair = panel.bridge.load_volume(case.images[0])
-    t1c_full = panel.bridge.load_volume(case.images[1])
-    t1c = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1c cropped")
+    channels = model["card"]["inputs"]
+    case = next(c for c in list_cases(find_shared_data() / "BraTS2018_2mm", channels=channels) if c.id == "Brats18_2013_3_1")
+    volumes = [panel.bridge.load_volume(p) for p in case.images[:-1]]
+    last_full = panel.bridge.load_volume(case.images[-1])
+    last = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{channels[-1]} cropped")
     ijk_to_ras = vtk.vtkMatrix4x4()
-    t1c_full.GetIJKToRASMatrix(ijk_to_ras)
-    slicer.util.updateVolumeFromArray(t1c, np.ascontiguousarray(slicer.util.arrayFromVolume(t1c_full)[5:]))  # KJI
+    last_full.GetIJKToRASMatrix(ijk_to_ras)
+    slicer.util.updateVolumeFromArray(last, np.ascontiguousarray(slicer.util.arrayFromVolume(last_full)[5:]))  # KJI
     origin = ijk_to_ras.MultiplyPoint((0, 0, 5, 1))
     for r in range(3):
         ijk_to_ras.SetElement(r, 3, origin[r])
-    t1c.SetIJKToRASMatrix(ijk_to_ras)  # 5 slices fewer: another grid over the same anatomy
-    panel.params.inputVolume0, panel.params.inputVolume1 = flair, t1c
+    last.SetIJKToRASMatrix(ijk_to_ras)  # 5 slices fewer: another grid over the same anatomy
+    for i, v in enumerate([*volumes, last]):
+        setattr(panel.params, f"inputVolume{i}", v)
     panel.model_entry = model
     panel.segment.apply(model)
     seg = run_until(panel, "segment", timeout=300)
     assert seg is not None and panel.state[C.SEGMENT].status == C.DONE
     message = panel.state[C.SEGMENT].message
-    assert f"Note: 'T1c cropped' was resampled onto the grid of '{flair.GetName()}'" in message, message
+    assert f"Note: '{channels[-1]} cropped' was resampled onto the grid of '{volumes[0].GetName()}'" in message, message
 
 
 def test_a_click_uses_every_sequence_of_a_multi_sequence_model(panel, scene) -> None:
