@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DSDSegmentation"))
 
 from DSDSegmentationLib.engine.data import list_cases  # noqa: E402
-from DSDSegmentationLib.engine.sequence_check import (MIN_FLAGGED, _permuted, calibrate, excess_over_best,  # noqa: E402
+from DSDSegmentationLib.engine.sequence_check import (MIN_FLAGGED, permuted, calibrate, excess_over_best,  # noqa: E402
                                                       features_of_cases)
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         hits = 0
         for i in range(len(f)):
             rest = np.delete(f, i, axis=0)
-            hits += excess_over_best(_permuted(f[i], c, p), rest.mean(0), rest.std(0) + 1e-3, c)[0] > threshold
+            hits += excess_over_best(permuted(f[i], c, p), rest.mean(0), rest.std(0) + 1e-3, c)[0] > threshold
         i, j = [k for k in range(c) if p[k] != k]
         print(f"  {a.channels[i]} and {a.channels[j]} swapped: flagged in {hits} of {len(f)}")
 

@@ -26,7 +26,7 @@ import numpy as np
 KIND = "sequence_order"
 MAX_VOXELS = 2_000_000  # larger volumes are subsampled (a 1 mm BraTS volume: every 2nd voxel; a 2 mm one: all)
 MIN_VOXELS = 1000  # fewer voxels inside the joint mask: no statistics worth comparing
-MAX_MASK_FRACTION = 0.8  # a mask this large is no brain mask (no zero background: not skull-stripped)
+MAX_MASK_FRACTION = 0.8  # a mask this large is no brain mask (no constant background: not skull-stripped)
 MAX_CHANNELS = 6  # calibrating tries all 720 orders of 6 inputs
 # excess (mean squared standardised distance) below which the given order is never questioned: on BraTS 2018, cases in
 # their true order fit up to 0.14 worse than their best order, two swapped sequences mostly 0.3-2.5 worse
@@ -38,7 +38,7 @@ def sequence_features(image: np.ndarray, order: Sequence[int] | None = None) -> 
     kurtosis, then the correlations of every channel pair (upper triangle, row-major), all inside the voxels where
     no channel holds its constant background (the brain of a skull-stripped scan; background 0 or, in a scan
     someone already z-scored, its constant minimum). None when that mask is too small, or covers most
-    of the volume (no zero background, so no brain mask)."""
+    of the volume (no constant background, so no brain mask)."""
     image = np.asarray(image)
     step = max(1, round((float(np.prod(image.shape[1:])) / MAX_VOXELS) ** (1 / 3)))
     if step > 1:  # statistics of a histogram and of correlations: every step-th voxel along each axis is enough
@@ -70,7 +70,7 @@ def _features(z: list[np.ndarray]) -> np.ndarray:
     return np.array(skew + logkurt + corr)
 
 
-def _permuted(features: np.ndarray, c: int, order: Sequence[int]) -> np.ndarray:
+def permuted(features: np.ndarray, c: int, order: Sequence[int]) -> np.ndarray:
     """The features of the same image with its channels taken in ``order`` (no need to recompute statistics)."""
     skew, logkurt, corr = features[:c], features[c:2 * c], features[2 * c:]
     pairs = {p: corr[i] for i, p in enumerate(itertools.combinations(range(c), 2))}
@@ -99,7 +99,7 @@ def swaps(c: int) -> list[tuple[int, ...]]:
 def order_scores(features: np.ndarray, mean: Sequence[float], std: Sequence[float], c: int) -> dict[tuple[int, ...], float]:
     """Mean squared standardised distance from the template for the given order and each swap of two inputs."""
     mu, sd = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
-    return {p: float(np.mean(((_permuted(features, c, p) - mu) / sd) ** 2)) for p in swaps(c)}
+    return {p: float(np.mean(((permuted(features, c, p) - mu) / sd) ** 2)) for p in swaps(c)}
 
 
 def excess_over_best(features: np.ndarray, mean: Sequence[float], std: Sequence[float], c: int) -> tuple[float, tuple[int, ...]]:
@@ -153,7 +153,7 @@ def calibrate(features: list[np.ndarray], c: int, safety: float = 2.0) -> tuple[
         rest = np.delete(f, i, axis=0)
         mu, sd = rest.mean(0), rest.std(0) + 1e-3
         for given in orders:  # the case presented with its channels in order `given`
-            e, _ = excess_over_best(_permuted(f[i], c, given), mu, sd, c)
+            e, _ = excess_over_best(permuted(f[i], c, given), mu, sd, c)
             excess[given].append(e)
     identity = tuple(range(c))
     threshold = max(safety * max(excess[identity]), MIN_THRESHOLD)
