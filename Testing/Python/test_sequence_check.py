@@ -13,7 +13,7 @@ from DSDSegmentationLib.engine.data import find_shared_data, list_cases
 from DSDSegmentationLib.engine.io import load_channels
 from DSDSegmentationLib.engine.cards import builtin_models_dir
 from DSDSegmentationLib.engine.models import load_model
-from DSDSegmentationLib.engine.sequence_check import (KIND, MIN_THRESHOLD, check_order, make_template,
+from DSDSegmentationLib.engine.sequence_check import (KIND, MIN_THRESHOLD, check_order,
                                                       sequence_features, template_from_cases)
 
 FOUR = ["FLAIR", "T1", "T1c", "T2"]
@@ -67,26 +67,27 @@ def test_a_check_that_cannot_tell_is_not_kept(brats) -> None:
     assert template is None and measured["two_swapped_flagged"] < 0.5
 
 
-def test_the_note_reaches_the_predictors_notes(brats, tmp_path: Path) -> None:
+def test_the_shipped_models_check_their_inputs_order(brats, tmp_path: Path) -> None:
+    """The four-sequence model's card carries a template from its training cases: its own validation case in the
+    right order runs without a note, with T1 and T2 swapped the Predictor's notes name both files (the CLI prints
+    them, Slicer ends the Done message with them). The FLAIR + T1c model's card carries none (too weak)."""
     from DSDSegmentationLib.engine.inference import Predictor
 
-    model = load_model(builtin_models_dir() / "brain-tumour-dsd")  # FLAIR + T1c
-    assert "input_check" not in model.card
-    # a template over these two channels with a threshold low enough for a swap of these two to show
-    feats = [sequence_features(load_channels([c.images[0], c.images[2]])[0]) for c in brats[4:16]]
-    model.card["input_check"] = make_template(feats, ["FLAIR", "T1c"], threshold=0.02)
-    # (a two-channel check is too weak to ship, see above: Brats18_2013_20_1 is a held-out case it gets right)
-    case = next(c for c in brats[:4] if c.id == "Brats18_2013_20_1")
-    flair, t1c = tmp_path / "flair.nii.gz", tmp_path / "t1c.nii.gz"
-    shutil.copy(case.images[0], flair)
-    shutil.copy(case.images[2], t1c)
+    model = load_model(builtin_models_dir() / "brain-tumour-dsd")
+    assert model.card["input_check"]["kind"] == KIND and model.card["inputs"] == FOUR
+    assert model.card["input_check"]["measured"]["false_alarms"] == 0.0
+    assert "input_check" not in load_model(builtin_models_dir() / "brain-tumour-2seq-dsd").card
+    case = next(c for c in brats if c.id == model.card["split"]["val_ids"][0])
+    files = []
+    for name, src in zip(FOUR, case.images):
+        files.append(tmp_path / f"{name}.nii.gz")
+        shutil.copy(src, files[-1])
     predictor = Predictor(model, device="cpu")
-    labels, _ = predictor.predict([str(flair), str(t1c)])
-    assert predictor.notes == [] and labels.shape == load_channels([str(flair)])[0].shape[1:]
-    predictor.predict([str(t1c), str(flair)])
+    labels, _ = predictor.predict([str(f) for f in files])
+    assert predictor.notes == [] and labels.shape == load_channels([str(files[0])])[0].shape[1:]
+    predictor.predict([str(files[0]), str(files[3]), str(files[2]), str(files[1])])
     assert len(predictor.notes) == 1
-    assert predictor.notes[0].startswith("t1c.nii.gz (given as FLAIR) and flair.nii.gz (given as T1c) look swapped")
-    assert np.isfinite(model.card["input_check"]["threshold"])
+    assert predictor.notes[0].startswith("T2.nii.gz (given as T1) and T1.nii.gz (given as T2) look swapped"), predictor.notes
 
 
 def _zscored_with_constant_background(image: np.ndarray) -> np.ndarray:

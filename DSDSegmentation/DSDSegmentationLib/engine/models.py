@@ -104,7 +104,14 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-pkg-", dir=out.parent))
     try:
         dtype = WEIGHTS_DTYPES[weights_dtype]
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.network.state_dict().items()}
+        state, converted = {}, {}
+        for k, v in loaded.network.state_dict().items():
+            if not v.is_floating_point():
+                state[k] = v
+                continue
+            # one module under several names (DynUNet's skip layers) shares its tensors: convert once, keep sharing
+            key = (v.data_ptr(), tuple(v.shape), v.stride())
+            state[k] = converted[key] if key in converted else converted.setdefault(key, v.to(dtype))
         torch.save(state, tmp / WEIGHTS_FILE)
         card = {**loaded.card, **(extra_card or {}), "weights": WEIGHTS_FILE, "sha256": sha256_of(tmp / WEIGHTS_FILE),
                 "parameters": sum(p.numel() for p in loaded.network.parameters())}
