@@ -94,15 +94,18 @@ def main() -> None:
     print(f"# {card['id']} {card.get('version')}: {len(cases)} validation cases, original grids")
     print("| post-processing | " + " | ".join(f"{n} Dice / HD95" for n in names) + " | mean Dice − raw (paired) |")
     print("|---|" + "---|" * (len(names) + 1))
-    base = [{"seed": 0, "dice": {r["case"]: np.mean([r["classes"][n]["dice"] for n in labels.values() if n in r["classes"]]) for r in rows["raw"]}}]
+    def per_case(rs):  # one record per case: the mean Dice of the labels, for paired_difference
+        return [{"seed": 0, "dice": {r["case"]: np.mean([r["classes"][n]["dice"] for n in labels.values()
+                                                         if n in r["classes"]]) for r in rs}}]
+
+    base = per_case(rows["raw"])
     for name, rs in rows.items():
         cells = []
         for n in names:
             d = np.mean([r["classes"][n]["dice"] for r in rs])
             h = [r["classes"][n]["hd95"] for r in rs if r["classes"][n]["hd95"] is not None]
             cells.append(f"{d:.4f} / {np.mean(h):.2f}" if h else f"{d:.4f} / –")
-        mine = [{"seed": 0, "dice": {r["case"]: np.mean([r["classes"][n]["dice"] for n in labels.values() if n in r["classes"]]) for r in rs}}]
-        diff = "–" if name == "raw" else paired_difference(mine, base, digits=2)
+        diff = "–" if name == "raw" else paired_difference(per_case(rs), base, digits=2)
         print(f"| {name} | " + " | ".join(cells) + f" | {diff} |")
 
 
