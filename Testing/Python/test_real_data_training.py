@@ -47,8 +47,8 @@ def test_cli_reports_bad_data_folder(tmp_path: Path, capsys) -> None:
 
 def test_two_sequence_model_initialised_from_the_four_sequence_one(tmp_path: Path, capsys) -> None:
     """`dsdseg train --init-from`: FLAIR + T1c input weights are channels 0 and 2 of the FLAIR, T1, T1c, T2 model's,
-    every other backbone weight is the base's; a base trained on this run's validation cases is reported; a base
-    without the task's channels is refused by name."""
+    every other backbone weight is the base's, and so are the DSD heads where they fit; a base trained on this run's
+    validation cases is reported; a base without the task's channels is refused by name."""
     from DSDSegmentationLib.engine.models import load_model
     from DSDSegmentationLib.engine.training import _dims_sized_by
 
@@ -69,6 +69,15 @@ def test_two_sequence_model_initialised_from_the_four_sequence_one(tmp_path: Pat
         torch.testing.assert_close(n[key], b[key][:, [0, 2]], atol=1e-6, rtol=0)
     same = [k for k in b if k not in dims and b[k].dtype.is_floating_point]
     assert len(same) > 20 and all(torch.allclose(n[k], b[k], atol=1e-6) for k in same if "running" not in k)
+    # the base is a checkpoint with DSD heads of the same shapes: the run starts from them, not from fresh ones
+    assert "DSD heads (" in log and "initialised from the base checkpoint" in log
+    hb, hn = ({k: v for k, v in torch.load(tmp_path / run / "last.pt", weights_only=False)["model"].items()
+               if k.startswith("heads.")} for run in ("four", "two"))
+    assert hb and hb.keys() == hn.keys() and all(torch.allclose(hn[k], hb[k], atol=1e-6) for k in hb)
+    # other heads (deep supervision only: decoder heads, no encoder heads) start fresh, and the log says so
+    assert cli_main(["train", "--task", "brain_tumour", "--output", str(tmp_path / "ds"), "--init-from",
+                str(tmp_path / "four"), "--dsd", "ds", *common]) == 0
+    assert "DSD heads start fresh (the base has other heads)" in (tmp_path / "ds" / "log.txt").read_text()
 
     # another split (seed 1): the base saw some of this run's validation cases
     with pytest.warns(UserWarning, match="validation case"):

@@ -36,6 +36,9 @@ class LoadedModel:
     net_config: NetworkConfig
     source: str
     card: dict[str, Any]
+    # the training-only DSD heads of a checkpoint (None for a package, which ships without them): a run that
+    # continues from a checkpoint with the same network and heads starts from them instead of fresh ones
+    heads_state: dict[str, torch.Tensor] | None = None
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
@@ -54,7 +57,8 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     from .cards import check_card_consistency
 
     check_card_consistency(card, path)
-    return LoadedModel(model.export_backbone().eval(), TaskPreset.from_dict(state["preset"]), net_cfg, str(path), card)
+    return LoadedModel(model.export_backbone().eval(), TaskPreset.from_dict(state["preset"]), net_cfg, str(path), card,
+                       heads_state=model.heads.state_dict())
 
 
 def _from_package(folder: Path) -> LoadedModel:

@@ -62,7 +62,8 @@ class TrainConfig:
     num_workers: int = 0
     sw_batch_size: int = 4
     # fine-tuning: a preset and network given as dicts (from a base model's card) instead of ``task``'s, the base
-    # model whose backbone weights start the run (fresh DSD heads are attached), encoder freeze, early stopping
+    # model whose backbone weights start the run (and the DSD heads of a checkpoint whose heads fit, else fresh
+    # ones), encoder freeze, early stopping
     preset: dict[str, Any] | None = None
     network: dict[str, Any] | None = None
     init_from: str | None = None
@@ -464,7 +465,8 @@ class Trainer:
         return result
 
     def _init_from_base(self, model: DSDNet, val_cases: list[Case] | None = None) -> None:
-        """Backbone weights of the base model (package, run folder or checkpoint); the DSD heads stay fresh.
+        """Backbone weights of the base model (package, run folder or checkpoint); the DSD heads too where the base is
+        a checkpoint with heads of the same shapes (and no label mapping), else they start fresh.
 
         A base with more input channels gives the channels of this task by name (e.g. FLAIR + T1c out of FLAIR, T1,
         T1c, T2): the input layers keep the weights of those channels. A base trained on cases that are this run's
@@ -488,6 +490,7 @@ class Trainer:
             raise ConfigError(f"the base model's network {base.net_config.to_dict()} differs from this run's {mine}")
         if self.cfg.label_map is None:
             model.backbone.load_state_dict(base_state)
+            self._init_heads_from_base(model, base.heads_state)
         else:
             from .labelmapping import MappedLabel, transfer_output_layer
 
@@ -503,6 +506,16 @@ class Trainer:
                        "will be optimistic; use the base's split (same --seed and --val-fraction on the same cases)")
             warnings.warn(message, stacklevel=2)
             self._log("warning: " + message)
+
+    def _init_heads_from_base(self, model: DSDNet, heads: dict[str, torch.Tensor] | None) -> None:
+        """A base checkpoint whose DSD heads fit this run's (same names and shapes) gives them too, so a continued
+        run does not first train fresh heads against a trained backbone; otherwise the heads stay fresh."""
+        mine = model.heads.state_dict()
+        if heads and heads.keys() == mine.keys() and all(heads[k].shape == mine[k].shape for k in mine):
+            model.heads.load_state_dict(heads)
+            self._log(f"DSD heads ({len(mine)} tensors) initialised from the base checkpoint")
+        elif mine:
+            self._log("DSD heads start fresh (the base " + ("has no heads" if not heads else "has other heads") + ")")
 
     @staticmethod
     def _freeze_encoder(model: DSDNet) -> int:
