@@ -9,6 +9,8 @@ grid, CPU seconds per case), then writes the package (head-free weights, model.j
 colours, terminology and interactive region (from the current built-in preset of the task), inputs, preprocessing, backbone and DSD
 settings, training data and its licence, split, seed, epochs, wall time, package versions and the metrics.
 
+An ensemble (probabilities of several trainings averaged, e.g. two seeds or arms of the same network and split):
+add --ensemble-with RUN2 [RUN3 ...]; the card lists each member's run, DSD settings, epochs and wall time.
 A new version from a new run: add --previous Resources/Models/<id> --version X (history carried on, change recorded).
 A new version of a shipped package whose weights stay and whose preprocessing changes (re-measured the same way):
         ... package_model.py --from-package Resources/Models/hippocampus-dsd --set 'spacing=[1,1,1]' \
@@ -187,6 +189,9 @@ def main() -> None:
     ap.add_argument("--note", default="", help="how the run was made (e.g. CPU shared with other runs), kept in the card")
     ap.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32",
                     help="float16: half the package size; the validation is measured with the stored weights")
+    ap.add_argument("--ensemble-with", nargs="+", default=[], metavar="RUN",
+                    help="with --run: further runs of the same network, inputs and split whose best checkpoints join "
+                         "as ensemble members (probabilities averaged at inference)")
     ap.add_argument("--previous", help="with --run: the package this one succeeds (its version history is carried on "
                                        "and the change recorded: retrained weights)")
     args = ap.parse_args()
@@ -204,7 +209,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:  # measured with the weights as stored (float16 rounds them)
         staged = Path(tmp) / "staged"
-        export_package(run, staged, weights_dtype=args.weights_dtype)
+        export_package(run, staged, weights_dtype=args.weights_dtype, members=args.ensemble_with)
         validation, secs = evaluate(Predictor(staged, device="cpu"), val, preset)
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
                    "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
@@ -235,6 +240,18 @@ def main() -> None:
                      "numpy": numpy.__version__},
     }
     del extra["training"]["steps_per_epoch"]
+    for other in map(Path, args.ensemble_with):
+        other_split = json.loads((other / "split.json").read_text())
+        if [c["id"] for c in other_split["val"]] != [c.id for c in val]:
+            raise SystemExit(f"--ensemble-with {other}: its validation cases differ from {run}'s")
+        other_cfg = json.loads((other / "config.json").read_text())
+        other_history = json.loads((other / "history.json").read_text())
+        extra["training"].setdefault("ensemble_members", []).append({
+            "run": other.name, "dsd": other_cfg["dsd"], "seed": other_cfg["seed"], "epochs": len(other_history),
+            "lr": other_cfg["resolved"]["lr"], "precision": precision_spans(other_history),
+            "wall_time_minutes": round(sum(h["seconds"] for h in other_history) / 60, 1),
+            "hardware": run_hardware(other_cfg),
+            "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in other_history)})
     if len(preset.channels) > 1:  # the sequence-order check's template, from the training cases
         template, measured = template_from_cases([c["images"] for c in split["train"]], list(preset.channels))
         print(f"sequence-order check (leave-one-out on {measured['cases']} training cases): {measured}"
@@ -248,14 +265,15 @@ def main() -> None:
         same_val = set(prev.get("split", {}).get("val_ids", [])) == {c.id for c in val}
         extra["history_of_versions"] = list(prev.get("history_of_versions", [])) + [
             {"version": prev.get("version"), "validation_mean_dice": prev.get("validation", {}).get("mean_dice")}]
-        extra["changes"] = {"from_version": prev.get("version"), "weights": "retrained", "note": args.note,
+        weights = f"ensemble of {1 + len(args.ensemble_with)} trainings" if args.ensemble_with else "retrained"
+        extra["changes"] = {"from_version": prev.get("version"), "weights": weights, "note": args.note,
                             "same_validation_cases": same_val}
     out = Path(args.output)
     if out.exists():
         if not args.replace:
             raise SystemExit(f"{out} exists; pass --replace to overwrite it")
         shutil.rmtree(out)
-    export_package(run, out, extra, weights_dtype=args.weights_dtype)
+    export_package(run, out, extra, weights_dtype=args.weights_dtype, members=args.ensemble_with)
     print(json.dumps({"package": str(out), "validation": validation, "expected_seconds": extra["expected_seconds"]}, indent=2))
 
 

@@ -44,8 +44,9 @@ def write_checksums(folder: Path, files: list[str]) -> None:
 def verify_package(folder: str | Path) -> dict[str, Any]:
     """Check a model package before anything in it is used; returns its card.
 
-    The package must hold ``model.json``, its weights file and ``SHA256SUMS`` listing both; every listed file
-    must match its sha256 and the card's own ``sha256`` must be the weights' hash. Anything else is refused with
+    The package must hold ``model.json``, its weights file(s) (one per member of an ensemble) and ``SHA256SUMS``
+    listing them; every listed file must match its sha256 and the card's ``sha256`` values must be the weights'
+    hashes. Anything else is refused with
     an error that names the file and the problem (corrupt, modified, missing)."""
     from .models_sha import sha256_of
 
@@ -81,7 +82,19 @@ def verify_package(folder: str | Path) -> dict[str, Any]:
     if card.get("sha256") != listed[weights]:
         raise InputError(f"model package {folder}: the card's sha256 is not the hash of {weights}")
     check_card_consistency(card, folder)
-    check_weights_archive(folder / weights)
+    members = card.get("ensemble") or []
+    if members and (not isinstance(members, list) or not all(isinstance(m, dict) and "weights" in m for m in members)
+                    or members[0]["weights"] != weights):
+        raise InputError(f"model package {folder}: the card's ensemble must list its members' weights files, "
+                         f"{weights} first")
+    for m in members[1:]:
+        if m["weights"] not in listed:
+            raise InputError(f"model package {folder}: {PACKAGE_SUMS} does not list the ensemble member {m['weights']}")
+        if m.get("sha256") != listed[m["weights"]]:
+            raise InputError(f"model package {folder}: the card's sha256 of ensemble member {m['weights']} is not the "
+                             "hash of that file")
+    for name in [weights] + [m["weights"] for m in members[1:]]:
+        check_weights_archive(folder / name)
     return card
 
 

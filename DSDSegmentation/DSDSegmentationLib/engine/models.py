@@ -1,7 +1,9 @@
 """Loading trained models for inference: a run folder, a checkpoint, or an exported model package.
 
 A model package is a folder with ``model.json`` (task preset, network, DSD settings, weights file name and its
-sha256) and the head-free backbone weights, loadable with ``torch.load(weights_only=True)``.
+sha256) and the head-free backbone weights, loadable with ``torch.load(weights_only=True)``. An ensemble package
+holds several trainings of the same network and preprocessing (``ensemble`` in the card: one weights file per
+member); inference averages their class probabilities, as nnU-Net does with its folds.
 """
 
 from __future__ import annotations
@@ -27,9 +29,28 @@ from .tasks import TaskPreset
 WEIGHTS_FILE = "weights.pt"
 
 
+def member_weights_file(i: int) -> str:
+    """The weights file of an ensemble's member ``i`` (0-based): ``weights.pt``, ``weights-2.pt``, ..."""
+    return WEIGHTS_FILE if i == 0 else f"weights-{i + 1}.pt"
+
+
+class EnsembleNet(torch.nn.Module):
+    """Networks of one architecture and preprocessing run on the same input; the output is the log of their mean
+    softmax probabilities, so the softmax that inference applies (after the sliding window's blending) gives the
+    members' mean probability map."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return mean.clamp_min(1e-12).log()
+
+
 @dataclass
 class LoadedModel:
-    """An eval-mode plain backbone plus what inference needs to know about it."""
+    """An eval-mode plain backbone (or the average of an ensemble's) plus what inference needs to know about it."""
 
     network: torch.nn.Module
     preset: TaskPreset
@@ -39,6 +60,13 @@ class LoadedModel:
     # the training-only DSD heads of a checkpoint (None for a package, which ships without them): a run that
     # continues from a checkpoint with the same network and heads starts from them instead of fresh ones
     heads_state: dict[str, torch.Tensor] | None = None
+    # an ensemble package's member backbones (``network`` averages them); None for a single network
+    members: list[torch.nn.Module] | None = None
+
+    @property
+    def backbones(self) -> list[torch.nn.Module]:
+        """The plain backbone(s): one, or each member of an ensemble."""
+        return list(self.members) if self.members else [self.network]
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
@@ -62,16 +90,21 @@ def _from_checkpoint(path: Path) -> LoadedModel:
 
 
 def _from_package(folder: Path) -> LoadedModel:
-    card = verify_package(folder)  # files, sha256, labels vs network outputs, weights archive intact
-    weights = folder / card.get("weights", WEIGHTS_FILE)
+    card = verify_package(folder)  # files, sha256, labels vs network outputs, weights archives intact
     net_cfg = NetworkConfig.from_dict(card["network"])
-    backbone = DSDNet(net_cfg, DSDConfig.preset("plain")).backbone
-    try:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-        backbone.load_state_dict(sd)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"model package {folder}: weights do not load into the declared network: {e}") from e
-    return LoadedModel(backbone.eval(), TaskPreset.from_dict(card["preset"]), net_cfg, str(folder), card)
+    files = [m["weights"] for m in card["ensemble"]] if card.get("ensemble") else [card.get("weights", WEIGHTS_FILE)]
+    nets = []
+    for name in files:
+        backbone = DSDNet(net_cfg, DSDConfig.preset("plain")).backbone
+        try:
+            backbone.load_state_dict(torch.load(folder / name, map_location="cpu", weights_only=True))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"model package {folder}: {name} does not load into the declared network: {e}") from e
+        nets.append(backbone.eval())
+    preset = TaskPreset.from_dict(card["preset"])
+    if len(nets) == 1:
+        return LoadedModel(nets[0], preset, net_cfg, str(folder), card)
+    return LoadedModel(EnsembleNet(nets).eval(), preset, net_cfg, str(folder), card, members=nets)
 
 
 def load_model(source: str | Path) -> LoadedModel:
@@ -92,15 +125,34 @@ def load_model(source: str | Path) -> LoadedModel:
 WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def _member_record(loaded: LoadedModel) -> list[dict[str, Any]]:
+    """Where each network of ``loaded`` comes from (an ensemble package keeps its members' records)."""
+    if loaded.card.get("ensemble"):
+        return [{k: v for k, v in m.items() if k not in ("weights", "sha256")} for m in loaded.card["ensemble"]]
+    src = Path(loaded.source)
+    return [{"source": src.parent.name if src.is_file() else src.name, "dsd": loaded.card.get("dsd"),
+             "epoch": loaded.card.get("epoch"), "best_val_dice": loaded.card.get("best_val_dice")}]
+
+
 def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str, Any] | None = None,
-                   weights_dtype: str = "float32") -> Path:
+                   weights_dtype: str = "float32", members: list[str | Path] | tuple = ()) -> Path:
     """Write a model package (head-free weights + card with sha256) from a run folder or checkpoint, atomically.
 
     ``weights_dtype="float16"`` stores the weights at half the size (recorded in the card); loading copies them into
-    the float32 network, so inference arithmetic is unchanged and only the rounding of the weights differs."""
+    the float32 network, so inference arithmetic is unchanged and only the rounding of the weights differs.
+    ``members``: further runs, checkpoints or packages of the same network, inputs and labels; with them (or when
+    ``source`` is an ensemble package) the package is an ensemble whose probabilities are averaged."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise InputError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     loaded = load_model(source)
+    others = [load_model(m) for m in members]
+    for other in others:
+        if other.net_config.to_dict() != loaded.net_config.to_dict():
+            raise InputError(f"ensemble member {other.source} has another network than {loaded.source}")
+        if (other.preset.channels, other.preset.labels) != (loaded.preset.channels, loaded.preset.labels):
+            raise InputError(f"ensemble member {other.source} has other inputs or labels than {loaded.source}")
+    nets = [n for m in (loaded, *others) for n in m.backbones]
+    records = [r for m in (loaded, *others) for r in _member_record(m)]
     out = Path(out_dir)
     if out.exists():
         raise InputError(f"{out} already exists; choose a new folder for the model package")
@@ -108,22 +160,27 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-pkg-", dir=out.parent))
     try:
         dtype = WEIGHTS_DTYPES[weights_dtype]
-        state, converted = {}, {}
-        for k, v in loaded.network.state_dict().items():
-            if not v.is_floating_point():
-                state[k] = v
-                continue
-            # one module under several names (DynUNet's skip layers) shares its tensors: convert once, keep sharing
-            key = (v.data_ptr(), tuple(v.shape), v.stride())
-            state[k] = converted[key] if key in converted else converted.setdefault(key, v.to(dtype))
-        torch.save(state, tmp / WEIGHTS_FILE)
+        names = [member_weights_file(i) for i in range(len(nets))]
+        for net, name in zip(nets, names):
+            state, converted = {}, {}
+            for k, v in net.state_dict().items():
+                if not v.is_floating_point():
+                    state[k] = v
+                    continue
+                # one module under several names (DynUNet's skip layers) shares its tensors: convert once, keep sharing
+                key = (v.data_ptr(), tuple(v.shape), v.stride())
+                state[k] = converted[key] if key in converted else converted.setdefault(key, v.to(dtype))
+            torch.save(state, tmp / name)
         card = {**loaded.card, **(extra_card or {}), "weights": WEIGHTS_FILE, "sha256": sha256_of(tmp / WEIGHTS_FILE),
-                "parameters": sum(p.numel() for p in loaded.network.parameters())}
+                "parameters": sum(p.numel() for p in nets[0].parameters())}
+        card.pop("ensemble", None)
+        if len(nets) > 1:
+            card["ensemble"] = [{"weights": n, "sha256": sha256_of(tmp / n), **r} for n, r in zip(names, records)]
         card.pop("weights_dtype", None)
         if weights_dtype != "float32":
             card["weights_dtype"] = weights_dtype
         (tmp / PACKAGE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
-        write_checksums(tmp, [PACKAGE_CARD, WEIGHTS_FILE])
+        write_checksums(tmp, [PACKAGE_CARD, *names])
         for f in (tmp, *tmp.iterdir()):
             apply_umask(f)
         os.replace(tmp, out)

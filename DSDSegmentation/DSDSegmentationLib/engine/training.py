@@ -477,7 +477,9 @@ class Trainer:
         base = load_model(self.cfg.init_from)
         mine = self.net_config.to_dict()
         theirs = base.net_config.to_dict()
-        base_state = base.network.state_dict()
+        base_state = base.backbones[0].state_dict()
+        if base.members:
+            self._log(f"the base is an ensemble of {len(base.members)} networks: starting from its first member")
         if theirs["in_channels"] != mine["in_channels"]:
             picks = input_channel_picks(base.preset.channels, self.preset.channels)
             base_state = transfer_input_channels(base_state, _dims_sized_by(base.net_config, "in_channels"), picks)
