@@ -223,17 +223,17 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------------------ models
     def refreshModels(self) -> None:
+        from DSDSegmentationLib.bridge.controllers import model_choice
         from DSDSegmentationLib.engine.cards import list_models, user_models_dir
 
         self._models = list_models()
         combo = self.ui.modelComboBox
         combo.blockSignals(True)
         combo.clear()
-        for m in self._models:
-            label = m["title"] + (" (user)" if m["source"] == "user" else "")
-            if m["status"] != "ok":
-                label += " — " + _("unavailable: ") + m["status"]
+        for i, m in enumerate(self._models):
+            label, tip = model_choice(m)
             combo.addItem(label, m["path"])
+            combo.setItemData(i, tip, qt.Qt.ToolTipRole)
         combo.blockSignals(False)
         if not self._models:
             self.ui.statusLabel.text = _("No model found. Built-in models live in Resources/Models; user models in ") \
@@ -254,6 +254,10 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 getattr(self.ui, f"inputLabel{i}").text = channels[i] + ":"
         if self._parameterNode and model:
             self._parameterNode.modelPath = model["path"]
+        if model:
+            from DSDSegmentationLib.bridge.controllers import model_choice
+
+            self.ui.modelComboBox.toolTip = model_choice(model)[1]
         self._showReadiness()
 
     # ------------------------------------------------------------------------------------------------ actions
