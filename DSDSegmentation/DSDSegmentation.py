@@ -223,15 +223,14 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------------------ models
     def refreshModels(self) -> None:
-        from DSDSegmentationLib.bridge.controllers import model_choice
-        from DSDSegmentationLib.engine.cards import list_models, user_models_dir
+        from DSDSegmentationLib.engine.cards import list_models, model_summary, user_models_dir
 
         self._models = list_models()
         combo = self.ui.modelComboBox
         combo.blockSignals(True)
         combo.clear()
         for i, m in enumerate(self._models):
-            label, tip = model_choice(m)
+            label, tip = model_summary(m)
             combo.addItem(label, m["path"])
             combo.setItemData(i, tip, qt.Qt.ToolTipRole)
         combo.blockSignals(False)
@@ -255,9 +254,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and model:
             self._parameterNode.modelPath = model["path"]
         if model:
-            from DSDSegmentationLib.bridge.controllers import model_choice
+            from DSDSegmentationLib.engine.cards import model_summary
 
-            self.ui.modelComboBox.toolTip = model_choice(model)[1]
+            self.ui.modelComboBox.toolTip = model_summary(model)[1]
         self._showReadiness()
 
     # ------------------------------------------------------------------------------------------------ actions

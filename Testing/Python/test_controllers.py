@@ -68,26 +68,6 @@ def test_parameter_node_declares_exactly_the_controller_settings() -> None:
     assert fields == set(C.PARAMETERS)
 
 
-def test_the_model_selector_says_what_each_card_says(tmp_path: Path) -> None:
-    """Before picking a model a researcher sees its licence in the list (non-commercial ones say so) and, in the
-    tooltip, inputs in order, segments, training data, validation Dice (regions for the tumour models), the network
-    (an ensemble with its members) and the licence text; a broken package says why it cannot be used."""
-    models = {m["id"]: m for m in list_models()}
-    text, tip = C.model_choice(models["brain-tumour-dsd"])
-    card = models["brain-tumour-dsd"]["card"]
-    assert text.endswith(f"{card['version']} (non-commercial)")
-    assert "Inputs, in this order: FLAIR, T1, T1c, T2" in tip
-    for region in card["preset"]["regions"]:
-        assert f"{region} {card['validation']['per_class'][region]['dice']:.3f}" in tip
-    assert "ensemble of 2 dynunet (DSD + plain)" in tip and card["licence"]["text"] in tip
-    text, tip = C.model_choice(models["hippocampus-dsd"])
-    assert "non-commercial" not in text and "Network: basicunet, trained with DSD" in tip
-    assert "anterior hippocampus 0.8" in tip and "CC-BY-SA 4.0" in tip
-    broken = {**models["hippocampus-dsd"], "status": "model package x: weights.pt is missing", "source": "user"}
-    text, tip = C.model_choice(broken)
-    assert text.endswith("(user) — unavailable: model package x: weights.pt is missing") and "missing" in tip
-
-
 def test_processing_state_has_one_setter_and_tells_listeners() -> None:
     state = C.ProcessingState()
     seen = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from DSDSegmentationLib.engine.cards import builtin_models_dir, list_models, verify_package
+from DSDSegmentationLib.engine.cards import builtin_models_dir, list_models, model_summary, verify_package
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
 from DSDSegmentationLib.engine.errors import InputError
 from DSDSegmentationLib.engine.inference import Predictor
@@ -72,6 +72,34 @@ def test_segments_a_real_validation_case_above_floor(model_id: str, tmp_path: Pa
         masks = [(pred == v, ref == v) for v in (int(k) for k in card["preset"]["labels"] if k != "0")]
     dices = [2 * np.logical_and(p, r).sum() / (p.sum() + r.sum()) for p, r in masks if p.any() or r.any()]
     assert np.mean(dices) > floor, f"{model_id} on {case.id}: Dice ({what}) {np.round(dices, 3)}"
+
+
+def test_what_a_researcher_sees_before_picking_a_model(tmp_path: Path, capsys) -> None:
+    """The model selector (and `dsdseg models list/show`) shows non-commercial licences in the list and, in the
+    description, inputs in order, segments, training data, validation Dice (regions for the tumour models), the
+    network (an ensemble with its members) and the licence text; a broken package says why it cannot be used."""
+    from DSDSegmentationLib.worker.cli import main as cli
+
+    models = {m["id"]: m for m in list_models([builtin_models_dir()])}
+    text, tip = model_summary(models["brain-tumour-dsd"])
+    card = models["brain-tumour-dsd"]["card"]
+    assert text.endswith(f"{card['version']} (non-commercial)")
+    assert "Inputs, in this order: FLAIR, T1, T1c, T2" in tip
+    for region in card["preset"]["regions"]:
+        assert f"{region} {card['validation']['per_class'][region]['dice']:.3f}" in tip
+    assert "ensemble of 2 dynunet (DSD + plain)" in tip and card["licence"]["text"] in tip
+    text, tip = model_summary(models["hippocampus-dsd"])
+    assert "non-commercial" not in text and "Network: basicunet, trained with DSD" in tip
+    assert "anterior hippocampus 0.8" in tip and "CC-BY-SA 4.0" in tip
+    broken = {**models["hippocampus-dsd"], "status": "model package x: weights.pt is missing", "source": "user"}
+    text, tip = model_summary(broken)
+    assert text.endswith("(user) — unavailable: model package x: weights.pt is missing") and "missing" in tip
+    store = tmp_path / "store"
+    assert cli(["models", "show", "cardiac-dsd", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "(non-commercial)" in out and "Inputs, in this order: cine MRI" in out and "non-commercial use only" in out
+    assert cli(["models", "show", "no-such-model", "--store", str(store)]) == 2
+    assert "no model 'no-such-model'" in capsys.readouterr().err
 
 
 def test_tampered_shipped_package_is_refused(tmp_path: Path) -> None:

@@ -171,3 +171,54 @@ def list_models(folders: list[Path] | None = None) -> list[dict[str, Any]]:
                 entry["status"] = str(e)
             found.append(entry)
     return found
+
+
+def model_summary(model: dict[str, Any]) -> tuple[str, str]:
+    """How to show one of ``list_models()`` (the panel's model selector, ``dsdseg models list/show``): a one-line
+    text (title, version, a non-commercial licence, user model, problem) and a description (what the card says a
+    researcher needs before using it: inputs in order, segments, training data, validation Dice, network, CPU time,
+    licence)."""
+    card = model.get("card") or {}
+    licence = card.get("licence") or {}
+    text = model["title"] + (f" {card['version']}" if card.get("version") else "")
+    if licence.get("non_commercial"):
+        text += " (non-commercial)"
+    if model.get("source") == "user":
+        text += " (user)"
+    if model.get("status", "ok") != "ok":
+        text += " — unavailable: " + str(model["status"])
+        return text, str(model["status"])
+    preset = card.get("preset") or {}
+    lines = [f"{model.get('id', '')} {card.get('version', '')}".strip()]
+    if card.get("inputs") or preset.get("channels"):
+        lines.append("Inputs, in this order: " + ", ".join(card.get("inputs") or preset["channels"]))
+    labels = [name for value, name in sorted((preset.get("labels") or {}).items(), key=lambda kv: int(kv[0]))
+              if str(value) != "0"]
+    if labels:
+        lines.append("Segments: " + ", ".join(labels))
+    data = card.get("training_data") or {}
+    if data.get("name"):
+        lines.append(f"Trained on: {data['name']}" + (f", {data['train_cases']} cases" if data.get("train_cases") else ""))
+    validation = card.get("validation") or {}
+    per_class = validation.get("per_class") or {}
+    regions = list(preset.get("regions") or {})
+    shown = regions or labels
+    dice = [f"{name} {per_class[name]['dice']:.3f}" for name in shown if isinstance(per_class.get(name), dict)
+            and per_class[name].get("dice") is not None]
+    if dice:
+        lines.append(f"Validation Dice ({validation.get('cases', '?')} held-out cases): " + ", ".join(dice))
+    network = (card.get("network") or {}).get("backbone", "")
+    members = card.get("ensemble") or []
+    if members:
+        kinds = ["DSD" if (m.get("dsd") or {}).get("encoder_kl") or (m.get("dsd") or {}).get("decoder_kl") else "plain"
+                 for m in members]
+        lines.append(f"Network: ensemble of {len(members)} {network} ({' + '.join(kinds)}), probabilities averaged")
+    elif network:
+        mode = (card.get("training") or {}).get("dsd")
+        lines.append(f"Network: {network}" + (f", trained with {'DSD' if mode == 'dsd' else mode}" if mode else ""))
+    seconds = (card.get("expected_seconds") or {}).get("cpu")
+    if seconds:
+        lines.append(f"About {seconds:.0f} s per case on a CPU" if seconds >= 1 else "Under a second per case on a CPU")
+    if licence.get("text"):
+        lines.append("Licence: " + licence["text"])
+    return text, "\n".join(lines)

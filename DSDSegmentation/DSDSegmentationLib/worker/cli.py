@@ -128,13 +128,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from ..engine.cards import builtin_models_dir, list_models, user_models_dir
+    from ..engine.cards import builtin_models_dir, list_models, model_summary, user_models_dir
     from ..engine.finetune import check_store_model, export_zip, import_zip
 
     store = Path(args.store) if args.store else user_models_dir()
     if args.action == "list":
         for m in list_models([builtin_models_dir(), store]):
-            print(f"{m['id']:32s} {m['source']:8s} {m['status']:6s}  {m['title']}")
+            status = m["status"] if m["status"] == "ok" else "unavailable"
+            print(f"{m['id']:32s} {m['source']:8s} {status:11s}  {model_summary(m)[0]}")
+    elif args.action == "show":
+        models = {m["id"]: m for m in list_models([builtin_models_dir(), store])}
+        if args.id not in models:
+            raise InputError(f"no model '{args.id}'; `dsdseg models list` shows them: {', '.join(sorted(models))}")
+        text, description = model_summary(models[args.id])
+        print(text + "\n" + description + f"\nFolder: {models[args.id]['path']}")
     elif args.action == "export":
         if not args.id or not args.file:
             raise InputError("models export needs ID and FILE (.zip)")
@@ -545,9 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     progress_arg(f)
     f.set_defaults(func=_cmd_finetune)
 
-    mo = sub.add_parser("models", help="list the built-in and user models; export/import a model as a zip")
-    mo.add_argument("action", choices=["list", "export", "import"])
-    mo.add_argument("id", nargs="?", help="model id (export) or zip file (import)")
+    mo = sub.add_parser("models", help="list the built-in and user models, show one (inputs, validation, licence); "
+                                               "export/import a model as a zip")
+    mo.add_argument("action", choices=["list", "show", "export", "import"])
+    mo.add_argument("id", nargs="?", help="model id (show, export) or zip file (import)")
     mo.add_argument("file", nargs="?", help="zip file to write (export)")
     mo.add_argument("--store", help="user model folder")
     mo.set_defaults(func=_cmd_models)
