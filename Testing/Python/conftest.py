@@ -26,6 +26,17 @@ def hippocampus_dir() -> Path:
     return find_shared_data() / "Task04_Hippocampus"
 
 
+def tampered_copy(package: Path, folder: Path, name: str) -> Path:
+    """A copy of a model package in ``folder`` with one byte of its file ``name`` flipped near the end."""
+    import shutil
+
+    shutil.copytree(package, folder)
+    data = bytearray((folder / name).read_bytes())
+    data[-100] ^= 0xFF
+    (folder / name).write_bytes(bytes(data))
+    return folder
+
+
 @pytest.fixture
 def scene():
     """A real MRML scene (slicer-core, no Qt) with the module logics the bridge needs; cleared afterwards."""

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tampered_copy
+
 from DSDSegmentationLib.engine import DSDConfig, DSDNet
 from DSDSegmentationLib.engine.cards import builtin_models_dir, read_model_card, verify_package
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
@@ -90,13 +92,8 @@ def test_an_ensemble_segments_a_real_case(ensemble: Path, tmp_path: Path) -> Non
 
 
 def test_tampered_or_unlisted_members_are_refused(ensemble: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "tampered"
-    shutil.copytree(ensemble, bad)
-    data = bytearray((bad / "weights-2.pt").read_bytes())
-    data[-100] ^= 0xFF
-    (bad / "weights-2.pt").write_bytes(bytes(data))
     with pytest.raises(InputError, match="weights-2.pt does not match its sha256"):
-        load_model(bad)
+        load_model(tampered_copy(ensemble, tmp_path / "tampered", "weights-2.pt"))
     unlisted = tmp_path / "unlisted"
     shutil.copytree(ensemble, unlisted)
     sums = unlisted / "SHA256SUMS"

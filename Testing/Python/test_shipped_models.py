@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tampered_copy
+
 from DSDSegmentationLib.engine.cards import builtin_models_dir, list_models, model_summary, verify_package
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
 from DSDSegmentationLib.engine.errors import InputError
@@ -104,13 +106,8 @@ def test_what_a_researcher_sees_before_picking_a_model(tmp_path: Path, capsys) -
 
 def test_tampered_shipped_package_is_refused(tmp_path: Path) -> None:
     source = builtin_models_dir() / "hippocampus-dsd"
-    weights = tmp_path / "weights-tampered"
-    shutil.copytree(source, weights)
-    data = bytearray((weights / "weights.pt").read_bytes())
-    data[-100] ^= 0xFF
-    (weights / "weights.pt").write_bytes(bytes(data))
     with pytest.raises(InputError, match="weights.pt does not match its sha256"):
-        load_model(weights)
+        load_model(tampered_copy(source, tmp_path / "weights-tampered", "weights.pt"))
     card = tmp_path / "card-tampered"
     shutil.copytree(source, card)
     text = json.loads((card / "model.json").read_text())
