@@ -102,10 +102,18 @@ def test_tampered_or_unlisted_members_are_refused(ensemble: Path, tmp_path: Path
         load_model(unlisted)
 
 
-def test_members_must_share_network_inputs_and_labels(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="another network"):
-        export_package(HIPPO, tmp_path / "mixed", members=[builtin_models_dir() / "cardiac-dsd"])
+def test_members_must_share_network_inputs_and_labels(tmp_path: Path, capsys) -> None:
+    """Through the CLI (`dsdseg export --ensemble-with`): a member of another network is refused by name and
+    nothing is written; members that fit make an ensemble package."""
+    from DSDSegmentationLib.worker.cli import main as cli
+
+    cardiac = builtin_models_dir() / "cardiac-dsd"
+    assert cli(["export", "--model", str(HIPPO), "--output", str(tmp_path / "mixed"), "--ensemble-with", str(cardiac)]) == 2
+    assert f"ensemble member {cardiac} has another network" in capsys.readouterr().err
     assert not (tmp_path / "mixed").exists()
+    member = _perturbed_checkpoint(tmp_path / "other.pt", seed=1)
+    assert cli(["export", "--model", str(HIPPO), "--output", str(tmp_path / "ok"), "--ensemble-with", str(member)]) == 0
+    assert len(load_model(tmp_path / "ok").backbones) == 2
 
 
 def test_fine_tuning_an_ensemble_starts_from_its_first_member(ensemble: Path, hippocampus_dir: Path,

@@ -427,7 +427,7 @@ class _TaggedProgress:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..engine.models import export_package
 
-    out = export_package(args.model, args.output, weights_dtype=args.weights_dtype)
+    out = export_package(args.model, args.output, weights_dtype=args.weights_dtype, members=args.ensemble_with)
     print(f"model package written to {out}")
     return EXIT_OK
 
@@ -607,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32",
                    help="float16 halves the package (the network still runs in float32; labels may differ in a few "
                         "boundary voxels)")
+    x.add_argument("--ensemble-with", nargs="+", default=[], metavar="MODEL",
+                   help="further runs or packages of the same network, inputs and labels: the package averages "
+                        "the class probabilities of all of them (an ensemble; inference takes as many times longer)")
     x.set_defaults(func=_cmd_export)
     return p
 
