@@ -104,6 +104,15 @@ def precision_spans(history: list[dict]) -> str:
     return ", ".join(f"{name.get(p, p)} (epochs {a}-{b})" for p, a, b in spans)
 
 
+def run_summary(cfg: dict, history: list[dict]) -> dict:
+    """How a training run was made, for the card: epochs, seed, DSD terms, learning rate, wall time, precision,
+    hardware and its best preprocessed validation Dice."""
+    return {"epochs": len(history), "seed": cfg["seed"], "dsd": cfg["dsd"], "lr": cfg["resolved"]["lr"],
+            "wall_time_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
+            "precision": precision_spans(history), "hardware": run_hardware(cfg),
+            "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in history)}
+
+
 def regions_for(model_preset, preset) -> dict[str, list[int]]:
     """The task's current evaluation regions (a run started before they existed records none) whose label values
     the model has."""
@@ -207,6 +216,13 @@ def main() -> None:
     preset = load_preset(task)  # current labels, colours and terminology of the task
     val = [Case(**c) for c in split["val"]]
 
+    members = []  # the other runs of an ensemble: same validation cases, summarised like the main run
+    for other in map(Path, args.ensemble_with):
+        if [c["id"] for c in json.loads((other / "split.json").read_text())["val"]] != [c.id for c in val]:
+            raise SystemExit(f"--ensemble-with {other}: its validation cases differ from {run}'s")
+        members.append({"run": other.name, **run_summary(json.loads((other / "config.json").read_text()),
+                                                         json.loads((other / "history.json").read_text()))})
+
     with tempfile.TemporaryDirectory() as tmp:  # measured with the weights as stored (float16 rounds them)
         staged = Path(tmp) / "staged"
         export_package(run, staged, weights_dtype=args.weights_dtype, members=args.ensemble_with)
@@ -223,14 +239,8 @@ def main() -> None:
             "train_cases": len(split["train"]), "val_cases": len(val)},
         "split": {"seed": split["seed"], "val_fraction": split["val_fraction"], "by": "patient",
                   "val_ids": [c.id for c in val]},
-        "training": {"epochs": len(history), "steps_per_epoch": None, "seed": cfg["seed"], "dsd": cfg["dsd"],
-                     "lr": cfg["resolved"]["lr"], "batch_size": cfg["resolved"]["batch_size"],
-                     "samples_per_volume": cfg["resolved"]["samples_per_volume"],
-                     "wall_time_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
-                     "precision": precision_spans(history),
-                     "hardware": run_hardware(cfg),
-                     "note": args.note,
-                     "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in history)},
+        "training": {**run_summary(cfg, history), "batch_size": cfg["resolved"]["batch_size"],
+                     "samples_per_volume": cfg["resolved"]["samples_per_volume"], "note": args.note},
         "validation": validation,
         "expected_seconds": {"cpu": round(statistics.median(secs), 3),
                              "cpu_note": f"median per validation case, {torch.get_num_threads()} torch thread(s) on a "
@@ -239,19 +249,8 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
                      "numpy": numpy.__version__},
     }
-    del extra["training"]["steps_per_epoch"]
-    for other in map(Path, args.ensemble_with):
-        other_split = json.loads((other / "split.json").read_text())
-        if [c["id"] for c in other_split["val"]] != [c.id for c in val]:
-            raise SystemExit(f"--ensemble-with {other}: its validation cases differ from {run}'s")
-        other_cfg = json.loads((other / "config.json").read_text())
-        other_history = json.loads((other / "history.json").read_text())
-        extra["training"].setdefault("ensemble_members", []).append({
-            "run": other.name, "dsd": other_cfg["dsd"], "seed": other_cfg["seed"], "epochs": len(other_history),
-            "lr": other_cfg["resolved"]["lr"], "precision": precision_spans(other_history),
-            "wall_time_minutes": round(sum(h["seconds"] for h in other_history) / 60, 1),
-            "hardware": run_hardware(other_cfg),
-            "best_val_dice_preprocessed": max(h.get("val_dice", 0) for h in other_history)})
+    if members:
+        extra["training"]["ensemble_members"] = members
     if len(preset.channels) > 1:  # the sequence-order check's template, from the training cases
         template, measured = template_from_cases([c["images"] for c in split["train"]], list(preset.channels))
         print(f"sequence-order check (leave-one-out on {measured['cases']} training cases): {measured}"
