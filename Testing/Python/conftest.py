@@ -13,6 +13,10 @@ from DSDSegmentationLib.engine.data import find_shared_data
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # offscreen renders without X
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (slicer_headless)
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # pytest -n N: one thread per worker (and per worker subprocess); N workers x all cores oversubscribes the CPU
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
