@@ -481,3 +481,38 @@ def test_worker_popen_options_hide_consoles_on_windows() -> None:
     win = popen_platform_options("nt")
     assert win["creationflags"] & 0x08000000, "CREATE_NO_WINDOW"
     assert win["creationflags"] & 0x00000200, "CREATE_NEW_PROCESS_GROUP (cancel reaches the whole tree)"
+
+
+def test_reports_replace_earlier_files_only_when_asked(ws: Path, capsys) -> None:
+    """evaluate / qa into a folder that already holds a report (or the user's own file of that name): refused before
+    any work, naming the files, everything unchanged; --overwrite replaces them; a report never lands on an input."""
+    pred = _nifti(ws, "pred.nii.gz", nib.load(lab(ws)).affine, np.asarray(nib.load(lab(ws)).dataobj).astype(np.uint8))
+    ev = ["evaluate", "--pred", pred, "--ref", lab(ws), "--labels", "hippocampus", "--progress", "none"]
+    qa = ["qa", pred, lab(ws), "--labels", "hippocampus", "--progress", "none", "--worst", "2"]
+    (ws / "ev").mkdir()
+    (ws / "ev" / "metrics.csv").write_text("the user's own table\n")
+    before = _digest(ws)
+    assert run([*ev, "--output", str(ws / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds metrics.csv; pass --overwrite" in err and "Traceback" not in err
+    assert _digest(ws) == before and not (ws / "ev" / "metrics.json").exists()
+    assert run([*ev, "--output", str(ws / "ev"), "--overwrite"]) == 0
+    assert (ws / "ev" / "metrics.csv").read_text().startswith("case,class,dice")
+    assert json.loads((ws / "ev" / "metrics.json").read_text())["summary"]["anterior hippocampus"]["dice"]["mean"] == 1.0
+
+    assert run([*qa, "--output", str(ws / "qa")]) == 0
+    report = _digest(ws / "qa")
+    assert {"qa.json", "index.html", "surfaces/anterior_hippocampus.png"} <= report.keys()
+    assert run([*qa, "--output", str(ws / "qa")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds qa.json, index.html" in err and "surfaces/anterior_hippocampus.png" in err
+    assert _digest(ws / "qa") == report
+    assert run([*qa, "--output", str(ws / "qa"), "--overwrite"]) == 0
+    # the report's names are never an input's, overwrite or not: a reference linked as qa.json in the report folder
+    shutil.copy(lab(ws), ws / "qa2.nii.gz")
+    (ws / "q2").mkdir()
+    os.link(ws / "qa2.nii.gz", ws / "q2" / "qa.json")
+    before = _digest(ws)
+    assert run(["qa", pred, str(ws / "q2" / "qa.json"), "--labels", "hippocampus", "--output", str(ws / "q2"),
+                "--overwrite", "--progress", "none"]) == 2
+    assert "the report's qa.json would overwrite the input" in capsys.readouterr().err and _digest(ws) == before

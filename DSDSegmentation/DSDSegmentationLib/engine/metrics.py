@@ -9,6 +9,7 @@ Empty structures are defined explicitly (MONAI would return NaN/inf):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import warnings
@@ -104,19 +105,26 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+REPORT_FILES = ("metrics.json", "metrics.csv")
+
+
 def write_reports(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
-    """metrics.json (cases + summary) and metrics.csv (one row per case and class)."""
+    """metrics.json (cases + summary) and metrics.csv (one row per case and class), each written atomically (the
+    caller checks the folder first: :func:`outputs.check_report_folder` with ``REPORT_FILES``)."""
+    from .outputs import atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    (out_dir / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=2), encoding="utf-8")
-    with open(out_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["case", "class", "dice", "hd95_mm", "assd_mm", "surface_dice", "tolerance_mm", "volume_pred_ml",
-                    "volume_ref_ml", "volume_diff_ml", "empty"])
-        for r in rows:
-            for name, m in r["classes"].items():
-                w.writerow([r["case"], name, m["dice"], _num(m["hd95"]), _num(m["assd"]), m["surface_dice"], m["tolerance_mm"],
-                            m["volume_pred_ml"], m["volume_ref_ml"], m["volume_diff_ml"], m["empty"] or ""])
+    atomic_write_text(out_dir / "metrics.json", json.dumps({"cases": rows, "summary": summary}, indent=2))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["case", "class", "dice", "hd95_mm", "assd_mm", "surface_dice", "tolerance_mm", "volume_pred_ml",
+                "volume_ref_ml", "volume_diff_ml", "empty"])
+    for r in rows:
+        for name, m in r["classes"].items():
+            w.writerow([r["case"], name, m["dice"], _num(m["hd95"]), _num(m["assd"]), m["surface_dice"], m["tolerance_mm"],
+                        m["volume_pred_ml"], m["volume_ref_ml"], m["volume_diff_ml"], m["empty"] or ""])
+    atomic_write_text(out_dir / "metrics.csv", buf.getvalue().encode("utf-8"))  # bytes: the rows end in \r\n as csv writes them
     return summary
 
 

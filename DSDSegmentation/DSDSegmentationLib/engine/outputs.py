@@ -8,7 +8,9 @@ Rules (each refusal is an :class:`InputError` naming the path and the reason):
 - an existing output file is replaced only with ``overwrite``;
 - the output's folder exists (or can be created) and is writable;
 - a batch never writes into a folder that holds one of its inputs unless the user allows it, and even then
-  never over an input file.
+  never over an input file;
+- a report folder (evaluate, qa) that already holds files of the report's names is written only with
+  ``overwrite``, and never over an input.
 
 Files are written atomically (a temporary file in the same folder, then a rename) with the permissions the
 user's umask gives a new file, not the 0600 of a temporary file.
@@ -108,6 +110,42 @@ def check_output_folder(folder: str | Path, inputs: Iterable[str | Path], allow_
                                  f"overwritten)")
     check_writable_folder(folder, what)
     return folder
+
+
+def check_report_folder(folder: str | Path, files: Iterable[str], inputs: Iterable[str | Path | None] = (),
+                        overwrite: bool = False, what: str = "--output") -> Path:
+    """A report folder: not a file, writable, none of the report's ``files`` (names relative to the folder) is an
+    input, and files already there under those names (an earlier report, or the user's own) are replaced only with
+    ``overwrite``. Checked before any work starts; the refusal names every file concerned."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {folder} is a file; the report needs a folder")
+    targets = [folder / f for f in files]
+    for t in targets:
+        for p in inputs:
+            if p is not None and Path(p).exists() and same_file(t, p):
+                raise InputError(f"{what} {folder}: the report's {t.relative_to(folder)} would overwrite the input {p}; "
+                                 f"choose another report folder")
+    existing = [str(t.relative_to(folder)) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise InputError(f"{what} {folder} already holds {', '.join(existing)}; pass --overwrite to replace "
+                         f"{'it' if len(existing) == 1 else 'them'}, or choose another report folder")
+    check_writable_folder(folder, what)
+    return folder
+
+
+def atomic_write_text(path: str | Path, text: str | bytes) -> None:
+    """Text (UTF-8) or bytes to a temporary file in the same folder, then rename: never a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            f.write(text)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def apply_umask(path: str | Path) -> None:

@@ -26,7 +26,7 @@ from .config import DSDConfig, NetworkConfig
 from .data import Case, dataset_labels, list_cases, split_by_patient, validate_case
 from .errors import ConfigError, InputError
 from .losses import DSDLoss
-from .outputs import apply_umask
+from .outputs import apply_umask, atomic_write_text  # noqa: F401  (atomic_write_text: also used from here)
 from .networks import DSDNet
 from .progress import Progress
 from .tasks import TaskPreset, load_preset
@@ -152,19 +152,6 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        apply_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: Path, text: str | bytes) -> None:
-    """Text (UTF-8) or bytes to a temporary file in the same folder, then rename: never a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            f.write(text)
         apply_umask(tmp)
         os.replace(tmp, path)
     finally:

@@ -237,10 +237,13 @@ def _pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..engine.metrics import evaluate_files, format_summary, write_reports
+    from ..engine.metrics import REPORT_FILES, evaluate_files, format_summary, write_reports
+    from ..engine.outputs import check_report_folder
 
     labels, regions = _labels_for(args.labels)
     pairs = _pairs(args.pred, args.ref)
+    check_report_folder(args.output, REPORT_FILES, inputs=[f for _, *files in pairs for f in files],
+                        overwrite=args.overwrite)
     rows = evaluate_files(pairs, labels, regions)
     for r in rows:
         for side, values in r["unlisted"].items():
@@ -265,7 +268,7 @@ def _cmd_qa(args: argparse.Namespace) -> int:
         raise InputError("dsdseg qa renders surfaces with VTK: pip install vtk==9.6.2 (Slicer's Python has it)") from e
     labels, regions = _labels_for(args.labels)
     report = write_qa_report(args.pred, args.ref, labels, args.output, image_file=args.image,
-                             tolerance_mm=args.tolerance, worst=args.worst, regions=regions)
+                             tolerance_mm=args.tolerance, worst=args.worst, regions=regions, overwrite=args.overwrite)
     for note in report.get("notes", []):
         print(f"dsdseg: note: {note}", file=sys.stderr)
     if args.progress == "json":
@@ -583,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pred", required=True, help="prediction file or folder")
     e.add_argument("--ref", required=True, help="reference file, folder, or dataset (dataset.json / list)")
     e.add_argument("--labels", required=True, help="preset name, dataset folder or model that names the labels")
-    e.add_argument("--output", required=True, help="report folder")
+    e.add_argument("--output", required=True, help="report folder (metrics.json, metrics.csv)")
+    e.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier run in --output")
     progress_arg(e)
     e.set_defaults(func=_cmd_evaluate)
 
@@ -595,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="report folder (index.html, qa.json, PNGs)")
     q.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
     q.add_argument("--worst", type=int, default=5, help="how many worst boundary errors to show")
+    q.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier run in --output")
     progress_arg(q)
     q.set_defaults(func=_cmd_qa)
 

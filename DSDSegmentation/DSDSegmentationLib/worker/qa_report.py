@@ -156,20 +156,17 @@ def _surface_png(pred: np.ndarray, ref: np.ndarray, spacing, path: Path, title: 
 
 def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[int, str], output: str | Path,
                     image_file: str | Path | None = None, tolerance_mm: float = 1.0, worst: int = 5,
-                    regions: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """Write the report folder; returns what ``qa.json`` holds (``notes`` says what the numbers cannot: an empty
-    reference, label values the labels do not name)."""
+                    regions: dict[str, list[int]] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write the report folder (one that already holds files of a report's names only with ``overwrite``);
+    returns what ``qa.json`` holds (``notes`` says what the numbers cannot: an empty reference, label values the
+    labels do not name)."""
     from ..engine.metrics import unlisted_values
-    from ..engine.outputs import check_writable_folder, same_file
+    from ..engine.outputs import atomic_write_text, check_report_folder
 
     out = Path(output)
-    for f in (pred_file, ref_file, image_file):
-        if f is not None and Path(f).exists() and (same_file(out, f) or Path(f).parent.resolve() == out.resolve()
-                                                      and Path(f).name in ("qa.json", "index.html")):
-            raise InputError(f"--output {out} would overwrite the input {f}; choose another report folder")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output {out} is a file; the report needs a folder")
-    check_writable_folder(out, "--output")
+    files = ["qa.json", "index.html", *(f"errors/error_{i + 1}.png" for i in range(worst)),
+             *(f"surfaces/{_slug(name)}.png" for value, name in sorted(labels.items()) if value)]
+    check_report_folder(out, files, inputs=(pred_file, ref_file, image_file), overwrite=overwrite)
     pred, pa = load_volume(pred_file, "prediction")
     ref, ra = load_volume(ref_file, "reference")
     if pred.shape != ref.shape or not np.allclose(pa, ra, atol=1e-3):
@@ -213,8 +210,8 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
               "spacing_mm": list(spacing), "tolerance_mm": tolerance_mm, "metrics": metrics, "worst_errors": errors,
               "surfaces": surfaces, "notes": notes}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "qa.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "index.html").write_text(_html(report, out), encoding="utf-8")
+    atomic_write_text(out / "qa.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "index.html", _html(report, out))
     return report
 
 
