@@ -78,14 +78,16 @@ class DSDSegmentation(ScriptedLoadableModule):
 
 def registerTerminology() -> None:
     """Load the custom terminology context that holds every segment type our models produce (SNOMED CT / NCIt
-    codes, recommended colours), so Slicer's terminology selector and DICOM SEG export know them."""
+    codes, recommended colours), so Slicer's terminology selector and DICOM SEG export know them (once; the bridge
+    decides)."""
+    from DSDSegmentationLib.bridge.terminology import load_terminology_context
+
     try:
-        logic = slicer.modules.terminologies.logic()
-        path = resourcePath("Terminology/DSDSegmentation.term.json")
-        if not logic.LoadTerminologyFromFile(path):
-            logging.warning(f"DSDSegmentation: could not load the terminology context {path}")
+        load_terminology_context(slicer.modules.terminologies.logic())
     except AttributeError:  # Terminologies module not loaded (e.g. a reduced application)
         logging.warning("DSDSegmentation: Terminologies module unavailable; segments keep their coded tags only")
+    except Exception as e:  # noqa: BLE001  (the module must still load; the segments keep their coded tags)
+        logging.warning(f"DSDSegmentation: {e}; segments keep their coded tags only")
 
 
 @parameterNodeWrapper
@@ -145,6 +147,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DSDSegmentationLogic()
+        registerTerminology()  # a module loaded after startup (Extension Wizard, reload) never saw startupCompleted
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", lambda: self._run(self.panel.segment.apply, self.currentModel()))
         self.ui.uncertaintyButton.connect("clicked(bool)",

@@ -20,6 +20,7 @@ from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.terminology import CONTEXT_NAME, tag_string  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
+from DSDSegmentationLib.bridge.terminology import load_terminology_context, loaded_terminology_names  # noqa: E402
 
 
 @pytest.fixture
@@ -48,7 +49,9 @@ def check_terminology(seg, preset: dict) -> None:
     """Every segment carries the card's codes, and Slicer's Terminologies logic, with the shipped custom context
     loaded, resolves each tag to that context's entry whose recommended colour is the segment's colour."""
     terms = slicer.vtkSlicerTerminologiesModuleLogic()
-    assert SegmentationBridge.load_terminology_context(terms) == CONTEXT_NAME
+    assert load_terminology_context(terms) == CONTEXT_NAME
+    assert load_terminology_context(terms) == CONTEXT_NAME  # the panel's second call (after startup's) loads nothing
+    assert loaded_terminology_names(terms).count(CONTEXT_NAME) == 1
     segmentation = seg.GetSegmentation()
     for value, entry in preset["terminology"].items():
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(preset["labels"][value]))

@@ -21,7 +21,7 @@ import vtk
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
 from ..engine.terminology import CONTEXT_NAME, tag_string
-from .terminology import get_segment_terminology, loaded_terminology_names, set_segment_terminology
+from .terminology import get_segment_terminology, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
 def _entry_from_tag(tag: str) -> dict[str, str] | None:
@@ -512,19 +512,6 @@ class SegmentationBridge:
         parent = sh.GetItemParent(ref_item) if ref_item else sh.GetSceneItemID()
         item = sh.GetItemByDataNode(node) or sh.CreateItem(parent, node)  # headless scenes make no items by themselves
         sh.SetItemParent(item, parent)
-
-    @staticmethod
-    def load_terminology_context(terminologies_logic: Any) -> str:
-        """Load the project's custom terminology context into Slicer's Terminologies logic (once)."""
-        from ..engine.cards import resources_dir
-
-        if CONTEXT_NAME in loaded_terminology_names(terminologies_logic):
-            return CONTEXT_NAME
-        path = resources_dir() / "Terminology" / "DSDSegmentation.term.json"
-        name = terminologies_logic.LoadTerminologyFromFile(str(path))
-        if name != CONTEXT_NAME:
-            raise InputError(f"could not load the terminology context {path}")
-        return name
 
     @staticmethod
     def apply_terminology(segmentation_node: Any, preset: dict[str, Any]) -> None:

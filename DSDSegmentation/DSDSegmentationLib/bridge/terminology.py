@@ -30,3 +30,20 @@ def loaded_terminology_names(terminologies_logic: Any) -> list[str]:
     names = vtk.vtkStringArray()
     terminologies_logic.GetLoadedTerminologyNames(names)
     return [names.GetValue(i) for i in range(names.GetNumberOfValues())]
+
+
+def load_terminology_context(terminologies_logic: Any) -> str:
+    """Load the project's custom terminology context (every segment type our models produce, with its codes and
+    colours) into Slicer's Terminologies logic once; returns its name. Called when Slicer's startup completes and
+    again when the panel opens (a module loaded after startup never sees ``startupCompleted``)."""
+    from ..engine.cards import resources_dir
+    from ..engine.errors import InputError
+    from ..engine.terminology import CONTEXT_NAME
+
+    if CONTEXT_NAME in loaded_terminology_names(terminologies_logic):
+        return CONTEXT_NAME
+    path = resources_dir() / "Terminology" / "DSDSegmentation.term.json"
+    name = terminologies_logic.LoadTerminologyFromFile(str(path))
+    if name != CONTEXT_NAME:
+        raise InputError(f"could not load the terminology context {path}")
+    return name
