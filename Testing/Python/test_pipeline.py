@@ -33,7 +33,7 @@ def run_cli(*args: str) -> int:
 @pytest.fixture(scope="module")
 def trained_run(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "hippo"
-    assert run_cli("train", "--data", hippocampus_dir, "--output", out, "--epochs", "2", *TRAIN) == 0
+    assert run_cli("train", "--data", hippocampus_dir, "--output", out, "--epochs", "2", "--dsd", "dsd", *TRAIN) == 0
     return out
 
 
@@ -95,6 +95,23 @@ def test_resume_after_kill_continues_the_same_run(hippocampus_dir: Path, tmp_pat
         assert a["lr"] == pytest.approx(b["lr"])
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4)
     assert "resumed from epoch" in (run / "log.txt").read_text()
+
+
+def test_default_terms_plain_for_a_new_run_and_a_resumed_run_keeps_its_own(hippocampus_dir: Path, tmp_path: Path) -> None:
+    """Without --dsd a new run trains plain (the study's evidence, training.DEFAULT_DSD) and a resumed run keeps the
+    terms it was started with, also one started with full DSD before the default changed."""
+    from DSDSegmentationLib.engine.training import DEFAULT_DSD, TrainConfig, Trainer
+
+    assert DEFAULT_DSD == "plain"
+    new = Trainer(TrainConfig(task="hippocampus", data=str(hippocampus_dir), output=str(tmp_path / "new")))
+    assert new.cfg.dsd == "plain" and not new.dsd_config.deep_supervision and not new.dsd_config.encoder_kl
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"task": "hippocampus", "dsd": "dsd"}))
+    resumed = Trainer(TrainConfig(task="hippocampus", data=str(hippocampus_dir), output=str(old)), resume=True)
+    assert resumed.cfg.dsd == "dsd" and resumed.dsd_config.deep_supervision and resumed.dsd_config.encoder_kl
+    explicit = Trainer(TrainConfig(task="hippocampus", data=str(hippocampus_dir), output=str(old), dsd="ds"), resume=True)
+    assert explicit.cfg.dsd == "ds"  # and _prepare_run_folder refuses it: settings ['dsd'] differ
 
 
 def test_precision_bf16_autocasts_the_steps_and_a_resumed_run_keeps_or_switches_it(

@@ -55,9 +55,9 @@ def test_two_sequence_model_initialised_from_the_four_sequence_one(tmp_path: Pat
     data = find_shared_data() / "BraTS2018_2mm"
     common = ["--data", str(data), "--epochs", "1", "--max-cases", "6", "--max-steps", "1", "--progress", "none",
               "--device", "cpu"]
-    assert cli_main(["train", "--task", "brain_tumour", "--output", str(tmp_path / "four"), *common]) == 0
+    assert cli_main(["train", "--task", "brain_tumour", "--output", str(tmp_path / "four"), "--dsd", "dsd", *common]) == 0
     assert cli_main(["train", "--task", "brain_tumour_2seq", "--output", str(tmp_path / "two"), "--init-from",
-                str(tmp_path / "four"), "--epochs", "1", *common[:2], *common[4:], "--lr", "1e-12"]) == 0
+                str(tmp_path / "four"), "--dsd", "dsd", "--epochs", "1", *common[:2], *common[4:], "--lr", "1e-12"]) == 0
     log = (tmp_path / "two" / "log.txt").read_text()
     assert "initialised from channels [0, 2]" in log and "warning" not in log  # same split: no overlap
     base, new = load_model(tmp_path / "four" / "last.pt"), load_model(tmp_path / "two" / "last.pt")
