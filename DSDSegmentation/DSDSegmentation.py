@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -441,7 +442,8 @@ class DSDSegmentationLogic(ScriptedLoadableModuleLogic):
             return True
         if not slicer.util.confirmOkCancelDisplay(deps.describe(actions)):
             return False
-        slicer.util.pip_install([a.requirement for a in actions])
+        with tempfile.TemporaryDirectory(prefix="dsdseg-pip-") as folder:
+            slicer.util.pip_install(deps.install_arguments(actions, folder))
         if any(a.imported for a in actions):
             slicer.util.infoDisplay(_("Please restart Slicer to use the updated packages."))
             return False

@@ -160,6 +160,41 @@ def test_dependency_plan() -> None:
     assert deps.slicer_version_problem(5, 10, (3, 12)) is None
 
 
+def test_install_pins_slicers_own_packages(tmp_path: Path) -> None:
+    """The consented install passes pip a constraints file with Slicer's own packages at their installed versions;
+    real pip reads it, accepts the environment as it is, and refuses a requirement that would replace numpy."""
+    import importlib.metadata as md
+    import subprocess
+    import sys
+
+    from DSDSegmentationLib.bridge import dependencies as deps
+
+    actions = deps.plan(["monai==1.6.1", "tqdm>=4.66"], {"monai": "1.5.0"}.get, modules={})
+    args = deps.install_arguments(actions, tmp_path)
+    assert args[0] == "--constraint" and args[2:] == ["monai==1.6.1", "tqdm>=4.66"]
+    pins = [ln for ln in Path(args[1]).read_text().splitlines() if not ln.startswith("#")]
+    numpy = md.version("numpy")
+    assert f"numpy=={numpy}" in pins and f"torch=={md.version('torch')}" in pins
+    assert all(p.split("==")[0] in deps.PINNED_DURING_INSTALL for p in pins)
+    # a local index with a "newer numpy" (a metadata-only wheel): without the constraints pip would take it
+    import zipfile
+
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "numpy-999.0-py3-none-any.whl", "w") as z:
+        z.writestr("numpy-999.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: numpy\nVersion: 999.0\n")
+        z.writestr("numpy-999.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("numpy-999.0.dist-info/RECORD", "")
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--find-links", str(index),
+           "--disable-pip-version-check"]
+    free = subprocess.run([*pip, "numpy>=999"], capture_output=True, text=True)
+    assert free.returncode == 0 and "numpy-999.0" in free.stdout, free.stdout + free.stderr
+    pinned = subprocess.run([*pip, *args[:2], "numpy>=999"], capture_output=True, text=True)
+    assert pinned.returncode != 0 and f"numpy=={numpy}" in pinned.stdout + pinned.stderr, pinned.stdout + pinned.stderr
+    same = subprocess.run([*pip, *args[:2], f"numpy=={numpy}"], capture_output=True, text=True)
+    assert same.returncode == 0, same.stderr
+
+
 def test_supported_slicer_is_declared() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "Slicer 5.10" in readme and "Extensions Manager" in readme

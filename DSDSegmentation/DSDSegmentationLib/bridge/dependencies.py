@@ -11,6 +11,7 @@ import importlib.metadata as md
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 try:
@@ -25,6 +26,9 @@ TORCH_REQUIREMENT = ">=2.8"
 # Slicer ships these and its own code depends on them: the extension never installs or replaces them
 SLICER_OWNED = frozenset({"numpy", "simpleitk", "vtk", "requests", "torch", "torchvision", "pip", "setuptools", "qt",
                           "ctk", "slicer"})
+# pinned at their installed versions while pip installs ours: a dependency that would need another version of one of
+# them (e.g. a scipy wanting a newer numpy) makes pip stop with a conflict instead of replacing Slicer's copy
+PINNED_DURING_INSTALL = ("numpy", "SimpleITK", "vtk", "requests", "torch", "torchvision")
 MIN_SLICER = (5, 10)
 MIN_PYTHON = (3, 10)
 
@@ -76,6 +80,18 @@ def plan(requirements: Iterable[str], version_of: Callable[[str], str | None] = 
             actions.append(Action(text, req.name, have, f"installed {have} does not satisfy {req.specifier}",
                                   module in modules))
     return actions
+
+
+def install_arguments(actions: list[Action], folder: str | Path,
+                      version_of: Callable[[str], str | None] = installed_version) -> list[str]:
+    """``pip install`` arguments for ``actions`` (``slicer.util.pip_install`` takes the list): the requirements, and
+    a constraints file written into ``folder`` that holds every package of Slicer's own (and torch) at the version
+    installed now, so that pip can never upgrade or downgrade them as a dependency of ours."""
+    pins = [f"{name}=={version_of(name)}" for name in PINNED_DURING_INSTALL if version_of(name)]
+    constraints = Path(folder) / "slicer-constraints.txt"
+    constraints.write_text("# Slicer's own packages, as installed: never replaced by DSDSegmentation\n"
+                           + "".join(f"{p}\n" for p in pins), encoding="utf-8")
+    return ["--constraint", str(constraints), *(a.requirement for a in actions)]
 
 
 def torch_problem(version_of: Callable[[str], str | None] = installed_version) -> str | None:
