@@ -206,6 +206,10 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
      r"--overlap must be in \[0, 1\)"),
     ("overlap -0.1", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--overlap", "-0.1"), 2,
      r"--overlap must be in \[0, 1\)"),
+    ("qa worst 0", lambda w: ["qa", lab(w), lab(w), "--labels", "hippocampus", "--output", str(w / "q"), "--worst", "0"],
+     2, r"--worst: .*must be at least 1, got 0"),
+    ("qa tolerance -1", lambda w: ["qa", lab(w), lab(w), "--labels", "hippocampus", "--output", str(w / "q"),
+                                   "--tolerance", "-1"], 2, r"--tolerance: .*must be a positive number, got -1"),
     ("sw batch 0", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--sw-batch-size", "0"), 2,
      "must be at least 1"),
     # multi-sequence inputs (the shipped tumour model)
