@@ -53,10 +53,10 @@ def _cmd_terminology(args: argparse.Namespace) -> int:
 
     text = json.dumps(build_context(load_preset(n) for n in (args.preset or builtin_presets())), indent=2) + "\n"
     if args.output:
+        from ..engine.outputs import atomic_write_text
+
         out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(out, text)
         print(f"wrote {out}")
     else:
         sys.stdout.write(text)
