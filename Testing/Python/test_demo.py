@@ -10,7 +10,8 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
-from DSDSegmentationLib.bridge.demo import default_model, default_sample, run_demo  # noqa: E402
+from DSDSegmentationLib.bridge.demo import MARKER, claim_output_folder, default_model, default_sample, main, run_demo  # noqa: E402
+from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.data import list_cases  # noqa: E402
 from DSDSegmentationLib.engine.terminology import tag_string  # noqa: E402
@@ -50,6 +51,8 @@ def test_demo_writes_segmentations_scene_renders_and_metrics(tmp_path: Path) -> 
     scene, app, _ = setup_headless()
     assert read_mrb(scene, app, out / "demo_scene.mrb", tmp_path / "cache")
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 3
+    assert (out / MARKER).is_file()
+    claim_output_folder(out)  # a second demo into this folder may replace these results
     segs = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
     assert len(segs) == 6
     model_seg = next(s for s in segs if s.GetName() == "hippocampus_015 DSD segmentation")
@@ -58,3 +61,18 @@ def test_demo_writes_segmentations_scene_renders_and_metrics(tmp_path: Path) -> 
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(card["preset"]["labels"][value]))
         assert segment.GetTerminology() == tag_string(entry)
     scene.Clear(1)
+
+
+def test_demo_never_writes_into_a_folder_of_the_users(tmp_path: Path) -> None:
+    """A non-empty --output that an earlier demo did not write is refused before any work, every file unchanged."""
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("my own metrics")
+    with pytest.raises(InputError, match="holds files that an earlier demo did not write"):
+        run_demo(mine)
+    assert [p.name for p in mine.iterdir()] == ["metrics.json"] and (mine / "metrics.json").read_text() == "my own metrics"
+    assert main(["--output", str(mine / "metrics.json")]) == 2
+    # a demo folder of a version before the marker (its demo.json report) is the demo's own
+    (mine / "demo.json").write_text(json.dumps({"model": "m", "sample": "s", "cases": [], "scene": "x.mrb"}))
+    claim_output_folder(mine)
+    assert (mine / MARKER).is_file()

@@ -19,7 +19,7 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 from ..engine.cards import read_model_card, resources_dir  # noqa: E402
 from ..engine.data import list_cases  # noqa: E402
-from ..engine.errors import DSDError  # noqa: E402
+from ..engine.errors import DSDError, InputError  # noqa: E402
 from ..engine.metrics import evaluate_files, format_summary, write_reports  # noqa: E402
 
 
@@ -29,6 +29,30 @@ def default_model() -> Path:
 
 def default_sample() -> Path:
     return resources_dir() / "SampleData" / "Hippocampus"
+
+
+MARKER = ".dsdseg-demo"  # written first into the output folder: the demo may replace what an earlier demo wrote there
+
+
+def _earlier_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"model", "sample", "cases", "scene"} <= report.keys()
+
+
+def claim_output_folder(out: Path) -> None:
+    """The demo writes into a new or empty folder, or over an earlier demo's results (its marker file); a folder
+    with anything else in it is refused before any work, so no file of the user's is replaced."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file; the demo needs a folder")
+    earlier = (out / MARKER).is_file() or _earlier_report(out / "demo.json")  # demo.json: demos before the marker
+    if out.is_dir() and any(out.iterdir()) and not earlier:
+        raise InputError(f"--output {out} holds files that an earlier demo did not write; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by DSDSegmentationLib.bridge.demo; the demo may replace this folder's results\n",
+                              encoding="utf-8")
 
 
 def run_demo(output: str | Path, model: str | Path | None = None, sample: str | Path | None = None,
@@ -47,6 +71,7 @@ def run_demo(output: str | Path, model: str | Path | None = None, sample: str | 
     card = read_model_card(model)
     preset = card["preset"]
     cases = list_cases(sample)
+    claim_output_folder(out)
     for sub in ("segmentations", "labels", "renders"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     scene, app, _mods = setup_headless()
