@@ -211,6 +211,13 @@ class Trainer:
             config.dsd = (json.loads(saved.read_text(encoding="utf-8")).get("dsd") if resume and saved.is_file()
                           else None) or DEFAULT_DSD
         self.dsd_config = DSDConfig.preset(config.dsd, **config.dsd_overrides)
+        kl = self.dsd_config.decoder_kl or self.dsd_config.encoder_kl
+        unused = [k for k in config.dsd_overrides if (k in ("temperature", "kl_weight", "detach_teacher") and not kl)
+                  or (k == "upsample" and self.dsd_config.is_plain)]
+        if unused:  # e.g. --temperature with the plain default: refused rather than silently without effect
+            names = ", ".join("--" + k.replace("_", "-") for k in unused)
+            what = "these change" if len(unused) > 1 else "this changes"
+            raise ConfigError(f"{names}: the '{config.dsd}' terms have nothing {what}; add --dsd dsd")
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best = -1.0
