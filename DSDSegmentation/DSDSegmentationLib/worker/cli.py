@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt")
     t.add_argument("--dsd", choices=["plain", "ds", "decoder", "encoder", "dsd"],
                    help="which DSD terms (default plain; a resumed run keeps its own). In our study full DSD trained "
-                        "worse than plain with few cases (-0.5 to -0.6 Dice points, p = 0.002) and no better "
+                        "worse than plain with few cases (-0.5 Dice points, p = 0.002) and no better "
                         "elsewhere; --dsd dsd trains the method (README, 'DSD vs plain on our data')")
     t.add_argument("--temperature", type=float)
     t.add_argument("--kl-weight", type=float)
