@@ -52,7 +52,8 @@ from DSDSegmentationLib.engine.cards import builtin_models_dir  # noqa: E402
 from DSDSegmentationLib.engine.data import list_cases  # noqa: E402
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.engine.tasks import load_preset  # noqa: E402
-from DSDSegmentationLib.engine.training import TrainConfig, Trainer, atomic_write_text  # noqa: E402
+from DSDSegmentationLib.engine.outputs import atomic_write_text  # noqa: E402
+from DSDSegmentationLib.engine.training import TrainConfig, Trainer  # noqa: E402
 
 RUN_JSON = ("config.json", "history.json", "split.json")
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB

@@ -231,7 +231,7 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, epochs: int
         package = export_package(out, store / model_id, extra)
         done = {"model_id": model_id, "package": str(package), "before": before, "after": after, "run": str(out),
                 "stopped_early": result.get("stopped_early", False)}
-        from .training import atomic_write_text
+        from .outputs import atomic_write_text
 
         atomic_write_text(out / REGISTERED, json.dumps(done, indent=2))
     progress.log(f"registered {model_id} in {store}: held-out Dice {before['mean_dice']:.4f} (base) -> "

@@ -26,7 +26,7 @@ from .config import DSDConfig, NetworkConfig
 from .data import Case, dataset_labels, list_cases, split_by_patient, validate_case
 from .errors import ConfigError, InputError
 from .losses import DSDLoss
-from .outputs import apply_umask, atomic_write_text  # noqa: F401  (atomic_write_text: also used from here)
+from .outputs import apply_umask, atomic_write_text
 from .networks import DSDNet
 from .progress import Progress
 from .tasks import TaskPreset, load_preset
