@@ -132,6 +132,8 @@ def test_precision_bf16_autocasts_the_steps_and_a_resumed_run_keeps_or_switches_
             return out
 
     monkeypatch.setattr(training, "DSDNet", Recording)
+    # (this CPU's bf16 convolutions may fail the check before the first step: that is tested below)
+    monkeypatch.setattr(training, "bf16_convolution_error", lambda model, x: (0.0, ""))
     run = tmp_path / "bf16"
     assert run_cli("train", "--data", hippocampus_dir, "--output", run, "--epochs", "1", "--precision", "bf16",
                    *TRAIN[:4], "--max-steps", "1", "--progress", "none") == 0
@@ -157,6 +159,107 @@ def test_precision_bf16_autocasts_the_steps_and_a_resumed_run_keeps_or_switches_
     assert training.resolve_precision("auto", torch.device("cpu")) == "fp32"  # emulated bf16 would be slower
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
     assert training.resolve_precision("auto", torch.device("cpu")) == "bf16"
+
+
+class _WrongGradient(torch.autograd.Function):
+    """Identity forward; a garbage backward, as oneDNN's bf16 weight gradient was for inputs 2 voxels deep."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1e6 + 1.0
+
+
+class FaultyBf16Conv(torch.nn.Conv3d):
+    """A convolution whose weight gradient is wrong under autocast only."""
+
+    def forward(self, x):
+        w = _WrongGradient.apply(self.weight) if torch.is_autocast_enabled(x.device.type) else self.weight
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_bf16_check_finds_a_wrong_convolution_and_passes_right_ones() -> None:
+    """Each convolution at its own input shape, bf16 against fp32: a wrong weight gradient is found and named
+    with its shape; right layers pass; the model is left as it was. And on this CPU, the check agrees with a
+    direct comparison at the shape where oneDNN's fault was seen (3x3x3, input 2 voxels deep)."""
+    from DSDSegmentationLib.engine.training import BF16_CONV_TOLERANCE, bf16_convolution_error
+
+    torch.manual_seed(0)
+    right = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 4, 3, padding=1))
+    err, _ = bf16_convolution_error(right, torch.zeros(1, 1, 4, 5, 6))
+    assert err < BF16_CONV_TOLERANCE
+    faulty = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), FaultyBf16Conv(4, 4, 3, padding=1))
+    before = {k: v.clone() for k, v in faulty.state_dict().items()}
+    err, where = bf16_convolution_error(faulty, torch.zeros(1, 1, 4, 5, 6))
+    assert err > 100 and where == "2 (input 4x5x6)"
+    assert all(torch.equal(before[k], v) for k, v in faulty.state_dict().items())
+    assert all(p.grad is None for p in faulty.parameters())
+
+    conv = torch.nn.Conv3d(8, 16, 3, padding=1)
+    x = torch.randn(1, 8, 2, 3, 2)
+    grads = []
+    for bf16 in (True, False):
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x)
+        y.float().sum().backward()
+        grads.append(conv.weight.grad.clone())
+    direct = float(torch.linalg.vector_norm(grads[0] - grads[1]) / torch.linalg.vector_norm(grads[1]))
+    direct_wrong = not direct <= BF16_CONV_TOLERANCE
+    assert (bf16_convolution_error(conv, torch.zeros(1, 8, 2, 3, 2))[0] > BF16_CONV_TOLERANCE) == direct_wrong
+
+
+def test_wrong_bf16_falls_back_to_fp32_when_automatic_and_is_refused_when_asked(
+        hippocampus_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from DSDSegmentationLib.engine import training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)  # auto would pick bf16
+    monkeypatch.setattr(training, "bf16_convolution_error", lambda model, x: (math.inf, "backbone.down_4 (input 2x3x2)"))
+    run = tmp_path / "auto"
+    assert run_cli("train", "--data", hippocampus_dir, "--output", run, "--epochs", "1", *TRAIN[:4],
+                   "--max-steps", "1", "--progress", "none") == 0
+    log = (run / "log.txt").read_text()
+    assert ("bf16 is wrong on this cpu: the convolution backbone.down_4 (input 2x3x2) differs from fp32 by inf"
+            in log and "training in fp32 instead" in log)
+    assert json.loads((run / "config.json").read_text())["resolved"]["precision"] == "fp32"
+    assert _history(run)[0]["precision"] == "fp32"
+    assert run_cli("train", "--data", hippocampus_dir, "--output", tmp_path / "asked", "--epochs", "1",
+                   "--precision", "bf16", *TRAIN[:4], "--max-steps", "1", "--progress", "none") == 2
+    err = capsys.readouterr().err
+    assert "precision bf16: bf16 is wrong on this cpu" in err and "--precision fp32" in err
+    assert not (tmp_path / "asked" / "last.pt").exists()
+
+
+def test_a_step_with_non_finite_gradients_is_refused_before_the_weights_change(
+        hippocampus_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A finite loss with inf / nan gradients (what wrong bf16 kernels produced) stops the run before the
+    optimiser step: the checkpoint of the last epoch stays finite and the error says where."""
+    from DSDSegmentationLib.engine import training
+
+    calls = []
+    forward = training.training_forward
+
+    def poisoned(net, x, precision):
+        out = forward(net, x, precision)
+        calls.append(1)
+        if len(calls) == 2:
+            main = out.main if hasattr(out, "main") else out
+            main.register_hook(lambda g: g * float("nan"))
+        return out
+
+    monkeypatch.setattr(training, "training_forward", poisoned)
+    run = tmp_path / "nan"
+    cfg = training.TrainConfig(task="hippocampus", data=str(hippocampus_dir), output=str(run), max_cases=8,
+                               epochs=2, max_steps_per_epoch=1, val_every=1, precision="fp32")
+    with pytest.raises(RuntimeError, match=r"non-finite gradients at epoch 2 step 1 \(precision fp32\); the weights "
+                                           r"were not updated; resume from last.pt"):
+        training.Trainer(cfg).fit()
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_resume_needs_a_checkpoint(tmp_path: Path, hippocampus_dir: Path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -133,7 +134,8 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     """The arithmetic a training step runs in: ``fp32``, ``bf16`` (autocast, no loss scaling) or ``fp16`` (autocast
     with loss scaling, CUDA only). ``auto``: fp16 on CUDA, bf16 on a CPU with native bf16 (about 1.7-2x faster per
     step on this project's AMX CPU, measured in Testing/Benchmarks/bench_precision.py), fp32 otherwise. The loss,
-    the optimiser and validation always run in fp32."""
+    the optimiser and validation always run in fp32. A bf16 run is checked once more against the network itself
+    before its first step (``Trainer._check_bf16``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if not amp or precision == "fp32":
@@ -149,6 +151,61 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
         raise ConfigError(f"precision bf16 is not supported on {device.type}; use fp32")
     return precision
+
+
+# a convolution's output and gradients under bf16 autocast differ from fp32 by about 0.003 (relative norm); the oneDNN
+# fault this guards against gives 1 or more, or inf / nan
+BF16_CONV_TOLERANCE = 0.05
+
+
+def bf16_convolution_error(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, str]:
+    """Every convolution of ``model`` at the input shape it gets from ``x``, run alone on random data under bf16
+    autocast and in fp32: the largest relative difference ``|bf16 - fp32| / |fp32|`` of its output, input gradient
+    and weight gradient (non-finite counts as infinite), and where (module name and input shape). The model itself
+    is not changed (a copy is run).
+
+    Why: on some CPUs (seen on an AMD EPYC with AVX512-BF16 and no AMX, torch 2.13.0) oneDNN computes the weight
+    gradient of a 3x3x3 convolution whose input is 2 voxels deep as garbage (relative error 1 to 1e12, or nan), so
+    a network whose deepest stage has depth 2 (BasicUNet on the hippocampus patch) trains on wrong gradients or
+    diverges; the same layers are right on a CPU with AMX. Each layer is checked on its own because through a whole
+    network bf16 rounding alone moves some gradients by tens of percent."""
+    shapes: dict[str, tuple[torch.nn.Module, tuple[int, ...]]] = {}
+
+    def remember(name: str):
+        def hook(mod: torch.nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, (mod, tuple(args[0].shape)))
+        return hook
+
+    probe = copy.deepcopy(model)  # (a forward in training mode would update e.g. batch-norm statistics)
+    probe.requires_grad_(True)  # frozen layers too
+    for name, m in probe.named_modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            m.register_forward_pre_hook(remember(name))
+    with torch.no_grad():
+        probe(x)
+    gen = torch.Generator().manual_seed(0)
+    worst, where, seen = 0.0, "", set()
+    for name, (mod, shape) in shapes.items():
+        key = (repr(mod), shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        layer = mod.float()
+        inp = torch.randn(shape, generator=gen).to(x.device)
+        results = []
+        for bf16 in (True, False):
+            layer.zero_grad(set_to_none=True)
+            xi = inp.clone().requires_grad_(True)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = layer(xi)
+            out.float().backward(torch.ones_like(out, dtype=torch.float32))
+            results.append((out.detach().float(), xi.grad, layer.weight.grad))
+        for a, b in zip(*results):
+            scale = float(torch.linalg.vector_norm(b))
+            err = float(torch.linalg.vector_norm(a - b)) / scale if bool(torch.isfinite(a).all()) and scale else math.inf
+            if not err <= worst:  # nan counts as worst too
+                worst, where = (math.inf if math.isnan(err) else err), f"{name} (input {'x'.join(map(str, shape[2:]))})"
+    return worst, where
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -346,6 +403,35 @@ class Trainer:
                 saved.setdefault("resolved", {})["precision"] = self.precision
                 atomic_write_text(self.out / "config.json", json.dumps(saved, indent=2))
 
+    def _check_bf16(self, model: DSDNet) -> None:
+        """Before the first bf16 step: each convolution of the network at the run's patch shape under bf16 against
+        fp32 (``bf16_convolution_error``). Wrong results switch an automatic choice to fp32, with a line in log.txt
+        and config.json updated; an explicit ``precision="bf16"`` is refused."""
+        x = torch.zeros((1, len(self.preset.channels), *self.preset.patch_size), device=self.device)
+        err, where = bf16_convolution_error(model, x)
+        if err <= BF16_CONV_TOLERANCE:
+            return
+        found = (f"bf16 is wrong on this {self.device.type}: the convolution {where} differs from fp32 by {err:.3g} "
+                 f"(relative; rounding gives about 0.003)")
+        if self.cfg.precision == "bf16":
+            raise ConfigError(f"precision bf16: {found}; train with --precision fp32 (or auto, which checks this)")
+        self.precision = "fp32"
+        self._log(f"{found}; training in fp32 instead")
+        if _rank() == 0:
+            cfg_path = self.out / "config.json"
+            saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+            saved.setdefault("resolved", {})["precision"] = "fp32"
+            atomic_write_text(cfg_path, json.dumps(saved, indent=2))
+
+    def _check_gradients(self, model: DSDNet, epoch: int, step: int) -> None:
+        """A step with inf / nan gradients is refused before the optimiser applies it, so the weights (and last.pt,
+        written at the end of an epoch) stay as they were."""
+        norms = [torch.linalg.vector_norm(p.grad.detach()) for p in model.parameters() if p.grad is not None]
+        if norms and not bool(torch.isfinite(torch.stack(norms).sum())):
+            raise RuntimeError(f"non-finite gradients at epoch {epoch + 1} step {step + 1} (precision {self.precision});"
+                               f" the weights were not updated; resume from last.pt"
+                               f"{' with --precision fp32' if self.precision == 'bf16' else ''}")
+
     # ------------------------------------------------------------------------------------------------ run
     def fit(self) -> dict[str, Any]:
         try:
@@ -383,6 +469,9 @@ class Trainer:
             frozen = self._freeze_encoder(model)
             self._log(f"encoder frozen: {frozen} parameters in {', '.join(t.module for t in model.spec.taps() if t.role == 'enc')}")
         model = model.to(self.device)
+        loss_fn = DSDLoss(self.dsd_config)
+        if self.precision == "bf16":
+            self._check_bf16(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.lr,
                                 weight_decay=self.cfg.weight_decay)
         steps_per_epoch = len(loader) if not self.cfg.max_steps_per_epoch else min(len(loader), self.cfg.max_steps_per_epoch)
@@ -393,7 +482,6 @@ class Trainer:
         net: torch.nn.Module = model
         if _world() > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        loss_fn = DSDLoss(self.dsd_config)
         self._log(f"training {self.preset.name}: {len(train_cases)} train / {len(val_cases)} val cases, "
                   f"{self.net_config.backbone} {self.dsd_config_name()}, {self.epochs} epochs x {steps_per_epoch} steps, "
                   f"device {self.device}, precision {self.precision}, world size {_world()}, params {model.num_parameters()}")
@@ -416,6 +504,8 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {loss_fn.last_terms}")
                 scaler.scale(loss).backward()
+                if self.precision != "fp16":  # (fp16: the grad scaler skips steps with inf / nan gradients itself)
+                    self._check_gradients(model, epoch, step)
                 scaler.step(opt)
                 scaler.update()
                 for k, v in loss_fn.last_terms.items():

@@ -478,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     def precision_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="arithmetic of the training steps: auto = fp16 mixed precision on CUDA, bf16 on a CPU "
-                             "with native bf16 (AMX / AVX512-BF16), else fp32; loss, optimiser and validation stay "
-                             "fp32; a resumed run keeps its own unless this is given")
+                             "with native bf16 (AMX / AVX512-BF16) whose bf16 convolutions pass a check against fp32 at the "
+                             "network's shapes, else fp32; loss, optimiser and validation stay fp32; a resumed run "
+                             "keeps its own unless this is given")
 
     sub.add_parser("backbones", help="list the backbones and their DSD taps").set_defaults(func=_cmd_backbones)
     sub.add_parser("presets", help="list the built-in task presets").set_defaults(func=_cmd_presets)
