@@ -39,6 +39,9 @@ from DSDSegmentationLib.engine.metrics import evaluate_files
 from DSDSegmentationLib.engine.tasks import load_preset
 from DSDSegmentationLib.engine.training import TrainConfig, Trainer, resolve_precision
 
+# every finished run's result.json is also kept here, in the repository (a few kB each): the run folders live outside the
+# work tree (~/dsdseg-runs) on a machine that is not always kept between sessions, and the tables must not depend on it
+ARCHIVE = Path(__file__).resolve().parent / "results" / "dsd-study"
 DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2018_2mm"}
 BACKBONE_OPTIONS = {"basicunet": {}, "dynunet": {"filters": [8, 16, 32, 64, 128]}}
 
@@ -46,7 +49,10 @@ BACKBONE_OPTIONS = {"basicunet": {}, "dynunet": {"filters": [8, 16, 32, 64, 128]
 def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, steps: int, out: Path,
             precision: str = "fp32") -> dict:
     if (out / "result.json").is_file():
+        keep(out)
         return json.loads((out / "result.json").read_text())
+    if archived(out).is_file():
+        return json.loads(archived(out).read_text())
     preset = load_preset(task)
     data = find_shared_data() / DATASETS[task]
     # steps per epoch at this fraction: training patients / batch size (each volume gives samples_per_volume
@@ -85,7 +91,28 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
               "epochs": cfg.epochs, "precision": precision,
               "train_cases": len(split["train"]), "dice": dice, "mean": float(np.mean(list(dice.values())))}
     (out / "result.json").write_text(json.dumps(result, indent=1))
+    keep(out)
     return result
+
+
+def archived(out: Path) -> Path:
+    """Where the repository keeps the result of the run in ``out`` (same task/backbone/budget/share/arm_seed)."""
+    return ARCHIVE.joinpath(*out.parts[-5:-1], out.parts[-1] + ".json")
+
+
+def keep(out: Path) -> None:
+    target = archived(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_file():
+        shutil.copyfile(out / "result.json", target)
+
+
+def load_result(out: Path) -> dict | None:
+    """A finished run's result: its folder's result.json, else the repository's copy."""
+    for p in (out / "result.json", archived(out)):
+        if p.is_file():
+            return json.loads(p.read_text())
+    return None
 
 
 def run_dir(root: Path, task: str, backbone: str, steps: int, fraction: float, arm: str, seed: int,
@@ -105,8 +132,8 @@ def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int,
         print("| training share | " + " | ".join(arms) + " | dsd − plain (paired) | ds − plain (paired) |")
         print("|---:|" + "---:|" * (len(arms) + 2))
         for f in fractions:
-            res = {a: [json.loads(p.read_text()) for s in seeds
-                       if (p := run_dir(root, task, backbone, steps, f, a, s, precision) / "result.json").is_file()]
+            res = {a: [r for s in seeds
+                       if (r := load_result(run_dir(root, task, backbone, steps, f, a, s, precision))) is not None]
                    for a in arms}
             cells = []
             for a in arms:
@@ -128,9 +155,8 @@ def precision_check(root: Path, task: str, backbone: str, arms, seeds, fractions
     for f in fractions:
         for a in arms:
             for s in seeds:
-                pa, pb = (run_dir(root, task, backbone, steps, f, a, s, p) / "result.json" for p in (precision, "fp32"))
-                if pa.is_file() and pb.is_file():
-                    ra, rb = json.loads(pa.read_text()), json.loads(pb.read_text())
+                ra, rb = (load_result(run_dir(root, task, backbone, steps, f, a, s, p)) for p in (precision, "fp32"))
+                if ra is not None and rb is not None:
                     rows.append(f"| {f:g} | {a} | {s} | {rb['mean']:.4f} | {ra['mean']:.4f} | "
                                 f"{paired_difference([ra], [rb], 2)} |")
     if rows:
