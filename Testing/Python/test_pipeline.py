@@ -68,6 +68,34 @@ def test_existing_run_is_not_overwritten(trained_run: Path, hippocampus_dir: Pat
     assert (trained_run / "last.pt").stat().st_mtime_ns == before
 
 
+def test_a_new_run_never_replaces_the_users_files_of_the_same_names(hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    """--output pointed at a folder of the user's holding a log.txt and a config.json of their own: refused before
+    anything is written, the files named and byte for byte unchanged; other files alone do not matter, and the
+    remains of an unfinished run of ours (no last.pt) are taken over."""
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "log.txt").write_text("lab notebook\n")
+    (mine / "config.json").write_text('{"scanner": "3T"}')
+    (mine / "notes.md").write_text("keep")
+    args = ["--data", hippocampus_dir, "--epochs", "1", *TRAIN[:4], "--max-steps", "1", "--progress", "none"]
+    assert run_cli("train", "--output", mine, *args) == 2
+    err = capsys.readouterr().err
+    assert "already holds config.json, log.txt, not from a training run" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "log.txt", "notes.md"]
+    assert (mine / "log.txt").read_text() == "lab notebook\n" and (mine / "config.json").read_text() == '{"scanner": "3T"}'
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.md").write_text("keep")
+    assert run_cli("train", "--output", other, *args) == 0
+    assert (other / "notes.md").read_text() == "keep" and (other / "last.pt").is_file()
+    (other / "last.pt").unlink()  # an unfinished run of ours: a new run may start over there
+    assert run_cli("train", "--output", other, *args) == 0
+    some_file = tmp_path / "some-file"
+    some_file.write_text("x")
+    assert run_cli("train", "--output", some_file, *args) == 2
+    assert "is a file; a training run needs a folder" in capsys.readouterr().err and some_file.read_text() == "x"
+
+
 def _history(run: Path) -> list[dict]:
     return json.loads((run / "history.json").read_text())
 

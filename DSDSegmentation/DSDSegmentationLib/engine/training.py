@@ -153,6 +153,9 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     return precision
 
 
+# what a run writes into its folder (a new run never replaces files of these names that are not its own)
+RUN_FILES = ("config.json", "split.json", "log.txt", "history.json", "curves.png", "best.pt", "last.pt", "ddp_sync.json")
+
 # a convolution's output and gradients under bf16 autocast differ from fp32 by about 0.003 (relative norm); the oneDNN
 # fault this guards against gives 1 or more, or inf / nan
 BF16_CONV_TOLERANCE = 0.05
@@ -312,6 +315,25 @@ class Trainer:
         with open(self.out / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
+    def _check_new_run_folder(self) -> None:
+        """A new run writes its files (``RUN_FILES``) into ``self.out``: into a new or empty folder, one with other
+        files, or the remains of an unfinished run of ours (a config.json with our resolved settings, no last.pt,
+        e.g. a run stopped before its first epoch ended). Files of those names that are not ours (the user's own
+        log.txt or config.json) are never replaced or appended to: refused before anything is written."""
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"--output {self.out} is a file; a training run needs a folder")
+        clash = [name for name in RUN_FILES if (self.out / name).exists()]
+        if not clash:
+            return
+        try:
+            saved = json.loads((self.out / "config.json").read_text(encoding="utf-8"))
+            ours = isinstance(saved, dict) and "task" in saved and "resolved" in saved
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise InputError(f"--output {self.out} already holds {', '.join(clash)}, not from a training run of "
+                             f"this extension; choose a new or empty folder (nothing there was changed)")
+
     def _prepare_run_folder(self) -> tuple[list[Case], list[Case]]:
         cfg_path = self.out / "config.json"
         if self.resume:
@@ -329,6 +351,7 @@ class Trainer:
             return [to_case(c) for c in split["train"]], [to_case(c) for c in split["val"]]
         if (self.out / "last.pt").exists():
             raise InputError(f"{self.out} already holds a training run; use --resume or another --output folder")
+        self._check_new_run_folder()
         cases = list_cases(self.cfg.data, self.cfg.max_cases, channels=self.preset.channels)
         declared = dataset_labels(self.cfg.data) if Path(self.cfg.data).is_dir() else None
         if declared and sorted(declared) != sorted(self.preset.labels):
