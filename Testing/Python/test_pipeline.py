@@ -160,16 +160,21 @@ def test_precision_bf16_autocasts_the_steps_and_a_resumed_run_keeps_or_switches_
             return out
 
     monkeypatch.setattr(training, "DSDNet", Recording)
-    # (this CPU's bf16 convolutions may fail the check before the first step: that is tested below)
+    # (this CPU's bf16 convolutions may fail the check before the first step: that is tested below) and a patch whose
+    # deepest stage is 3 voxels deep, not 2, where oneDNN's bf16 weight gradients were garbage on an AVX512-BF16 CPU
     monkeypatch.setattr(training, "bf16_convolution_error", lambda model, x: (0.0, ""))
+    from DSDSegmentationLib.engine.tasks import load_preset
+
+    preset = tmp_path / "hippocampus48.json"
+    preset.write_text(json.dumps({**load_preset("hippocampus").to_dict(), "patch_size": [48, 48, 48]}))
     run = tmp_path / "bf16"
     assert run_cli("train", "--data", hippocampus_dir, "--output", run, "--epochs", "1", "--precision", "bf16",
-                   *TRAIN[:4], "--max-steps", "1", "--progress", "none") == 0
+                   "--task", preset, *TRAIN[2:4], "--max-steps", "1", "--progress", "none") == 0
     assert seen == [(True, torch.bfloat16)]
     assert json.loads((run / "config.json").read_text())["resolved"]["precision"] == "bf16"
     assert _history(run)[0]["precision"] == "bf16" and math.isfinite(_history(run)[0]["loss/total"])
     # resumed: keeps bf16 without being told; an explicit fp32 switches and says so
-    cfg = training.TrainConfig(task="hippocampus", data=str(hippocampus_dir), output=str(run), max_cases=8)
+    cfg = training.TrainConfig(task=str(preset), data=str(hippocampus_dir), output=str(run), max_cases=8)
     kept = training.Trainer(cfg, resume=True)
     kept._prepare_run_folder()
     assert kept.precision == "bf16" and kept.first_log == []

@@ -156,9 +156,10 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
 # what a run writes into its folder (a new run never replaces files of these names that are not its own)
 RUN_FILES = ("config.json", "split.json", "log.txt", "history.json", "curves.png", "best.pt", "last.pt", "ddp_sync.json")
 
-# a convolution's output and gradients under bf16 autocast differ from fp32 by about 0.003 (relative norm); the oneDNN
-# fault this guards against gives 1 or more, or inf / nan
-BF16_CONV_TOLERANCE = 0.05
+# a convolution's output and gradients under bf16 autocast differ from fp32 by about 0.003 (relative norm), up to 0.015
+# seen (a 1-channel input convolution, where the weight gradient is a sum with cancellation); the oneDNN fault this
+# guards against gives 0.96 at the least, mostly 1e12, inf or nan
+BF16_CONV_TOLERANCE = 0.15
 
 
 def bf16_convolution_error(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, str]:
@@ -435,7 +436,7 @@ class Trainer:
         if err <= BF16_CONV_TOLERANCE:
             return
         found = (f"bf16 is wrong on this {self.device.type}: the convolution {where} differs from fp32 by {err:.3g} "
-                 f"(relative; rounding gives about 0.003)")
+                 f"(relative; bf16 rounding gives about 0.003, at most {BF16_CONV_TOLERANCE})")
         if self.cfg.precision == "bf16":
             raise ConfigError(f"precision bf16: {found}; train with --precision fp32 (or auto, which checks this)")
         self.precision = "fp32"
