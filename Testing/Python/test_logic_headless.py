@@ -246,3 +246,65 @@ def test_offscreen_renders_show_the_segments(scene, make_logic, model: Path, hip
         # pixels close to the posterior hippocampus colour (70, 130, 220): bluish, not grey
         blue = (img[:, 2] - img[:, 0] > 60) & (img[:, 2] > 120)
         assert blue.sum() > min_pixels, f"{p.name}: only {blue.sum()} segment-coloured pixels"
+
+
+def test_a_new_result_never_replaces_a_segment_the_user_edited(scene, hippocampus_dir: Path, tmp_path: Path) -> None:
+    """Apply into a segmentation that already holds the model's segments: unchanged results are replaced; one the
+    user edited in the meantime (or made themselves under a model's name) is kept, renamed '<name> (edited)', and
+    the run's notes say so. The mark that tells them apart survives a .seg.nrrd round trip."""
+    from DSDSegmentationLib.bridge.demo import default_model
+    from DSDSegmentationLib.bridge.logic import is_unchanged_result
+    from DSDSegmentationLib.engine.cards import read_model_card
+
+    preset = read_model_card(default_model())["preset"]
+    bridge = SegmentationBridge(scene, warm=False)
+    image, label = (hippocampus_dir / d / "hippocampus_003.nii.gz" for d in ("imagesTr", "labelsTr"))
+    vol = bridge.load_volume(image)
+    truth = np.asanyarray(nib.load(label).dataobj).transpose(2, 1, 0)  # KJI, as slicer.util arrays
+    seg = bridge.import_labelmap(label, vol, preset, show_3d=False)
+    segmentation = seg.GetSegmentation()
+
+    def segment(name):
+        return segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+
+    def voxels(node, name):
+        s = node.GetSegmentation()
+        return slicer.util.arrayFromSegmentBinaryLabelmap(node, s.GetSegmentIdBySegmentName(name), vol)
+
+    def names(node):
+        s = node.GetSegmentation()
+        return sorted(s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments()))
+
+    assert all(is_unchanged_result(segment(n)) for n in ("anterior hippocampus", "posterior hippocampus"))
+    storage = slicer.vtkMRMLSegmentationStorageNode()  # saved and loaded again: still the model's own result
+    storage.SetFileName(str(tmp_path / "result.seg.nrrd"))
+    assert storage.WriteData(seg)
+    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert storage.ReadData(back)
+    assert all(is_unchanged_result(back.GetSegmentation().GetSegment(back.GetSegmentation().GetSegmentIdBySegmentName(n)))
+               for n in ("anterior hippocampus", "posterior hippocampus"))
+
+    notes: list[str] = []
+    bridge.import_labelmap(label, vol, preset, segmentation_node=seg, show_3d=False, notes=notes)
+    assert notes == [] and names(seg) == ["anterior hippocampus", "posterior hippocampus"]
+
+    edited = voxels(seg, "anterior hippocampus")  # the user erases one slice of it in Segment Editor
+    k = int(np.argwhere(edited)[0][0])
+    edited[k] = 0
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, seg, segmentation.GetSegmentIdBySegmentName("anterior hippocampus"), vol)
+    assert not is_unchanged_result(segment("anterior hippocampus")) and is_unchanged_result(segment("posterior hippocampus"))
+    bridge.import_labelmap(label, vol, preset, segmentation_node=seg, show_3d=False, notes=notes)
+    assert names(seg) == ["anterior hippocampus", "anterior hippocampus (edited)", "posterior hippocampus"]
+    assert notes == ["your edited segment 'anterior hippocampus' was kept as 'anterior hippocampus (edited)'"]
+    assert np.array_equal(voxels(seg, "anterior hippocampus (edited)"), edited)
+    assert np.array_equal(voxels(seg, "anterior hippocampus") > 0, truth == 1)
+    assert np.array_equal(voxels(seg, "posterior hippocampus") > 0, truth == 2)
+
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")  # the user's own, a model's name
+    mine.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    sid = mine.GetSegmentation().AddEmptySegment("", "posterior hippocampus", [1.0, 0.0, 0.0])
+    slicer.util.updateSegmentBinaryLabelmapFromArray((truth == 2).astype(np.uint8), mine, sid, vol)
+    notes.clear()
+    bridge.import_labelmap(label, vol, preset, segmentation_node=mine, show_3d=False, notes=notes)
+    assert names(mine) == ["anterior hippocampus", "posterior hippocampus", "posterior hippocampus (edited)"]
+    assert notes == ["your edited segment 'posterior hippocampus' was kept as 'posterior hippocampus (edited)'"]

@@ -25,7 +25,8 @@ from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
 from .terminology import set_segment_terminology
-from .logic import DEFAULT_COLORS, SegmentationBridge, SegmentationRun
+from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, is_unchanged_result,
+                    segment_fingerprint)
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
@@ -198,6 +199,9 @@ class InteractiveLogic:
                 continue
             full_name = f"{region.side} {name}" if region.side else name
             sid = segmentation.GetSegmentIdBySegmentName(full_name)
+            # a segment only a model wrote stays marked as a model's result (a later Apply may replace it); one the
+            # user edited keeps its stale mark, so that Apply keeps it (``SegmentationBridge.import_labelmap``)
+            ours = not sid or is_unchanged_result(segmentation.GetSegment(sid))
             if sid:
                 full = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).astype(np.uint8)
             else:
@@ -212,6 +216,9 @@ class InteractiveLogic:
                     set_segment_terminology(segmentation.GetSegment(sid), tag_string(entry))
             full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (labels == value)
             slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, volume)
+            if ours:
+                segment = segmentation.GetSegment(sid)
+                segment.SetTag(RESULT_TAG, segment_fingerprint(segment) or "")
         return seg
 
     def segment_at(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,

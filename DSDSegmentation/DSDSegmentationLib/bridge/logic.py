@@ -6,6 +6,7 @@ so the same code runs inside Slicer and headless on a real MRML scene from ``sli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import slicer
 import vtk
+from vtk.util.numpy_support import vtk_to_numpy
 
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
@@ -32,6 +35,45 @@ def _entry_from_tag(tag: str) -> dict[str, str] | None:
     keys = {1: "category", 2: "type", 3: "type_modifier", 5: "region", 6: "region_modifier"}
     entry = {k: parts[i] for i, k in keys.items() if parts[i].strip("^")}
     return entry if "category" in entry and "type" in entry else None
+
+
+# on each segment a model wrote: a fingerprint of its voxels then, so that a later run into the same segmentation can
+# tell a segment the user has edited since (kept) from the model's own unchanged result (replaced)
+RESULT_TAG = "DSDSegmentation.ResultFingerprint"
+
+
+def segment_fingerprint(segment: Any) -> str | None:
+    """A hash of the segment's voxels as world-anchored voxel indices of its binary labelmap (independent of the
+    shared layer's extent, which changes when other segments change); None without a binary labelmap."""
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if image is None:
+        return None
+    digest = hashlib.sha1()
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    digest.update(np.array([matrix.GetElement(i, j) for i in range(3) for j in range(4)]).round(6).tobytes())
+    ext = image.GetExtent()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is not None and ext[1] >= ext[0] and ext[3] >= ext[2] and ext[5] >= ext[4]:
+        dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+        voxels = vtk_to_numpy(scalars).reshape(dims)
+        kji = np.argwhere(voxels == segment.GetLabelValue()) + np.array([ext[4], ext[2], ext[0]])
+        digest.update(kji.astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def is_unchanged_result(segment: Any) -> bool:
+    """True for a segment a model wrote that nobody has edited since (its fingerprint still matches)."""
+    tag = vtk.reference("")
+    return bool(segment.GetTag(RESULT_TAG, tag)) and str(tag) == segment_fingerprint(segment)
+
+
+def keep_name(segmentation: Any, name: str) -> str:
+    """A free segment name for a kept, edited segment: '<name> (edited)', then '(edited 2)', ..."""
+    candidate, n = f"{name} (edited)", 2
+    while segmentation.GetSegmentIdBySegmentName(candidate):
+        candidate, n = f"{name} (edited {n})", n + 1
+    return candidate
 
 
 DEFAULT_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101)]
@@ -56,6 +98,7 @@ class SegmentationRun:
     uncertainty: Path | None = None  # voxel uncertainty map asked of the worker
     uncertainty_node: Any = None  # after finish: the overlay volume ...
     uncertainty_table: Any = None  # ... and the per-segment scores
+    import_notes: list[str] = field(default_factory=list)  # what importing the result did that the user must know
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -68,7 +111,7 @@ class SegmentationRun:
         notes = [str(n) for n in done[-1].get("notes", [])] if done else []
         for i, node in enumerate(self.inputs):  # the worker saw temporary files: name the user's volumes instead
             notes = [n.replace(input_file_name(i), f"'{node.GetName()}'") for n in notes]
-        return notes
+        return notes + self.import_notes
 
 
 class SegmentationBridge:
@@ -476,7 +519,8 @@ class SegmentationBridge:
             result: WorkerResult = run.worker.wait()
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
-            seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node)
+            seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node,
+                                       notes=run.import_notes)
             if run.uncertainty is not None:
                 from .qa_logic import QALogic
 
@@ -525,11 +569,13 @@ class SegmentationBridge:
             set_segment_terminology(segmentation.GetSegment(sid), tag_string(entry))
 
     def import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any = None,
-                        show_3d: bool = True) -> Any:
+                        show_3d: bool = True, notes: list[str] | None = None) -> Any:
         """Labelmap file → segments named and coloured from the preset, on the reference volume's geometry.
 
-        A new segmentation node is created next to the input unless ``segmentation_node`` is given; then only
-        segments with the model's names are replaced in it and the other segments are kept.
+        A new segmentation node is created next to the input unless ``segmentation_node`` is given; then a segment
+        with one of the model's names is replaced only if it is a model's result that nobody has edited since
+        (its fingerprint, ``RESULT_TAG``, still matches). One the user edited in Segment Editor, or made
+        themselves, is kept, renamed '<name> (edited)', and ``notes`` says so; all other segments are kept as well.
         """
         labels = {int(k): v for k, v in preset["labels"].items()}
         colors = {int(k): v for k, v in (preset.get("label_colors") or {}).items()}
@@ -553,13 +599,26 @@ class SegmentationBridge:
                 seg.CreateDefaultDisplayNodes()
             else:
                 segmentation = seg.GetSegmentation()
-                for name in labels.values():
-                    sid = segmentation.GetSegmentIdBySegmentName(name)
-                    if sid:
+                for value, name in labels.items():
+                    sid = segmentation.GetSegmentIdBySegmentName(name) if value else ""
+                    if not sid:
+                        continue
+                    if is_unchanged_result(segmentation.GetSegment(sid)):
                         segmentation.RemoveSegment(sid)
+                    else:
+                        kept = keep_name(segmentation, name)
+                        segmentation.GetSegment(sid).SetName(kept)
+                        if notes is not None:
+                            notes.append(f"your edited segment '{name}' was kept as '{kept}'")
             seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
                 raise InputError("importing the labelmap into the segmentation failed")
+            segmentation = seg.GetSegmentation()
+            for value, name in labels.items():
+                sid = segmentation.GetSegmentIdBySegmentName(name) if value else ""
+                if sid:
+                    segment = segmentation.GetSegment(sid)
+                    segment.SetTag(RESULT_TAG, segment_fingerprint(segment) or "")
             self.apply_terminology(seg, preset)
             self.place_beside(seg, reference_volume)
             if show_3d:
