@@ -120,6 +120,13 @@ def _existing(ws: Path) -> str:
     return str(p)
 
 
+def _users_file(ws: Path, name: str) -> str:
+    p = ws / "mine" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_text("the user's own file")
+    return str(p)
+
+
 def _bad_card(ws: Path) -> str:
     """A card edited by hand (a label added) whose checksums were regenerated: consistent sums, wrong card."""
     from DSDSegmentationLib.engine.cards import write_checksums
@@ -248,6 +255,11 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("finetune epochs 0", lambda w: ["finetune", "--base", str(w / "model"), "--data", str(w / "data"), "--output",
                                      str(w / "ft"), "--epochs", "0"], 2, "must be at least 1"),
     ("export zip over a file", lambda w: ["models", "export", "hippocampus-dsd", _existing(w)], 2, "must end in .zip"),
+    ("train into a folder with the user's log.txt", lambda w: [
+        "train", "--task", "hippocampus", "--data", str(w / "data"), "--output", str(Path(_users_file(w, "log.txt")).parent),
+        "--epochs", "1", "--progress", "none"], 2, "already holds log.txt, not from a training run"),
+    ("terminology over an existing file", lambda w: ["terminology", "--output", _users_file(w, "my.term.json")], 2,
+     "already exists; pass --overwrite"),
 ]
 
 

@@ -37,7 +37,7 @@ def test_tag_string_is_slicers_serialisation() -> None:
 
 
 def test_shipped_context_matches_presets() -> None:
-    """Regenerate with: dsdseg terminology --output Resources/Terminology/DSDSegmentation.term.json"""
+    """Regenerate with: dsdseg terminology --output Resources/Terminology/DSDSegmentation.term.json --overwrite"""
     shipped = json.loads(SHIPPED.read_text(encoding="utf-8"))
     assert shipped == build_context(load_preset(n) for n in builtin_presets())
     types = [t for c in shipped["SegmentationCodes"]["Category"] for t in c["Type"]]

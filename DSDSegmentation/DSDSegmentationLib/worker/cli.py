@@ -53,9 +53,9 @@ def _cmd_terminology(args: argparse.Namespace) -> int:
 
     text = json.dumps(build_context(load_preset(n) for n in (args.preset or builtin_presets())), indent=2) + "\n"
     if args.output:
-        from ..engine.outputs import atomic_write_text
+        from ..engine.outputs import atomic_write_text, check_output_file
 
-        out = Path(args.output)
+        out = check_output_file(args.output, overwrite=args.overwrite, suffixes=(".json",), what="--output")
         atomic_write_text(out, text)
         print(f"wrote {out}")
     else:
@@ -487,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tm = sub.add_parser("terminology", help="the custom Slicer terminology context (.term.json) for presets' labels")
     tm.add_argument("--preset", action="append", help="preset name or JSON (repeatable; default: all built-in)")
-    tm.add_argument("--output", help="write to this file instead of stdout")
+    tm.add_argument("--output", help="write to this file (.term.json) instead of stdout")
+    tm.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     tm.set_defaults(func=_cmd_terminology)
 
     s = sub.add_parser("smoke", help="engine smoke run: DSD vs plain for a few steps on real hippocampus MRI")
