@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
+                           compute_surface_dice)
 
 from DSDSegmentationLib.engine.metrics import case_metrics, class_metrics, summarize
 
@@ -50,6 +51,18 @@ def test_agrees_with_monai() -> None:
     t = lambda x: torch.from_numpy(x)[None, None]  # noqa: E731
     assert m["dice"] == pytest.approx(float(compute_dice(t(a), t(b))[0, 0]), rel=1e-6)
     assert m["hd95"] == pytest.approx(float(compute_hausdorff_distance(t(a), t(b), percentile=95, spacing=list(spacing))[0, 0]), rel=1e-6)
+    # on a large grid (class_metrics works in the bounding box of both; MONAI here on the whole grid), and touching
+    # the grid's border
+    for pad in (((30, 2), (0, 25), (12, 0)), ((0, 0), (0, 0), (0, 0))):
+        A, B = np.pad(a, pad), np.pad(b, pad)
+        if pad[0][0] == 0:
+            A[0, :, :5] = True
+        big = class_metrics(A, B, spacing)
+        assert big["hd95"] == pytest.approx(float(compute_hausdorff_distance(t(A), t(B), percentile=95, spacing=list(spacing))[0, 0]), rel=1e-6)
+        assert big["assd"] == pytest.approx(float(compute_average_surface_distance(t(A), t(B), symmetric=True, spacing=list(spacing))[0, 0]), rel=1e-6)
+        two = lambda x: torch.stack([~t(x)[0, 0], t(x)[0, 0]])[None].float()  # noqa: E731
+        assert big["surface_dice"] == pytest.approx(float(compute_surface_dice(two(A), two(B), class_thresholds=[1.0], spacing=list(spacing))[0, 0]), rel=1e-6)
+        assert big["dice"] == pytest.approx(float(compute_dice(t(A), t(B))[0, 0]), rel=1e-6)
 
 
 def test_empty_cases_are_defined() -> None:

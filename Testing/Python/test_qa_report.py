@@ -64,3 +64,19 @@ def test_uncertainty_is_high_where_the_model_is_wrong(tmp_path: Path) -> None:
     wrong = pred != ref
     assert wrong.any()
     assert u[wrong].mean() > 5 * u[~wrong].mean()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_worst_errors_computed_in_the_bounding_box_equal_the_whole_volume(seed: int) -> None:
+    """boundary_errors works within the bounding box of both masks (a tumour's is ~1/15 of the volume): the same
+    points and distances as on the whole grid, also for masks that touch the volume's border or lie apart."""
+    from DSDSegmentationLib.engine import qa
+
+    rng = np.random.default_rng(seed)
+    shape, spacing = (40, 36, 30), (1.0, 0.8, 2.5)
+    pred = ball(shape, rng.uniform(0, 30, 3), rng.uniform(5, 12), spacing)
+    ref = ball(shape, rng.uniform(0, 30, 3), rng.uniform(5, 12), spacing) | (rng.random(shape) > 0.999)
+    if seed == 0:
+        pred[:, :, 0] = True  # on the border
+    whole = qa._boundary_errors(pred, ref, spacing, 8, 3.0, None)
+    assert qa.boundary_errors(pred, ref, spacing, count=8, min_separation_mm=3.0) == whole and whole
