@@ -26,11 +26,20 @@ def _tool(name: str) -> str:
     pytest.fail(f"{name} is part of the test install (.ci/setup: pip install cmake ninja)")
 
 
+def _python_hints() -> list[str]:
+    """What Slicer's build tree gives PythonInterp / PythonLibs: the interpreter, its headers and library."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("LDLIBRARY") or "")
+    return [f"-DPYTHON_EXECUTABLE={sys.executable}", f"-DPYTHON_INCLUDE_DIR={sysconfig.get_paths()['include']}",
+            f"-DPYTHON_LIBRARY={lib}"]
+
+
 def _build(source: Path, work: Path) -> subprocess.CompletedProcess:
     cmake = _tool("cmake")
     env = {**os.environ, "PATH": f"{Path(_tool('ninja')).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     steps = [[cmake, "-S", str(source), "-B", str(work / "build"), "-G", "Ninja", f"-DSlicer_DIR={STANDIN}",
-              f"-DCMAKE_INSTALL_PREFIX={work / 'prefix'}", f"-DPython3_EXECUTABLE={sys.executable}"],
+              f"-DCMAKE_INSTALL_PREFIX={work / 'prefix'}", f"-DPython3_EXECUTABLE={sys.executable}", *_python_hints()],
              [cmake, "--build", str(work / "build")],
              [cmake, "--install", str(work / "build")]]
     for step in steps:
@@ -57,7 +66,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_install_tree_holds_exactly_what_the_module_loads(installed: Path) -> None:
     tree = installed / "prefix" / MODULES_DIR
-    got = {str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    got = {str(p.relative_to(tree)) for p in tree.rglob("*")
+           if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
     files = _tracked()
     expected = {"DSDSegmentation.py"}
     expected |= {f.removeprefix("DSDSegmentation/") for f in files
@@ -71,8 +81,8 @@ def test_install_tree_holds_exactly_what_the_module_loads(installed: Path) -> No
                  "DSDSegmentationLib/engine/presets/hippocampus.json",
                  "Resources/Models/hippocampus-dsd/weights.pt", "Resources/SampleData/Hippocampus/dataset.json"):
         assert must in got
-    compiled = list((tree / "DSDSegmentationLib" / "worker" / "__pycache__").glob("cli.*.pyc"))
-    assert compiled, "scripts are byte-compiled in the build tree and installed with it"
+    assert (tree / "DSDSegmentationLib" / "worker" / "cli.pyc").is_file(), "scripts are byte-compiled (CTK: beside "\
+        "each script) in the build tree and installed with it"
 
 
 def test_installed_module_finds_its_resources_without_the_repository(installed: Path) -> None:
@@ -116,7 +126,7 @@ def test_standin_encodes_ctks_script_rule(tmp_path: Path) -> None:
     (ext / "Mod" / "Mod.py").write_text("x = 1\n")
     (ext / "Mod" / "ModLib" / "data.json").write_text("{}\n")
     (ext / "CMakeLists.txt").write_text(
-        "cmake_minimum_required(VERSION 3.16.3...3.28)\nproject(Ext NONE)\n"
+        "cmake_minimum_required(VERSION 3.20.6...3.22.6)\nproject(Ext NONE)\n"
         + "".join(f'set(EXTENSION_{k} "x (y)")\n' for k in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"))
         + "find_package(Slicer REQUIRED)\ninclude(${Slicer_USE_FILE})\nadd_subdirectory(Mod)\n"
           "include(${Slicer_EXTENSION_GENERATE_CONFIG})\n")
@@ -128,3 +138,25 @@ def test_standin_encodes_ctks_script_rule(tmp_path: Path) -> None:
     r = _build(ext, tmp_path / "good")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "good" / "prefix" / MODULES_DIR / "ModLib" / "data.json").read_text() == "{}\n"
+
+
+def test_a_policy_range_past_cmake_3_26_cannot_find_slicers_python(tmp_path: Path) -> None:
+    """Slicer's SlicerConfig.cmake calls find_package(PythonInterp) / find_package(PythonLibs) in the extension's
+    policy scope: with a cmake_minimum_required() range reaching 3.27 (CMP0148 NEW) a CMake >= 3.27 provides
+    neither module and configuring fails (seen with Slicer 5.10's real macros and this repository's old range
+    3.16.3...3.28 in session 11); Slicer's template range 3.20.6...3.22.6 configures."""
+    cmake = _tool("cmake")
+    version = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.split()[2]
+    if tuple(int(v) for v in version.split(".")[:2]) < (3, 27):
+        pytest.skip(f"CMake {version} predates policy CMP0148")
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in (ROOT / "CMakeLists.txt").read_text()
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    for name, rng in (("late", "3.16.3...3.28"), ("template", "3.20.6...3.22.6")):
+        (ext / "CMakeLists.txt").write_text(f"cmake_minimum_required(VERSION {rng})\nproject(Ext)\nfind_package(Slicer REQUIRED)\n")
+        r = subprocess.run([cmake, "-S", str(ext), "-B", str(tmp_path / name), f"-DSlicer_DIR={STANDIN}", *_python_hints()],
+                           capture_output=True, text=True, timeout=300)
+        if name == "late":
+            assert r.returncode != 0 and "PythonLibs" in r.stdout + r.stderr
+        else:
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -16,6 +16,12 @@ set(Slicer_VERSION "${Slicer_VERSION_MAJOR}.${Slicer_VERSION_MINOR}.0")
 set(Slicer_USE_PYTHONQT ON)
 set(Slicer_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-${Slicer_VERSION_MAJOR}.${Slicer_VERSION_MINOR}/qt-scripted-modules")
 set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}")
+# Like Slicer's own SlicerConfig.cmake (it calls find_package() for each of Slicer_EXTERNAL_PROJECTS, PythonLibs and
+# PythonInterp among them when Slicer_USE_PYTHONQT): in the extension's policy scope. So an extension whose
+# cmake_minimum_required() range reaches 3.27 (policy CMP0148 NEW: CMake provides no FindPythonInterp /
+# FindPythonLibs) fails to configure with CMake >= 3.27 against a real Slicer, and here too.
+find_package(PythonLibs REQUIRED)
+find_package(PythonInterp REQUIRED)
 set(Slicer_USE_FILE "${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake")
 set(Slicer_EXTENSION_GENERATE_CONFIG "${CMAKE_CURRENT_LIST_DIR}/SlicerExtensionGenerateConfig.cmake")
 set(Slicer_EXTENSION_CPACK "${CMAKE_CURRENT_LIST_DIR}/SlicerExtensionCPack.cmake")

@@ -62,9 +62,12 @@ macro(slicerMacroBuildScriptedModule)
   endforeach()
   get_property(_outputs GLOBAL PROPERTY "STANDIN_${_SM_NAME}_OUTPUTS")
   add_custom_target(Copy${_SM_NAME}PythonFiles ALL DEPENDS ${_outputs})
-  # byte-compile the copied scripts (a syntax error fails the build, as it would show in Slicer)
+  # byte-compile the copied scripts (a syntax error fails the build, as it would show in Slicer) with the
+  # interpreter found through PythonInterp, each to <script>.pyc beside it, as CTK's compile step does
+  file(WRITE "${CMAKE_CURRENT_BINARY_DIR}/standin_compile.py"
+    "import py_compile, sys\nfor f in sys.argv[1:]:\n    py_compile.compile(f, cfile=f + 'c', doraise=True)\n")
   add_custom_command(OUTPUT "${CMAKE_CURRENT_BINARY_DIR}/${_SM_NAME}_compiled"
-    COMMAND "${Python3_EXECUTABLE}" -m py_compile ${_copied_scripts}
+    COMMAND "${PYTHON_EXECUTABLE}" "${CMAKE_CURRENT_BINARY_DIR}/standin_compile.py" ${_copied_scripts}
     COMMAND "${CMAKE_COMMAND}" -E touch "${CMAKE_CURRENT_BINARY_DIR}/${_SM_NAME}_compiled"
     DEPENDS Copy${_SM_NAME}PythonFiles ${_copied_scripts}
     COMMENT "stand-in: compiling python scripts of ${_SM_NAME}")
