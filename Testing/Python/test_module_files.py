@@ -33,6 +33,22 @@ def test_widget_code_uses_only_widgets_of_the_ui() -> None:
     assert not missing, f"widgets used in DSDSegmentation.py but absent from the .ui: {sorted(missing)}"
 
 
+# Non-Qt widget classes a .ui may use: each has a Qt Designer plugin in Slicer 5.10 (v5.10.0:
+# Libs/MRML/Widgets/DesignerPlugins/<class>Plugin.h) or in the CTK commit Slicer 5.10 pins (dd4caea:
+# Libs/Widgets/Plugins/<class>Plugin.h), so slicer.util.loadUI creates the real widget and not a bare QWidget whose
+# methods (e.g. qMRMLPlotWidget.mrmlPlotViewNode) would be missing at run time. A new class: check it there, add it.
+UI_CLASSES_CHECKED_AT_V5_10 = {"ctkCollapsibleButton", "ctkPathLineEdit", "qMRMLNodeComboBox", "qMRMLPlotWidget",
+                               "qMRMLTableView", "qMRMLWidget"}
+
+
+def test_ui_widget_classes_have_designer_plugins_in_slicer_5_10() -> None:
+    used = {w.get("class") for w in ET.parse(UI).getroot().iter("widget")}
+    custom = {c for c in used if not c.startswith("Q")}
+    assert custom - UI_CLASSES_CHECKED_AT_V5_10 == set(), sorted(custom - UI_CLASSES_CHECKED_AT_V5_10)
+    declared = {c.findtext("class") for c in ET.parse(UI).getroot().iter("customwidget")}
+    assert custom <= declared, f"custom widgets without a <customwidget> entry: {sorted(custom - declared)}"
+
+
 def test_ui_bindings_are_parameter_node_fields() -> None:
     bound = {}
     for name, w in ui_widgets().items():
