@@ -59,3 +59,25 @@ def test_rooms_import_only_what_they_may() -> None:
     for f in (lib / "bridge").glob("*.py"):
         bad = set(_imports(f)) & {"qt", "ctk", "PythonQt", "torch", "monai"}
         assert not bad, f"{f.name} imports {bad}"
+
+
+def test_the_panel_opens_before_torch_is_installed() -> None:
+    """What the widget imports to open the panel (setup: controllers, the bridge, the model list, terminology,
+    dependency planning) works without torch and MONAI, which PyTorch Utils and the consent dialog install on first
+    use; only the QA logic (metrics) needs them, imported on first use after ensureDependencies. Run with both
+    blocked, as in a fresh Slicer or on the Extensions factory."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'monai'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import DSDSegmentationLib.bridge.controllers, DSDSegmentationLib.bridge.logic, DSDSegmentationLib.bridge.interactive\n"
+        "import DSDSegmentationLib.bridge.terminology, DSDSegmentationLib.bridge.dependencies\n"
+        "from DSDSegmentationLib.engine.cards import list_models, model_summary, user_models_dir\n"
+        "models = list_models()\n"
+        "assert models and all(model_summary(m) for m in models)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
