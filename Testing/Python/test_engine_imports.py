@@ -81,3 +81,23 @@ def test_the_panel_opens_before_torch_is_installed() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
+
+
+def test_slicers_own_process_never_loads_torch_dynamo() -> None:
+    """What Slicer's main process runs (the bridge, QA metrics and worst errors) never imports torch._dynamo, which
+    pulls in triton with CUDA builds of torch: importing triton after Mesa's libLLVM is loaded (any VTK OpenGL render
+    on Mesa) crashes the process (segmentation fault, reproduced in session 11 with PyPI's torch 2.13.0 on Python
+    3.12). Training, which imports it through the optimiser, runs only in the worker process."""
+    code = (
+        "import sys, numpy as np\n"
+        "import DSDSegmentationLib.bridge.qa_logic, DSDSegmentationLib.bridge.controllers, DSDSegmentationLib.bridge.logic\n"
+        "import DSDSegmentationLib.bridge.interactive, DSDSegmentationLib.bridge.demo\n"
+        "from DSDSegmentationLib.engine.metrics import class_metrics\n"
+        "from DSDSegmentationLib.engine.qa import boundary_errors, uncertainty_scores\n"
+        "a = np.zeros((20, 20, 20), bool); a[4:12, 4:12, 4:12] = True; b = np.roll(a, 2, 0)\n"
+        "class_metrics(a, b, (1.0, 1.0, 1.0)); boundary_errors(a, b, (1.0, 1.0, 1.0))\n"
+        "uncertainty_scores(np.random.rand(20, 20, 20), a.astype(int), {1: 'x'})\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'triton'))))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
