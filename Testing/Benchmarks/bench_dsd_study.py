@@ -37,7 +37,9 @@ from DSDSegmentationLib.engine.data import Case, find_shared_data
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files
 from DSDSegmentationLib.engine.tasks import load_preset
-from DSDSegmentationLib.engine.training import TrainConfig, Trainer, resolve_precision
+from DSDSegmentationLib.engine.config import DSDConfig
+from DSDSegmentationLib.engine.networks import DSDNet
+from DSDSegmentationLib.engine.training import TrainConfig, Trainer, bf16_problem, resolve_precision
 
 # every finished run's result.json is also kept here, in the repository (a few kB each): the run folders live outside the
 # work tree (~/dsdseg-runs) on a machine that is not always kept between sessions, and the tables must not depend on it
@@ -182,6 +184,18 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out).expanduser()
     precision = resolve_precision(args.precision, torch.device("cpu"))
+    if precision == "bf16" and not args.report:  # the check training runs, before the folders are named bf16
+        preset = load_preset(args.task)
+        for backbone in args.backbones:
+            net = preset.network_config(backbone=backbone, options=BACKBONE_OPTIONS.get(backbone, {})) \
+                if backbone != preset.network["backbone"] else preset.network_config()
+            problem = bf16_problem(DSDNet(net, DSDConfig.preset("dsd")), (1, len(preset.channels), *preset.patch_size))
+            if problem and args.precision == "bf16":
+                raise SystemExit(f"--precision bf16: {problem}; use --precision fp32")
+            if problem:
+                print(f"{problem}: every run in fp32", flush=True)
+                precision = "fp32"
+                break
     if not args.report:
         # low-data regimes first (where self-distillation is expected to matter most), light backbone first
         for backbone in args.backbones:

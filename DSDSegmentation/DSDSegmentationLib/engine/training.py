@@ -12,7 +12,7 @@ import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -210,6 +210,17 @@ def bf16_convolution_error(model: torch.nn.Module, x: torch.Tensor) -> tuple[flo
             if not err <= worst:  # nan counts as worst too
                 worst, where = (math.inf if math.isnan(err) else err), f"{name} (input {'x'.join(map(str, shape[2:]))})"
     return worst, where
+
+
+def bf16_problem(model: torch.nn.Module, input_shape: Sequence[int], device: torch.device | str = "cpu") -> str | None:
+    """None when every convolution of ``model``, at the shapes an input of ``input_shape`` gives it, computes under
+    bf16 what it does in fp32 (``bf16_convolution_error``); otherwise what is wrong, naming the layer."""
+    device = torch.device(device)
+    err, where = bf16_convolution_error(model, torch.zeros(tuple(input_shape), device=device))
+    if err <= BF16_CONV_TOLERANCE:
+        return None
+    return (f"bf16 is wrong on this {device.type}: the convolution {where} differs from fp32 by {err:.3g} "
+            f"(relative; bf16 rounding gives about 0.003, at most {BF16_CONV_TOLERANCE})")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -431,12 +442,9 @@ class Trainer:
         """Before the first bf16 step: each convolution of the network at the run's patch shape under bf16 against
         fp32 (``bf16_convolution_error``). Wrong results switch an automatic choice to fp32, with a line in log.txt
         and config.json updated; an explicit ``precision="bf16"`` is refused."""
-        x = torch.zeros((1, len(self.preset.channels), *self.preset.patch_size), device=self.device)
-        err, where = bf16_convolution_error(model, x)
-        if err <= BF16_CONV_TOLERANCE:
+        found = bf16_problem(model, (1, len(self.preset.channels), *self.preset.patch_size), self.device)
+        if found is None:
             return
-        found = (f"bf16 is wrong on this {self.device.type}: the convolution {where} differs from fp32 by {err:.3g} "
-                 f"(relative; bf16 rounding gives about 0.003, at most {BF16_CONV_TOLERANCE})")
         if self.cfg.precision == "bf16":
             raise ConfigError(f"precision bf16: {found}; train with --precision fp32 (or auto, which checks this)")
         self.precision = "fp32"
