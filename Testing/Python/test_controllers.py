@@ -270,6 +270,47 @@ def test_finetune_controller_cases_mapping_and_a_short_run(panel, scene, tmp_pat
     assert not panel.finetune.can_resume
 
 
+def test_finetune_stop_says_stopped_and_resume_continues(panel, scene, tmp_path: Path, monkeypatch) -> None:
+    """The Stop button (toggle while running): the next ticks report "Stopped", Resume is offered and continues from
+    the last finished epoch. Until session 11 a second ``stop`` method (the module-close one) replaced this one: the
+    state stayed "Epoch 1/…", the button stayed Stop, and pressing it again started a new fine-tune."""
+    monkeypatch.setenv("DSDSEG_MODELS", str(tmp_path / "store"))
+    model = panel.model_entry
+    for case in list_cases(default_sample())[:2]:
+        volume = panel.bridge.load_volume(case.images[0])
+        seg = panel.bridge.import_labelmap(case.label, volume, model["card"]["preset"], show_3d=False)
+        panel.params.finetuneVolume, panel.params.finetuneSegmentation = volume, seg
+        panel.finetune.add_case()
+    panel.params.finetuneEpochs = 50
+
+    def tick_until(done, limit: float = 300.0) -> None:
+        t0 = time.monotonic()
+        while not done() and time.monotonic() - t0 < limit:
+            panel.finetune.tick()
+            assert panel.state[C.FINETUNE].status != C.FAILED, panel.state[C.FINETUNE].message
+            time.sleep(0.1)
+        assert done(), panel.state[C.FINETUNE].message
+
+    def epoch() -> int:
+        message = panel.state[C.FINETUNE].message
+        return int(message.split()[1].split("/")[0]) if message.startswith("Epoch ") else 0
+
+    panel.finetune.toggle(model)  # Fine-tune
+    tick_until(lambda: epoch() >= 1)
+    stopped_at = epoch()
+    panel.finetune.toggle(model)  # Stop
+    assert "Stopping" in panel.state[C.FINETUNE].message
+    tick_until(lambda: panel.state[C.FINETUNE].status == C.CANCELLED, 60)
+    assert panel.state[C.FINETUNE].message == "Stopped. Resume continues from the last finished epoch."
+    assert panel.finetune.worker is None and panel.finetune.can_resume and not panel.state[C.FINETUNE].active
+    output = panel.finetune.run["output"]
+    panel.finetune.start(model, resume=True)  # Resume
+    assert panel.finetune.run["output"] == output
+    panel.state.set(C.FINETUNE, C.STARTING, "")
+    tick_until(lambda: epoch() >= 1)
+    assert epoch() > stopped_at, "the resumed run went on from the last finished epoch, not from the start"
+
+
 def test_finetune_controller_with_the_users_own_segments(panel, scene, tmp_path: Path, monkeypatch) -> None:
     """Segments named and coded unlike the model's labels: one whole 'Hippocampus' segment per case. The case table
     offers it as a new label, the run maps it to the merge of anterior and posterior, the new model carries it."""

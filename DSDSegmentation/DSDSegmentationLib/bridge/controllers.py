@@ -572,7 +572,11 @@ class FinetuneController:
             self.state.set(FINETUNE, FAILED, f"Stopped: {result.message}")
         return None
 
-    def stop(self) -> None:
+    def shutdown(self) -> None:
+        """Module closed: end a running fine-tune now (its last finished epoch stays resumable from its folder).
+        Not the Stop button (:meth:`stop`), whose end the next tick reports. (Until session 11 this was a second
+        ``stop`` that replaced the first: Stop then never reported "Stopped", the button stayed "Stop", and
+        pressing it again started a new fine-tune instead of offering Resume.)"""
         if self.worker is not None:
             self.worker.cancel()
             self.worker.wait()
@@ -619,6 +623,6 @@ class PanelController:
     def shutdown(self) -> None:
         """Module closed: nothing is left running (a stopped fine-tune can be resumed later)."""
         self._on_scene_close()
-        self.finetune.stop()
+        self.finetune.shutdown()
         self.scene.RemoveObserver(self._close_tag)
         self.bridge.shutdown()

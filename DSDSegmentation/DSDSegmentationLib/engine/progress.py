@@ -38,10 +38,11 @@ class Progress:
                 bar.close()
                 self._bars.pop(stage, None)
 
-    def log(self, message: str) -> None:
-        """A free-text line (stage ``log`` in JSON mode)."""
+    def log(self, message: str, json_record: bool = True) -> None:
+        """A free-text line (stage ``log`` in JSON mode, unless ``json_record`` is False)."""
         if self.mode == "json":
-            self.update("log", 0, 0, message)
+            if json_record:
+                self.update("log", 0, 0, message)
         elif self.mode == "bar":
             from tqdm import tqdm
 

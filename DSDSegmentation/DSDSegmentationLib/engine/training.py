@@ -320,10 +320,12 @@ class Trainer:
             torch.cuda.set_device(dev)
         return dev
 
-    def _log(self, message: str) -> None:
+    def _log(self, message: str, json_record: bool = True) -> None:
+        """A line in log.txt and on the progress stream (``json_record=False``: not as a JSON ``log`` record, for
+        lines whose content a JSON record already carries, e.g. the epoch line after its ``epoch`` record)."""
         if _rank() != 0:
             return
-        self.progress.log(message)
+        self.progress.log(message, json_record=json_record)
         with open(self.out / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
@@ -569,7 +571,9 @@ class Trainer:
                 msg = f"epoch {epoch + 1}/{self.epochs} loss {record.get('loss/total', float('nan')):.4f} ({record['seconds']:.1f} s)"
                 if "val_dice" in record:
                     msg += f" val Dice {record['val_dice']:.4f}" + (" (best)" if improved else "")
-                self._log(msg)
+                # (the epoch record above carries it for machines: a log record after it would replace the panel's
+                # "Epoch k/n, loss, best Dice, time left" line with this raw one every epoch)
+                self._log(msg, json_record=False)
             if _world() > 1:
                 dist.barrier()
             if self._patience_exhausted():

@@ -420,8 +420,9 @@ class _TaggedProgress:
     def update(self, stage: str, done: int, total: int, message: str = "", **extra) -> None:
         self._p.update(stage, done, total, message, id=self.rid, **extra)
 
-    def log(self, message: str) -> None:
-        self.update("log", 0, 0, message)
+    def log(self, message: str, json_record: bool = True) -> None:
+        if json_record:
+            self.update("log", 0, 0, message)
 
     def close(self) -> None:
         pass
