@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import os
 import shutil
 import time
 from pathlib import Path

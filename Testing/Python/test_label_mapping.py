@@ -16,7 +16,6 @@ from DSDSegmentationLib.engine.errors import InputError
 from DSDSegmentationLib.engine.finetune import finetune
 from DSDSegmentationLib.engine.labelmapping import MappedLabel, derive_mapping, describe, transfer_output_layer
 from DSDSegmentationLib.engine.models import load_model
-from DSDSegmentationLib.engine.tasks import load_preset
 from DSDSegmentationLib.engine.training import _class_dims
 from DSDSegmentationLib.worker.cli import main as cli
 

@@ -233,3 +233,20 @@ def test_factory_self_test_is_light() -> None:
     assert gate < src.index("test_segment_with_builtin_model") and gate < src.index("test_click_and_qa")
     assert "ensureDependencies" not in src.split("test_segment_with_builtin_model")[0]
     assert 'os.environ["DSDSEG_FULL_SELFTEST"] = "1"' in (ROOT / "Testing" / "Slicer" / "run_selftest.py").read_text()
+
+
+def test_no_class_defines_a_method_twice() -> None:
+    """A second ``def`` of the same name in a class silently replaces the first (the fine-tune panel's Stop button
+    ran the module-close ``stop`` until session 11). Property setters/deleters are the one legitimate case."""
+    files = [MODULE, *sorted((ROOT / "DSDSegmentation" / "DSDSegmentationLib").rglob("*.py")),
+             *sorted((ROOT / "Testing").rglob("*.py"))]
+    twice = []
+    for f in files:
+        for cls in (n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ClassDef)):
+            seen: set[str] = set()
+            for fn in (n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+                accessor = any(isinstance(d, ast.Attribute) and d.attr in ("setter", "deleter") for d in fn.decorator_list)
+                if fn.name in seen and not accessor:
+                    twice.append(f"{f.relative_to(ROOT)}: {cls.name}.{fn.name}")
+                seen.add(fn.name)
+    assert not twice, twice

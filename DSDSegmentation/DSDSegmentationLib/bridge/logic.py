@@ -23,7 +23,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
-from ..engine.terminology import CONTEXT_NAME, tag_string
+from ..engine.terminology import tag_string
 from .terminology import get_segment_terminology, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
