@@ -12,6 +12,13 @@ Writes (ignored by git; name it in the run's ``carry``):
       beyond is clipped by the preset anyway), for z-score presets the volume's whole range (clipping would
       move the bright voxels). The check prints the largest difference after the preset's normalisation.
 Refuses to finish if the tree plus .device would not travel (64 MiB).
+
+The shipped models (56 MiB) leave no room for a dataset, so by default the models of OTHER tasks are held back for
+the session: each such ``Resources/Models/<id>/`` is moved to ``.device-hold/`` (ignored) and taken out of git's
+index (``git rm --cached``), so neither the working tree nor the index holds it and it does not travel. The task's
+own model stays (``--init-from``), and the hippocampus model that the session's GPU checks run. Nothing is deleted: ``pack.py --restore`` (also run by ``unpack.py``) moves them
+back and resets the index to HEAD for those paths; until then ``git status`` shows them as deleted — do not commit.
+A model folder with changes not in HEAD is never held.
 """
 
 from __future__ import annotations
@@ -30,13 +37,54 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 WHEELS = ("monai", "nibabel", "pynrrd")
 LIMIT = 64 * 2**20
+HOLD = ".device-hold"
+ALWAYS_KEPT = ("hippocampus-dsd",)  # gpu_session.py's CUDA-vs-CPU, out-of-memory and timing checks run it
 TASKS = {"ACDC_subset": "cardiac", "BraTS2018_2mm": "brain_tumour", "Task04_Hippocampus": "hippocampus"}
 
 
-def tree_bytes() -> int:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+def tree_bytes(repo: Path = REPO) -> int:
+    """What the device copies: tracked and untracked-not-ignored files that exist."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True,
                            check=True).stdout.split(b"\0")
-    return sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())
+    return sum((repo / f.decode()).stat().st_size for f in files if f and (repo / f.decode()).is_file())
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, check=True, text=True).stdout
+
+
+def hold_models(task: str, repo: Path = REPO) -> list[str]:
+    """Move the shipped models of other tasks out of the tree and the index (see the module docstring)."""
+    held_dir = repo / HOLD
+    if held_dir.exists() and any(held_dir.iterdir()):
+        sys.exit(f"{held_dir} is not empty: models are held from an earlier session; run pack.py --restore first")
+    held = [card.parent.relative_to(repo).as_posix() for card in sorted((repo / "Resources" / "Models").glob("*/model.json"))
+            if json.loads(card.read_text(encoding="utf-8")).get("task") != task and card.parent.name not in ALWAYS_KEPT]
+    changed = [rel for rel in held if git(repo, "status", "--porcelain", "--", rel).strip()]
+    if changed:  # checked for all before any moves: a refusal leaves everything where it was
+        sys.exit(f"{', '.join(changed)}: changes that are not committed; commit them (or use --keep-models) first")
+    for rel in held:
+        (held_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).rename(held_dir / rel)
+        git(repo, "rm", "-r", "-q", "--cached", "--", rel)
+    return held
+
+
+def restore_models(repo: Path = REPO) -> list[str]:
+    """Put back every model ``hold_models`` moved away; refuses to overwrite a folder that exists again."""
+    held_dir = repo / HOLD
+    back = []
+    for folder in sorted((held_dir / "Resources" / "Models").glob("*")) if held_dir.exists() else []:
+        rel = folder.relative_to(held_dir).as_posix()
+        if (repo / rel).exists():
+            sys.exit(f"{rel} exists again: not overwriting it; the held copy stays in {folder}")
+        folder.rename(repo / rel)
+        git(repo, "reset", "-q", "--", rel)
+        back.append(rel)
+    if held_dir.exists():
+        shutil.rmtree(held_dir / "Resources", ignore_errors=True)  # empty folders only: every model was moved back
+        held_dir.rmdir() if not any(held_dir.iterdir()) else None
+    return back
 
 
 def quantise(src: Path, dst: Path, percentiles: tuple[float, float] | None) -> None:
@@ -82,9 +130,16 @@ def check(src: Path, dst: Path, task: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=sorted(TASKS))
+    ap.add_argument("--dataset", choices=sorted(TASKS))
     ap.add_argument("--out", default=str(REPO / ".device"))
+    ap.add_argument("--keep-models", action="store_true", help="do not hold back the other tasks' models")
+    ap.add_argument("--restore", action="store_true", help="put back the models an earlier pack held back, and stop")
     args = ap.parse_args()
+    if args.restore:
+        print("restored:", ", ".join(restore_models()) or "nothing was held")
+        return
+    if not args.dataset:
+        ap.error("--dataset is required (or --restore)")
     from DSDSegmentationLib.engine.data import find_shared_data
     from DSDSegmentationLib.engine.tasks import load_preset
 
@@ -105,12 +160,18 @@ def main() -> None:
     print(f"{args.dataset}: packed (range: {'percentiles %s' % (percentiles,) if percentiles else 'min to max'}); largest "
           f"difference after the '{task}' normalisation {check(src, out / 'data' / args.dataset, task):.4f} (z-score units)")
     carried = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    held = [] if args.keep_models else hold_models(task)
+    if held:
+        print(f"held back for the session (NOT deleted; `pack.py --restore` puts them back, do not commit meanwhile): "
+              f"{', '.join(held)}")
     tree = tree_bytes()
     print(f"wheels: {', '.join(specs)}; .device {carried / 2**20:.1f} MiB + tree {tree / 2**20:.1f} MiB "
           f"= {(carried + tree) / 2**20:.1f} MiB (limit 64)")
     if carried + tree > LIMIT:
-        sys.exit("too large to travel: pack fewer datasets")
-    (out / "manifest.json").write_text(json.dumps({"dataset": args.dataset, "task": task, "wheels": specs}, indent=1))
+        restore_models()
+        sys.exit("too large to travel even with the other tasks' models held back")
+    (out / "manifest.json").write_text(json.dumps({"dataset": args.dataset, "task": task, "wheels": specs,
+                                                   "held_models": held}, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ For each ``<arm>_run.json`` in FILES_AT (written by ``gpu_session.py``) this mak
 config.json, history.json, split.json, log.txt and best.pt (its ``<arm>_best.pt.NN`` parts joined in order). The
 run's data paths, which pointed at the session's quantised copy under ``.device/data/<dataset>``, are pointed at the
 same files in ``../shared/data/<dataset>``, so validation here runs on the original images. Refuses to overwrite a
-folder that exists, and names a missing or unreadable part.
+folder that exists, and names a missing or unreadable part. Then puts back the shipped models that ``pack.py``
+held back for the session (``pack.py --restore`` does only that).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def main() -> None:
     ap.add_argument("--to", type=Path, required=True)
     args = ap.parse_args()
     unpack(args.files_at, args.to.expanduser())
+    from pack import restore_models  # the models pack.py held back for the session come back now
+
+    back = restore_models()
+    if back:
+        print("models put back:", ", ".join(back))
 
 
 if __name__ == "__main__":

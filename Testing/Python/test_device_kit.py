@@ -64,3 +64,59 @@ def test_the_card_names_the_gpu_a_run_trained_on(tmp_path: Path) -> None:
     assert run_hardware({"device": "cuda", "resolved": {"hardware": "NVIDIA H100 80GB HBM3 (CUDA 13.0)"}}).startswith("NVIDIA H100")
     assert "CUDA GPU" in run_hardware({"device": "cuda", "resolved": {}})
     assert run_hardware({"device": "cpu", "resolved": {}}).startswith("CPU")
+
+
+def test_the_other_tasks_models_are_held_back_for_the_session_and_come_back_unchanged(tmp_path: Path) -> None:
+    """The shipped models leave no room for a dataset in the 64 MiB the device takes: pack.py moves the other
+    tasks' models out of the tree and the index, so they do not travel, and puts them back byte for byte."""
+    import subprocess
+
+    from pack import hold_models, restore_models, tree_bytes
+
+    repo = tmp_path / "repo"
+    models = repo / "Resources" / "Models"
+    for name, task, size in (("cardiac-dsd", "cardiac", 1000), ("brain-tumour-dsd", "brain_tumour", 50000),
+                             ("brain-tumour-2seq-dsd", "brain_tumour_2seq", 30000),
+                             ("hippocampus-dsd", "hippocampus", 20000)):
+        (models / name).mkdir(parents=True)
+        (models / name / "model.json").write_text(json.dumps({"id": name, "task": task}))
+        (models / name / "weights.pt").write_bytes(os.urandom(size))
+    (repo / ".gitignore").write_text("/.device-hold/\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "models")
+    before = {p.relative_to(repo): p.read_bytes() for p in models.rglob("*") if p.is_file()}
+    full = tree_bytes(repo)
+
+    held = hold_models("cardiac", repo)
+    assert held == ["Resources/Models/brain-tumour-2seq-dsd", "Resources/Models/brain-tumour-dsd"]
+    tracked = git("ls-files").split()
+    assert "Resources/Models/cardiac-dsd/weights.pt" in tracked and not any("tumour" in t for t in tracked)
+    assert "Resources/Models/hippocampus-dsd/weights.pt" in tracked  # the session's GPU checks run it
+    assert not (models / "brain-tumour-dsd").exists() and (repo / ".device-hold/Resources/Models/brain-tumour-dsd").is_dir()
+    assert tree_bytes(repo) < full - 70000
+    with pytest.raises(SystemExit, match="not empty"):  # a second pack never stacks holds
+        hold_models("cardiac", repo)
+
+    assert restore_models(repo) == held
+    assert {p.relative_to(repo): p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
+    assert git("status", "--porcelain") == "" and not (repo / ".device-hold").exists()
+    assert restore_models(repo) == []
+
+    (models / "brain-tumour-2seq-dsd" / "model.json").write_text("{}")  # a model with changes not in HEAD is never held
+    with pytest.raises(SystemExit, match="not committed"):
+        hold_models("cardiac", repo)
+    assert (models / "brain-tumour-dsd").is_dir() and not (repo / ".device-hold").exists()  # nothing moved
+    git("checkout", "-q", "--", ".")
+    hold_models("cardiac", repo)
+    (models / "brain-tumour-dsd").mkdir()  # something new in its place is never overwritten
+    (models / "brain-tumour-dsd" / "mine.txt").write_text("user's")
+    with pytest.raises(SystemExit, match="exists again"):
+        restore_models(repo)
+    assert (models / "brain-tumour-dsd" / "mine.txt").read_text() == "user's"
+    assert (repo / ".device-hold/Resources/Models/brain-tumour-dsd/weights.pt").is_file()
