@@ -238,3 +238,42 @@ def test_a_click_with_a_multi_sequence_model_crops_every_sequence(scene, logic, 
         assert np.array_equal(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], expected == value), name
         found += int(arr.sum())
     assert found > 0, "the click found tumour"
+
+
+def test_a_click_never_loses_what_the_user_edited(scene, logic) -> None:
+    """A moved point clears its old region and pastes the new one into the same segments. If the user edited such
+    a segment in the meantime, their version is first copied whole to '<name> (edited)' and the notes say so; a
+    segment nobody edited is simply replaced, without copies."""
+    vol, big, labels, offsets, m = embed(scene)
+    c = centroid(labels, offsets["hippocampus_015"])
+    seg, first = logic.segment_at(vol, default_model(), ras_of(m, c), device="cpu")
+    segmentation = seg.GetSegmentation()
+    name = "right posterior hippocampus"
+    sid = segmentation.GetSegmentIdBySegmentName(name)
+    color = segmentation.GetSegment(sid).GetColor()
+    terminology = segmentation.GetSegment(sid).GetTerminology()
+
+    moved = logic.start(vol, default_model(), ras_of(m, [c[0], c[1] + 2, c[2]]), segmentation_node=seg, device="cpu")
+    logic.finish(moved, previous=first)  # nobody edited: replaced, no copy, no note
+    assert segmentation.GetNumberOfSegments() == 2 and moved.run.notes == []
+
+    edited = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).astype(np.uint8)  # the user paints a blob
+    edited[:4, :4, :4] = 1  # outside any region, and one slice inside the region is erased
+    k = int(np.argwhere(edited)[-1][0])
+    edited[k] = 0
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, seg, sid, vol)
+    again = logic.start(vol, default_model(), ras_of(m, [c[0], c[1] - 2, c[2]]), segmentation_node=seg, device="cpu")
+    logic.finish(again, previous=moved)
+    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
+    assert names == ["right anterior hippocampus", "right posterior hippocampus", "right posterior hippocampus (edited)"]
+    copy = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(f"{name} (edited)"))
+    kept = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetSegmentIdBySegmentName(f"{name} (edited)"), vol)
+    assert np.array_equal(kept > 0, edited > 0), "the user's version is kept voxel for voxel"
+    assert copy.GetColor() == color and copy.GetTerminology() == terminology
+    assert again.run.notes == [f"your edited segment '{name}' was kept as a copy, '{name} (edited)'"]
+    new = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).transpose(2, 1, 0) > 0
+    lo, hi = again.lo, again.hi
+    assert new[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].any(), "the segment itself takes the new result"
+    from DSDSegmentationLib.bridge.logic import is_unchanged_result
+
+    assert is_unchanged_result(segmentation.GetSegment(sid)) and not is_unchanged_result(copy)

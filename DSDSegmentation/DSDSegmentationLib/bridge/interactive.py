@@ -24,8 +24,8 @@ import vtk
 from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
-from .terminology import set_segment_terminology
-from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, is_unchanged_result,
+from .terminology import get_segment_terminology, set_segment_terminology
+from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, is_unchanged_result, keep_name,
                     segment_fingerprint)
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
@@ -162,11 +162,36 @@ class InteractiveLogic:
             labels = slicer.util.arrayFromVolume(labelmap)
             if previous is not None and previous.segmentation_node is not None:
                 region.segmentation_node = region.segmentation_node or previous.segmentation_node
+            if region.segmentation_node is not None:  # before anything is cleared or pasted
+                self.keep_edited(region.segmentation_node, run.card["preset"], region.side, region.volume,
+                                 run.import_notes)
+            if previous is not None and previous.segmentation_node is not None:
                 self.clear(previous, run.card["preset"])
             return self.paste(region, labels, run.card["preset"])
         finally:
             run.cleanup()
             self._remove(region.crops)
+
+    def keep_edited(self, seg: Any, preset: dict[str, Any], side: str | None, volume: Any, notes: list[str]) -> None:
+        """A click writes into the segments of the model's names (its region, and a moved prompt's old region). One
+        the user edited since a model wrote it, or drew themselves under such a name, is first copied whole to
+        '<name> (edited)' (same colour and terminology), so that none of the user's voxels is lost; ``notes`` says so.
+        The segment itself then takes the new result as usual."""
+        segmentation = seg.GetSegmentation()
+        for value, name in sorted((int(k), v) for k, v in preset["labels"].items()):
+            full_name = f"{side} {name}" if side else name
+            sid = segmentation.GetSegmentIdBySegmentName(full_name) if value else ""
+            if not sid or is_unchanged_result(segmentation.GetSegment(sid)):
+                continue
+            segment = segmentation.GetSegment(sid)
+            kept = keep_name(segmentation, full_name)
+            copy_id = segmentation.AddEmptySegment("", kept, segment.GetColor())
+            terminology = get_segment_terminology(segment)
+            if terminology:
+                set_segment_terminology(segmentation.GetSegment(copy_id), terminology)
+            voxels = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).astype(np.uint8)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(voxels, seg, copy_id, volume)
+            notes.append(f"your edited segment '{full_name}' was kept as a copy, '{kept}'")
 
     def clear(self, region: RegionRun, preset: dict[str, Any]) -> None:
         """Erase what an earlier region run of the same prompt wrote (its segments, inside its region only)."""
@@ -199,9 +224,6 @@ class InteractiveLogic:
                 continue
             full_name = f"{region.side} {name}" if region.side else name
             sid = segmentation.GetSegmentIdBySegmentName(full_name)
-            # a segment only a model wrote stays marked as a model's result (a later Apply may replace it); one the
-            # user edited keeps its stale mark, so that Apply keeps it (``SegmentationBridge.import_labelmap``)
-            ours = not sid or is_unchanged_result(segmentation.GetSegment(sid))
             if sid:
                 full = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).astype(np.uint8)
             else:
@@ -216,9 +238,10 @@ class InteractiveLogic:
                     set_segment_terminology(segmentation.GetSegment(sid), tag_string(entry))
             full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (labels == value)
             slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, volume)
-            if ours:
-                segment = segmentation.GetSegment(sid)
-                segment.SetTag(RESULT_TAG, segment_fingerprint(segment) or "")
+            # a model's result from now on (a user-edited version was copied by ``keep_edited`` first): a later Apply
+            # or click may replace it until the user edits it
+            segment = segmentation.GetSegment(sid)
+            segment.SetTag(RESULT_TAG, segment_fingerprint(segment) or "")
         return seg
 
     def segment_at(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,
