@@ -158,6 +158,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.placeRoiButton.connect("toggled(bool)", lambda on: self.onPlace("ROI", on))
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.nextErrorButton.connect("clicked(bool)", self.onNextError)
+        self.ui.qaRestoreButton.connect("clicked(bool)", self.onRestoreDisplay)
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
         self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
         self.ui.finetuneButton.connect("clicked(bool)", lambda: self.onFinetune(self._controllers().finetune.toggle))
@@ -294,9 +295,14 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.qaStatusLabel.text = _("Yellow outline: {s}; cyan: {r}. Surfaces: blue inside the reference, red "
                                            "outside (±5 mm). {n} worst error point(s).").format(
                 s=p.qaSegmentation.GetName(), r=p.qaReference.GetName(), n=self.panel.qa.error_count)
+            self.ui.qaRestoreButton.enabled = True
             self.onNextError()
 
         self._run(compare)
+
+    def onRestoreDisplay(self) -> None:
+        self._controllers().qa.restore_display()
+        self.ui.qaRestoreButton.enabled = False
 
     def onNextError(self) -> None:
         step = self._controllers().qa.next_error()

@@ -130,3 +130,44 @@ def test_segment_with_uncertainty_overlay(scene) -> None:
     t = run.uncertainty_table.GetTable()
     assert t.GetNumberOfRows() == 2 and 0 < t.GetValue(0, 1).ToDouble() < 1
     assert not run.temp_dir.exists()
+
+
+def test_restore_display_shows_the_segmentations_as_before_compare(scene) -> None:
+    """Compare shows both segmentations as yellow / cyan outlines; Restore display (and the next Compare) puts back
+    how the user showed them: fill, outline, thickness, visibility and their own override colours."""
+    from types import SimpleNamespace
+
+    from DSDSegmentationLib.bridge.controllers import QAController
+
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    masks = {"lesion": ball(shape, (40.0, 24.0, 30.0), 10.0), "core": ball(shape, (40.0, 24.0, 30.0), 4.0)}
+    seg = segmentation(scene, vol, "model", masks)
+    refn = segmentation(scene, vol, "manual", {"lesion": ball(shape, (40.0, 24.0, 32.0), 10.0)})
+    d, r = seg.GetDisplayNode(), refn.GetDisplayNode()
+    core = seg.GetSegmentation().GetSegmentIdBySegmentName("core")
+    lesion = seg.GetSegmentation().GetSegmentIdBySegmentName("lesion")
+    d.SetSegmentOverrideColor(core, 0.2, 0.4, 0.6)  # the user's own override on one segment
+    d.SetSliceIntersectionThickness(3)
+    r.SetVisibility(False)
+
+    def state(node):
+        dn = node.GetDisplayNode()
+        s = node.GetSegmentation()
+        return (dn.GetVisibility(), dn.GetVisibility2DFill(), dn.GetVisibility2DOutline(), dn.GetSliceIntersectionThickness(),
+                [tuple(round(c, 6) for c in dn.GetSegmentOverrideColor(s.GetNthSegmentID(i))) for i in range(s.GetNumberOfSegments())])
+
+    before = (state(seg), state(refn))
+    params = SimpleNamespace(qaSegmentation=seg, qaReference=refn, qaVolume=vol, qaToleranceMm=1.0)
+    qa = QAController(scene, None, params)
+    assert not qa.restore_display()  # nothing compared yet
+    qa.compare()
+    assert (state(seg), state(refn)) != before
+    assert not d.GetVisibility2DFill() and r.GetVisibility()
+    assert tuple(round(c, 3) for c in d.GetSegmentOverrideColor(core)) == PRED_OUTLINE
+    qa.compare()  # a second Compare saves the user's state, not the QA look
+    assert qa.restore_display()
+    assert (state(seg), state(refn)) == before
+    assert d.GetSegmentOverrideColor(lesion)[0] < 0  # no override, as before
+    assert not qa.restore_display()  # once
+    assert qa.result.table is not None and scene.IsNodePresent(qa.result.markups)  # the QA results stay

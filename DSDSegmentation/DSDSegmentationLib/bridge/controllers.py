@@ -408,9 +408,19 @@ class QAController:
             from .qa_logic import QALogic
 
             self.qa_logic = QALogic(self.scene)
+        self.restore_display()  # a new comparison starts from how the user showed the segmentations
         self.result = self.qa_logic.compare(seg, ref, volume, tolerance_mm=float(self.params.qaToleranceMm))
         self.error_index = -1
         return self.result
+
+    def restore_display(self) -> bool:
+        """Show the last compared segmentations as they were before Compare (fill, outline, colours); the QA table,
+        surfaces and points stay. False when there is nothing to restore."""
+        if self.result is None or not self.result.display_before or self.qa_logic is None:
+            return False
+        self.qa_logic.restore_display(self.result.display_before)
+        self.result.display_before = {}
+        return True
 
     @property
     def error_count(self) -> int:

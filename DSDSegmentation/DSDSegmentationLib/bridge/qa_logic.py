@@ -35,6 +35,7 @@ class QAResult:
     metrics: dict[str, dict[str, Any]]
     errors: list[dict[str, Any]] = field(default_factory=list)
     color_node: Any = None
+    display_before: dict[str, dict[str, Any]] = field(default_factory=dict)  # per node ID: see ``show_outlines``
 
 
 def _spacing_kji(volume: Any) -> tuple[float, float, float]:
@@ -91,12 +92,12 @@ class QALogic:
         errors.sort(key=lambda e: -(e["distance_mm"] if e["distance_mm"] is not None else np.inf))
         errors = errors[:worst]
         table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
-        self.show_outlines(segmentation, reference)
+        display_before = self.show_outlines(segmentation, reference)
         color = self.distance_color_node(clamp_mm)
         models = {name: self.distance_model(segmentation, sid, reference, rid, f"QA {name} distance", color, clamp_mm)
                   for name, sid, rid in pairs}
         markups = self._error_markups(f"QA worst errors {segmentation.GetName()}", errors)
-        return QAResult(table, models, markups, metrics, errors, color)
+        return QAResult(table, models, markups, metrics, errors, color, display_before)
 
     def _metrics_table(self, name: str, metrics: dict[str, dict[str, Any]]) -> Any:
         table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -116,20 +117,51 @@ class QALogic:
         t.Modified()
         return table
 
-    def show_outlines(self, segmentation: Any, reference: Any) -> None:
+    def show_outlines(self, segmentation: Any, reference: Any) -> dict[str, dict[str, Any]]:
         """Both as outlines only, the segmentation yellow and the reference cyan (override colours: the segments'
-        own colours are not changed)."""
+        own colours are not changed). Returns how each node was shown before, for :meth:`restore_display`."""
+        before: dict[str, dict[str, Any]] = {}
         for node, rgb in ((segmentation, PRED_OUTLINE), (reference, REF_OUTLINE)):
             if node.GetDisplayNode() is None:
                 node.CreateDefaultDisplayNodes()
             d = node.GetDisplayNode()
+            seg = node.GetSegmentation()
+            overrides = {}
+            for i in range(seg.GetNumberOfSegments()):
+                sid = seg.GetNthSegmentID(i)
+                color = d.GetSegmentOverrideColor(sid)
+                overrides[sid] = None if min(color[0], color[1], color[2]) < 0 else (color[0], color[1], color[2])
+            before[node.GetID()] = {"visibility": bool(d.GetVisibility()), "fill": bool(d.GetVisibility2DFill()),
+                                    "outline": bool(d.GetVisibility2DOutline()),
+                                    "thickness": int(d.GetSliceIntersectionThickness()), "overrides": overrides}
             d.SetVisibility(True)
             d.SetVisibility2DFill(False)
             d.SetVisibility2DOutline(True)
             d.SetSliceIntersectionThickness(2)
-            seg = node.GetSegmentation()
             for i in range(seg.GetNumberOfSegments()):
                 d.SetSegmentOverrideColor(seg.GetNthSegmentID(i), *rgb)
+        return before
+
+    def restore_display(self, before: dict[str, dict[str, Any]]) -> None:
+        """Show the compared segmentations as they were before :meth:`show_outlines` (nodes deleted since are
+        skipped; segments added since keep their own colours)."""
+        for node_id, state in before.items():
+            node = self.scene.GetNodeByID(node_id)
+            d = node.GetDisplayNode() if node is not None else None
+            if d is None:
+                continue
+            d.SetVisibility(state["visibility"])
+            d.SetVisibility2DFill(state["fill"])
+            d.SetVisibility2DOutline(state["outline"])
+            d.SetSliceIntersectionThickness(state["thickness"])
+            seg = node.GetSegmentation()
+            for i in range(seg.GetNumberOfSegments()):
+                sid = seg.GetNthSegmentID(i)
+                color = state["overrides"].get(sid)
+                if color is None:
+                    d.UnsetSegmentOverrideColor(sid)
+                else:
+                    d.SetSegmentOverrideColor(sid, *color)
 
     def distance_color_node(self, clamp_mm: float) -> Any:
         """Diverging colours for signed distance: blue = inside the reference (missed), white = on it,
