@@ -284,21 +284,16 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._controllers().prompt.place(None)
 
     def onCompare(self) -> None:
-        def compare() -> None:
-            result = self._controllers().qa.compare()
-            self.ui.qaTableView.setMRMLTableNode(result.table)
-            if result.models:
-                legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(next(iter(result.models.values())))
-                if legend:
-                    legend.SetTitleText("mm")
-            p = self._parameterNode
-            self.ui.qaStatusLabel.text = _("Yellow outline: {s}; cyan: {r}. Surfaces: blue inside the reference, red "
-                                           "outside (±5 mm). {n} worst error point(s).").format(
-                s=p.qaSegmentation.GetName(), r=p.qaReference.GetName(), n=self.panel.qa.error_count)
-            self.ui.qaRestoreButton.enabled = True
-            self.onNextError()
+        self._run(self._controllers().qa.compare)  # Compare ↔ Cancel; the result arrives in _tick
 
-        self._run(compare)
+    def _showComparison(self, result) -> None:
+        self.ui.qaTableView.setMRMLTableNode(result.table)
+        if result.models:
+            legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(next(iter(result.models.values())))
+            if legend:
+                legend.SetTitleText("mm")
+        self.ui.qaRestoreButton.enabled = True
+        self.onNextError()
 
     def onRestoreDisplay(self) -> None:
         self._controllers().qa.restore_display()
@@ -344,6 +339,8 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if run.uncertainty_node is not None:
                 slicer.util.setSliceViewerLayers(foreground=run.uncertainty_node, foregroundOpacity=0.5)
                 self.ui.qaTableView.setMRMLTableNode(run.uncertainty_table)
+        if done["qa"] is not None:
+            self._showComparison(done["qa"])
         if done["finetune"] is not None:
             self.refreshModels()
             index = self.ui.modelComboBox.findData(done["finetune"]["package"])
@@ -362,6 +359,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.text = _("Cancel") if run.active else _("Apply")
             if kind == C.UNCERTAINTY:
                 self.ui.qaStatusLabel.text = run.message
+        elif kind == C.QA:
+            self.ui.qaStatusLabel.text = run.message
+            self.ui.compareButton.text = _("Cancel") if run.active else _("Compare")
         elif kind == C.PROMPT:
             self.ui.interactiveStatusLabel.text = run.message
         elif kind == C.FINETUNE:
@@ -553,14 +553,14 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         click = list(m.MultiplyPoint([*ijk, 1.0])[:3])
         try:
             seg, region = InteractiveLogic(logic.bridge()).segment_at(volume, default_model(), click, device="cpu")
+            names = sorted(seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments()))
+            self.assertEqual(len(names), 2)
+            self.assertIsNone(region.side, "a crop around one hippocampus has no midline: no side in the names")
+            preset = read_model_card(default_model())["preset"]
+            reference = logic.bridge().import_labelmap(case.label, volume, preset, show_3d=False)
+            result = QALogic(slicer.mrmlScene, logic.bridge()).compare(seg, reference, volume)  # in the warm worker
         finally:
             logic.shutdown()
-        names = sorted(seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments()))
-        self.assertEqual(len(names), 2)
-        self.assertIsNone(region.side, "a crop around one hippocampus has no midline: no side in the names")
-        preset = read_model_card(default_model())["preset"]
-        reference = logic.bridge().import_labelmap(case.label, volume, preset, show_3d=False)
-        result = QALogic(slicer.mrmlScene).compare(seg, reference, volume)
         self.assertEqual(result.table.GetNumberOfRows(), 2)
         self.assertEqual(len(result.models), 2)
         for name, metrics in result.metrics.items():

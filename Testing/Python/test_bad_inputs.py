@@ -444,7 +444,7 @@ def test_models_list_flags_damaged_packages(ws: Path) -> None:
 
 
 SERVE_BAD = ['[1, 2]', 'null', '"predict"', '{"id": 5, "command": "predict"}', '{"id": 6, "command": "explode"}',
-             'not json']
+             'not json', '{"id": 9, "command": "qa"}', '{"id": 10, "command": "qa", "folder": "/"}']  # no QA request there
 
 
 def test_warm_worker_answers_every_bad_request_and_stays_up(ws: Path) -> None:

@@ -209,12 +209,32 @@ def test_qa_controller(panel, scene) -> None:
     seg = run_until(panel, "segment")
     panel.params.qaSegmentation = seg
     panel.params.qaToleranceMm = 2.0
-    result = panel.qa.compare()
+    def qa_nodes():  # what Compare adds: the table, the colour map, the surfaces and the points
+        return sorted(scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())
+                      if scene.GetNthNode(i).GetName().startswith("QA "))
+
+    panel.qa.compare()  # in the warm worker: returns at once, the scene is unchanged until a tick brings the result
+    assert panel.state[C.QA].active and panel.qa.result is None and qa_nodes() == []
+    result = run_until(panel, "qa")
+    assert result is panel.qa.result and panel.state[C.QA].status == C.DONE
+    assert "worst error point" in panel.state[C.QA].message
+    assert panel.qa.run is None and list((panel.bridge.temp_root).iterdir()) == [], "no temporary files left"
     assert result.table.GetNumberOfRows() == 2
     n = panel.qa.error_count
     assert n > 0
     seen = [panel.qa.next_error()[0] for _ in range(n + 1)]
     assert seen == [*range(n), 0], "next worst error cycles through all of them"
+
+    # Compare again, then Cancel (the same button): nothing is added, the earlier result stays, the worker lives on
+    nodes = qa_nodes()
+    assert len(nodes) == 5 and any(n.startswith("QA worst errors") for n in nodes)
+    panel.qa.compare()
+    panel.qa.compare()
+    assert panel.state[C.QA].status == C.CANCELLED and panel.qa.run is None
+    assert qa_nodes() == nodes and panel.qa.result is result
+    assert list((panel.bridge.temp_root).iterdir()) == []
+    panel.qa.compare()
+    assert run_until(panel, "qa").table.GetNumberOfRows() == 2, "the warm worker still answers"
 
 
 def test_scene_close_resets_every_section(panel, scene, tmp_path: Path) -> None:

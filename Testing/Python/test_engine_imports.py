@@ -101,3 +101,20 @@ def test_slicers_own_process_never_loads_torch_dynamo() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_the_panels_compare_loads_no_torch_in_slicers_process(tmp_path) -> None:
+    """Since session 12 Compare's numbers and surfaces are computed in the worker: what Slicer's own process runs
+    for it (the bridge, the controllers, writing the request) imports neither torch nor MONAI."""
+    code = (
+        "import sys, numpy as np\n"
+        "import DSDSegmentationLib.bridge.qa_logic, DSDSegmentationLib.bridge.controllers, DSDSegmentationLib.bridge.logic\n"
+        "import DSDSegmentationLib.bridge.interactive\n"
+        "from DSDSegmentationLib.worker.qa_panel import write_panel_request\n"
+        "a = np.zeros((20, 20, 20), bool); a[4:12, 4:12, 4:12] = True\n"
+        f"write_panel_request({str(tmp_path)!r}, [('x', a, np.roll(a, 2, 0))], (1.0, 1.0, 1.0), np.eye(4))\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[2] / "DSDSegmentation"))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    assert (tmp_path / "request.json").is_file() and (tmp_path / "masks.npz").is_file()

@@ -137,7 +137,9 @@ def test_restore_display_shows_the_segmentations_as_before_compare(scene) -> Non
     how the user showed them: fill, outline, thickness, visibility and their own override colours."""
     from types import SimpleNamespace
 
-    from DSDSegmentationLib.bridge.controllers import QAController
+    import time
+
+    from DSDSegmentationLib.bridge.controllers import QA, ProcessingState, QAController
 
     vol = make_volume(scene)
     shape = (40, 60, 60)
@@ -159,13 +161,20 @@ def test_restore_display_shows_the_segmentations_as_before_compare(scene) -> Non
 
     before = (state(seg), state(refn))
     params = SimpleNamespace(qaSegmentation=seg, qaReference=refn, qaVolume=vol, qaToleranceMm=1.0)
-    qa = QAController(scene, None, params)
+    qa = QAController(scene, ProcessingState(), params)
+
+    def compare():
+        qa.compare()
+        while qa.tick() is None:
+            assert qa.run is not None, qa.state[QA].message
+            time.sleep(0.02)
+
     assert not qa.restore_display()  # nothing compared yet
-    qa.compare()
+    compare()
     assert (state(seg), state(refn)) != before
     assert not d.GetVisibility2DFill() and r.GetVisibility()
     assert tuple(round(c, 3) for c in d.GetSegmentOverrideColor(core)) == PRED_OUTLINE
-    qa.compare()  # a second Compare saves the user's state, not the QA look
+    compare()  # a second Compare saves the user's state, not the QA look
     assert qa.restore_display()
     assert (state(seg), state(refn)) == before
     assert d.GetSegmentOverrideColor(lesion)[0] < 0  # no override, as before

@@ -33,8 +33,8 @@ PARAMETERS: dict[str, Any] = {
     "finetuneLearningRate": 0.001, "finetuneDSD": False, "finetuneFreezeEncoder": False, "finetuneName": "",
 }
 
-SEGMENT, PROMPT, UNCERTAINTY, FINETUNE = "segment", "prompt", "uncertainty", "finetune"
-KINDS = (SEGMENT, PROMPT, UNCERTAINTY, FINETUNE)
+SEGMENT, PROMPT, UNCERTAINTY, FINETUNE, QA = "segment", "prompt", "uncertainty", "finetune", "qa"
+KINDS = (SEGMENT, PROMPT, UNCERTAINTY, FINETUNE, QA)
 IDLE, STARTING, RUNNING, IMPORTING, DONE, CANCELLED, FAILED = (
     "idle", "starting", "running", "importing", "done", "cancelled", "failed")
 ACTIVE = (STARTING, RUNNING, IMPORTING)
@@ -390,15 +390,21 @@ class PromptController:
 
 # ------------------------------------------------------------------------------------------------------- QA
 class QAController:
-    """Compare a segmentation with a reference; step through the worst boundary errors."""
+    """Compare (↔ Cancel) a segmentation with a reference in the worker; step through the worst boundary errors."""
 
-    def __init__(self, scene: Any, state: ProcessingState, params: Any, qa_logic: Any = None):
+    def __init__(self, scene: Any, state: ProcessingState, params: Any, qa_logic: Any = None, bridge: Any = None):
         self.scene, self.state, self.params = scene, state, params
-        self.qa_logic = qa_logic  # made on first use: the metrics need torch, installed on first use too
+        self.bridge = bridge  # its warm worker computes the comparison
+        self.qa_logic = qa_logic  # made on first use
+        self.run: Any = None  # the comparison running in the worker
         self.result: Any = None
         self.error_index = -1
 
-    def compare(self) -> Any:
+    def compare(self) -> None:
+        """Start the comparison when idle (:meth:`tick` brings the result), Cancel when one runs (one button)."""
+        if self.run is not None:
+            self.cancel()
+            return
         seg, ref, volume = self.params.qaSegmentation, self.params.qaReference, self.params.qaVolume
         if seg is None or ref is None or seg is ref:
             raise InputError("Pick two different segmentations: the one to check and the reference.")
@@ -407,11 +413,41 @@ class QAController:
         if self.qa_logic is None:
             from .qa_logic import QALogic
 
-            self.qa_logic = QALogic(self.scene)
+            self.qa_logic = QALogic(self.scene, self.bridge)
+        self.state.set(QA, STARTING, "Comparing in the background…")
+        try:
+            self.run = self.qa_logic.start_compare(seg, ref, volume, tolerance_mm=float(self.params.qaToleranceMm))
+        except Exception as e:  # noqa: BLE001 - shown to the user; nothing was changed
+            self.run = None
+            _failure(self.state, QA, e)
+
+    def tick(self, now: float | None = None) -> Any:
+        """Forward progress; when the worker has ended, build the QA nodes. Returns the QAResult when done."""
+        run = self.run
+        if run is None:
+            return None
+        _progress(self.state, QA, run.worker.poll())
+        if run.worker.running:
+            return None
+        self.run = None
+        self.state.set(QA, IMPORTING, "Showing the comparison…")
         self.restore_display()  # a new comparison starts from how the user showed the segmentations
-        self.result = self.qa_logic.compare(seg, ref, volume, tolerance_mm=float(self.params.qaToleranceMm))
+        try:
+            self.result = self.qa_logic.finish_compare(run)
+        except Exception as e:  # noqa: BLE001
+            _failure(self.state, QA, e)
+            return None
         self.error_index = -1
+        self.state.set(QA, DONE, f"Yellow outline: {run.segmentation.GetName()}; cyan: {run.reference.GetName()}. "
+                                 f"Surfaces: blue inside the reference, red outside (±{run.clamp_mm:g} mm). "
+                                 f"{self.error_count} worst error point(s).")
         return self.result
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            self.qa_logic.cancel_compare(run)
+            self.state.set(QA, CANCELLED, "Cancelled; nothing was changed.")
 
     def restore_display(self) -> bool:
         """Show the last compared segmentations as they were before Compare (fill, outline, colours); the QA table,
@@ -437,6 +473,7 @@ class QAController:
         return self.error_index, n, pos, self.result.markups.GetNthControlPointDescription(self.error_index)
 
     def reset(self) -> None:
+        self.cancel()
         self.result = None
         self.error_index = -1
 
@@ -616,7 +653,7 @@ class PanelController:
 
         self.segment = SegmentController(self.bridge, self.state, self.params)
         self.prompt = PromptController(self.scene, InteractiveLogic(self.bridge), self.state, self.params, self.model)
-        self.qa = QAController(self.scene, self.state, self.params)
+        self.qa = QAController(self.scene, self.state, self.params, bridge=self.bridge)
         self.finetune = FinetuneController(self.bridge, self.state, self.params, self.work_root)
         self._close_tag = self.scene.AddObserver(self.scene.StartCloseEvent, self._on_scene_close)
 
@@ -628,7 +665,8 @@ class PanelController:
 
     def tick(self, now: float | None = None) -> dict[str, Any]:
         """One poll of every section (the widget's timer): what finished in this tick."""
-        return {"segment": self.segment.tick(now), "prompt": self.prompt.tick(now), "finetune": self.finetune.tick(now)}
+        return {"segment": self.segment.tick(now), "prompt": self.prompt.tick(now), "finetune": self.finetune.tick(now),
+                "qa": self.qa.tick(now)}
 
     def shutdown(self) -> None:
         """Module closed: nothing is left running (a stopped fine-tune can be resumed later)."""

@@ -9,6 +9,10 @@ scores each segment by it, for when there is no reference.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,8 @@ import slicer
 import vtk
 
 from ..engine.errors import InputError
-from ..engine.metrics import class_metrics
-from ..engine.qa import boundary_errors, uncertainty_scores
+from ..worker.process import WorkerProcess
+from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
 REF_OUTLINE = (0.1, 0.9, 0.9)  # cyan
@@ -38,15 +42,25 @@ class QAResult:
     display_before: dict[str, dict[str, Any]] = field(default_factory=dict)  # per node ID: see ``show_outlines``
 
 
+@dataclass
+class QARun:
+    """A Compare running in the worker: poll ``worker`` (``running``, ``poll``), then :meth:`QALogic.finish_compare`."""
+
+    worker: Any
+    folder: Path
+    segmentation: Any
+    reference: Any
+    volume: Any
+    pairs: list[tuple[str, str, str]]
+    clamp_mm: float
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _spacing_kji(volume: Any) -> tuple[float, float, float]:
     s = volume.GetSpacing()
     return (s[2], s[1], s[0])
-
-
-def _ijk_to_ras(volume: Any, kji: list[int]) -> list[float]:
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    return list(m.MultiplyPoint([kji[2], kji[1], kji[0], 1.0])[:3])
 
 
 def _fmt(v: float | None) -> str:
@@ -54,10 +68,13 @@ def _fmt(v: float | None) -> str:
 
 
 class QALogic:
-    """Boundary QA nodes for one scene."""
+    """Boundary QA nodes for one scene. The numbers and distance surfaces are computed in the worker (the
+    ``bridge``'s warm one, or a one-shot ``dsdseg qa-panel``): Slicer's main thread only exports the masks and
+    builds the nodes."""
 
-    def __init__(self, scene: Any):
+    def __init__(self, scene: Any, bridge: Any = None):
         self.scene = scene
+        self.bridge = bridge  # a SegmentationBridge: its warm worker, Python and temporary folder
 
     # ------------------------------------------------------------------------------------------------ compare
     def common_segments(self, segmentation: Any, reference: Any) -> list[tuple[str, str, str]]:
@@ -76,28 +93,75 @@ class QALogic:
 
     def compare(self, segmentation: Any, reference: Any, volume: Any, tolerance_mm: float = 1.0, worst: int = 5,
                 clamp_mm: float = 5.0) -> QAResult:
-        """Metrics table, outlines, distance-coloured surfaces and worst-error markups (see the module doc)."""
+        """Blocking: metrics table, outlines, distance-coloured surfaces and worst-error markups (see the module
+        doc). The panel uses :meth:`start_compare` / :meth:`finish_compare` instead, so that Slicer stays usable."""
+        run = self.start_compare(segmentation, reference, volume, tolerance_mm, worst, clamp_mm)
+        try:
+            while run.worker.running:
+                run.worker.poll()
+                time.sleep(0.02)
+        except BaseException:
+            self.cancel_compare(run)
+            raise
+        return self.finish_compare(run)
+
+    def start_compare(self, segmentation: Any, reference: Any, volume: Any, tolerance_mm: float = 1.0, worst: int = 5,
+                      clamp_mm: float = 5.0) -> QARun:
+        """Write both segmentations' masks of the segments named alike (on the volume's grid, cropped to the box of
+        each pair) and start the worker on them; nothing in the scene changes until :meth:`finish_compare`."""
         if volume is None or volume.GetImageData() is None:
             raise InputError("QA needs the volume both segmentations lie on (its grid is where metrics are computed)")
-        spacing = _spacing_kji(volume)
-        metrics: dict[str, dict[str, Any]] = {}
-        errors: list[dict[str, Any]] = []
         pairs = self.common_segments(segmentation, reference)
-        for name, sid, rid in pairs:
-            p = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0
-            r = slicer.util.arrayFromSegmentBinaryLabelmap(reference, rid, volume) > 0
-            metrics[name] = class_metrics(p, r, spacing, tolerance_mm)
-            for e in boundary_errors(p, r, spacing, count=worst):
-                errors.append({**e, "segment": name, "ras": _ijk_to_ras(volume, e["ijk"])})
-        errors.sort(key=lambda e: -(e["distance_mm"] if e["distance_mm"] is not None else np.inf))
-        errors = errors[:worst]
-        table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
-        display_before = self.show_outlines(segmentation, reference)
-        color = self.distance_color_node(clamp_mm)
-        models = {name: self.distance_model(segmentation, sid, reference, rid, f"QA {name} distance", color, clamp_mm)
-                  for name, sid, rid in pairs}
-        markups = self._error_markups(f"QA worst errors {segmentation.GetName()}", errors)
-        return QAResult(table, models, markups, metrics, errors, color, display_before)
+        masks = [(name, slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0,
+                  slicer.util.arrayFromSegmentBinaryLabelmap(reference, rid, volume) > 0) for name, sid, rid in pairs]
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijk_to_ras)
+        kji_to_ras = slicer.util.arrayFromVTKMatrix(ijk_to_ras) @ np.array(
+            [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)  # arrays from Slicer are (k, j, i)
+        bridge = self.bridge
+        root = Path(bridge.temp_root) if bridge is not None and bridge.temp_root else Path(tempfile.gettempdir())
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="dsdseg-qa-", dir=root))
+        except OSError as e:
+            raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
+        try:
+            write_panel_request(folder, masks, _spacing_kji(volume), kji_to_ras, tolerance_mm, worst)
+            if bridge is not None and bridge.server is not None:
+                worker = bridge.server.submit({"command": "qa", "folder": str(folder)})
+            else:
+                worker = WorkerProcess(["qa-panel", str(folder)], python=getattr(bridge, "python", None),
+                                       env=getattr(bridge, "env", None))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return QARun(worker, folder, segmentation, reference, volume, pairs, clamp_mm)
+
+    def cancel_compare(self, run: QARun) -> None:
+        """Stop the worker's comparison (a warm worker goes on) and remove its files; the scene is unchanged."""
+        run.worker.cancel()
+        run.worker.wait()
+        run.cleanup()
+
+    def finish_compare(self, run: QARun) -> QAResult:
+        """The worker has ended: the table, outlines, surfaces and points from its results (fast)."""
+        try:
+            result = run.worker.wait()
+            result.raise_for_status("QA")
+            out = json.loads((run.folder / PANEL_RESULT).read_text(encoding="utf-8"))
+            segmentation, reference = run.segmentation, run.reference
+            metrics = out["metrics"]
+            table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
+            display_before = self.show_outlines(segmentation, reference)
+            color = self.distance_color_node(run.clamp_mm)
+            models = {}
+            for name, _sid, _rid in run.pairs:
+                if name in out["surfaces"]:
+                    models[name] = self._distance_model_from_file(run.folder / out["surfaces"][name],
+                                                                  f"QA {name} distance", color, run.clamp_mm)
+            markups = self._error_markups(f"QA worst errors {segmentation.GetName()}", out["errors"])
+            return QAResult(table, models, markups, metrics, out["errors"], color, display_before)
+        finally:
+            run.cleanup()
 
     def _metrics_table(self, name: str, metrics: dict[str, dict[str, Any]]) -> Any:
         table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -174,32 +238,16 @@ class QALogic:
         node.SetAndObserveColorTransferFunction(ctf)
         return node
 
-    def distance_model(self, segmentation: Any, sid: str, reference: Any, rid: str, name: str, color_node: Any,
-                       clamp_mm: float) -> Any:
-        """The segment's closed surface with point scalars ``Distance`` = signed distance (mm) to the reference
-        segment's surface: > 0 outside the reference, < 0 inside."""
-        surfaces = []
-        for node, segment_id in ((segmentation, sid), (reference, rid)):
-            node.CreateClosedSurfaceRepresentation()
-            poly = vtk.vtkPolyData()
-            node.GetClosedSurfaceRepresentation(segment_id, poly)
-            if poly.GetNumberOfPoints() == 0:
-                raise InputError(f"segment '{name}' of '{node.GetName()}' has no surface (empty segment)")
-            normals = vtk.vtkPolyDataNormals()  # consistent outward normals: the sign of the distance depends on them
-            normals.SetInputData(poly)
-            normals.ConsistencyOn()
-            normals.AutoOrientNormalsOn()
-            normals.SplittingOff()
-            normals.Update()
-            surfaces.append(normals.GetOutput())
-        dist = vtk.vtkDistancePolyDataFilter()
-        dist.SetInputData(0, surfaces[0])
-        dist.SetInputData(1, surfaces[1])
-        dist.SignedDistanceOn()
-        dist.ComputeSecondDistanceOff()
-        dist.Update()
+    def _distance_model_from_file(self, path: Path, name: str, color_node: Any, clamp_mm: float) -> Any:
+        """A model node of the worker's surface (RAS, point scalars ``Distance`` = signed mm to the reference
+        surface: > 0 outside the reference, < 0 inside), coloured with ``color_node`` in ±``clamp_mm``."""
+        reader = vtk.vtkXMLPolyDataReader()
+        reader.SetFileName(str(path))
+        reader.Update()
         out = vtk.vtkPolyData()
-        out.DeepCopy(dist.GetOutput())
+        out.DeepCopy(reader.GetOutput())
+        if out.GetPointData().GetArray("Distance") is None:
+            raise InputError(f"the worker's surface {path.name} has no distances")
         out.GetPointData().SetActiveScalars("Distance")
         model = self.scene.AddNewNodeByClass("vtkMRMLModelNode", name)
         model.SetAndObservePolyData(out)
@@ -248,6 +296,8 @@ class QALogic:
             sid = seg.GetSegmentIdBySegmentName(name)
             if value and sid:
                 label_array[slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0] = value
+        from ..engine.qa import uncertainty_scores
+
         scores = uncertainty_scores(unc, label_array, labels)
         table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volume.GetName()} uncertainty per segment")
         for column, cls in (("Segment", vtk.vtkStringArray), ("Mean uncertainty", vtk.vtkDoubleArray)):

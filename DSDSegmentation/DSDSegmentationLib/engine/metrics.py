@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
 
 from .errors import InputError
 from .io import load_volume
@@ -54,6 +52,9 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float
     dice = 2.0 * inter / (p.sum() + r.sum())
     box = union_box(p, r)  # distances within the box of both are those on the whole grid, at a fraction of the cost
     p, r = p[box], r[box]
+    import torch  # here, not at the top: ``union_box`` is used where torch must not load (Slicer's own process)
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+
     pt = torch.from_numpy(p)[None, None]
     rt = torch.from_numpy(r)[None, None]
     with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument

@@ -282,11 +282,20 @@ def _cmd_qa(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_qa_panel(args: argparse.Namespace) -> int:
+    from .qa_panel import run_panel_request
+
+    run_panel_request(args.folder, progress=_progress(args))
+    _report(args, {"stage": "done", "output": args.folder})
+    return EXIT_OK
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Warm worker: one JSON request per stdin line, JSON progress and results on stdout, models kept loaded.
 
     Requests: ``{"id": 1, "command": "predict", "model": M, "inputs": [..], "output": F, "device": "auto",
-    "tta": false, "uncertainty": F2, "overwrite": false}``, ``{"command": "cancel", "target": 1}`` (stops request 1
+    "tta": false, "uncertainty": F2, "overwrite": false}``, ``{"id": 2, "command": "qa", "folder": D}`` (the panel's
+    Compare on the masks in D, see ``qa_report.run_panel_request``), ``{"command": "cancel", "target": 1}`` (stops request 1
     between two sliding-window batches, or before it starts; the worker and its loaded model stay) and
     ``{"command": "quit"}``. Every output line carries the request id; each request ends with exactly one line
     whose stage is "done", "cancelled" or "error" (with kind, message and the exit code the one-shot command
@@ -360,8 +369,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if skip:
             continue
         try:
+            if command == "qa":  # the panel's Compare: metrics, worst errors and distance surfaces (no model)
+                from .qa_panel import run_panel_request
+
+                folder = req.get("folder")
+                if not isinstance(folder, str) or not Path(folder).is_dir():
+                    raise InputError("bad request: 'folder' must be the QA request's folder")
+                run_panel_request(folder, should_stop=lambda rid=rid: rid in cancelled, progress=_TaggedProgress(rid))
+                emit({"stage": "done", "id": rid, "output": folder})
+                continue
             if command != "predict":
-                raise InputError(f"unknown request command {command!r} (predict, cancel, quit)")
+                raise InputError(f"unknown request command {command!r} (predict, qa, cancel, quit)")
             model, inputs, output = req.get("model"), req.get("inputs"), req.get("output")
             if not isinstance(model, str) or not model:
                 raise InputError("bad request: 'model' must be a model path")
@@ -605,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier run in --output")
     progress_arg(q)
     q.set_defaults(func=_cmd_qa)
+
+    qp = sub.add_parser("qa-panel", help="the Slicer panel's Compare on the masks it wrote into FOLDER (request.json, "
+                                          "masks.npz) → result.json and distance surfaces (.vtp)")
+    qp.add_argument("folder")
+    progress_arg(qp)
+    qp.set_defaults(func=_cmd_qa_panel)
 
     sv = sub.add_parser("serve", help="warm worker: JSON requests on stdin, models stay loaded (used by Slicer)")
     sv.set_defaults(func=_cmd_serve, progress="json")
