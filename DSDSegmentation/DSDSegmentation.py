@@ -270,7 +270,6 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("DSDSegmentation could not do that."), waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
-            self.ui.environmentLabel.text = self.logic.environmentInfo()
             action(*args)
             self._showReadiness()
 
@@ -332,6 +331,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.panel is None:
             return
         done = self.panel.tick()
+        environment = self.logic.bridge().environment()  # from the worker: Slicer's process never imports torch
+        if environment and self.ui.environmentLabel.text != environment:
+            self.ui.environmentLabel.text = environment
         seg = done["segment"]
         if seg is not None:
             run = self.panel.segment.result
@@ -455,12 +457,6 @@ class DSDSegmentationLogic(ScriptedLoadableModuleLogic):
             return False
         return True
 
-    def environmentInfo(self) -> str:
-        import torch
-
-        cuda = torch.version.cuda or "none (CPU build)"
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-        return f"torch {torch.__version__}, CUDA build {cuda}, device {device}"
 
 
 class DSDSegmentationTest(ScriptedLoadableModuleTest):

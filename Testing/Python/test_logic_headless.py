@@ -179,8 +179,15 @@ def test_warm_and_one_shot_workers_agree(scene, model: Path, hippocampus_dir: Pa
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
     logic = SegmentationBridge(scene, warm=warm)
     try:
+        assert logic.environment() is None  # nothing started yet
         first = logic.segment([vol], model, device="cpu")
         pid = logic.server.proc.proc.pid if warm else None
+        if warm:  # the panel's environment line comes from the worker: Slicer's own process never imports torch
+            import torch
+
+            assert logic.environment() == f"torch {torch.__version__}, CUDA build none (CPU build), device CPU"
+        else:
+            assert logic.environment() is None
         second = logic.segment([vol], model, device="cpu")
         if warm:
             assert logic.server.proc.proc.pid == pid, "the warm worker is reused"

@@ -250,3 +250,13 @@ def test_no_class_defines_a_method_twice() -> None:
                     twice.append(f"{f.relative_to(ROOT)}: {cls.name}.{fn.name}")
                 seen.add(fn.name)
     assert not twice, twice
+
+
+def test_the_module_file_never_imports_torch_or_monai() -> None:
+    """Slicer's own process: importing torch there freezes the panel for seconds at the first action, loads CUDA's
+    libraries beside Slicer's, and (with a CUDA build) triton after Mesa's libLLVM crashes it (session 11). The
+    module asks the worker instead (its ``ready`` record: torch version, CUDA build, device)."""
+    tree = ast.parse((ROOT / "DSDSegmentation" / "DSDSegmentation.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"torch", "monai"}, imported & {"torch", "monai"}

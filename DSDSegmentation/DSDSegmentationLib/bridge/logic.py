@@ -133,6 +133,11 @@ class SegmentationBridge:
         self.temp_root = Path(temp_root) if temp_root else None
         self.server = ServeWorker(python, env) if warm else None
 
+    def environment(self) -> str | None:
+        """What the warm worker reported when it started (torch, CUDA build, device); None before that. Slicer's
+        own process never imports torch for it."""
+        return self.server.environment if self.server is not None else None
+
     def shutdown(self) -> None:
         """Stop the warm worker (module closed or scene cleared)."""
         if self.server is not None:

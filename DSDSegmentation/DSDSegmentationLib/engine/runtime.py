@@ -32,3 +32,13 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
     ok &= mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     ok &= mallopt(_M_TOP_PAD, top_pad) == 1
     return bool(ok)
+
+
+def environment() -> str:
+    """One line for the panel: torch version, the CUDA build, and the device inference uses by default. Computed in
+    the worker (its ``ready`` record), so that Slicer's own process never imports torch."""
+    import torch
+
+    cuda = torch.version.cuda or "none (CPU build)"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"torch {torch.__version__}, CUDA build {cuda}, device {device}"

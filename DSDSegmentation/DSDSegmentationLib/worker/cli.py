@@ -350,7 +350,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             pending.put(req)
         pending.put({"command": "quit"})
 
-    emit({"stage": "ready", "pid": os.getpid()})
+    from ..engine.runtime import environment
+
+    emit({"stage": "ready", "pid": os.getpid(), "environment": environment()})
     threading.Thread(target=read_requests, daemon=True).start()
     while True:
         req = pending.get()

@@ -214,6 +214,7 @@ class ServeWorker:
     def __init__(self, python: str | None = None, env: dict[str, str] | None = None):
         self.python, self.env = python, env
         self.proc: WorkerProcess | None = None
+        self.environment: str | None = None  # from the worker's "ready" record: torch, CUDA build, device
         self._next_id = 0
         self._jobs: dict[int, "ServeJob"] = {}
         self._lock = threading.Lock()
@@ -239,6 +240,8 @@ class ServeWorker:
 
     def dispatch(self, worker: "WorkerProcess") -> None:
         for rec in worker.poll():
+            if rec.get("stage") == "ready" and rec.get("environment"):
+                self.environment = str(rec["environment"])
             job = self._jobs.get(rec.get("id"))
             if job is not None:
                 job.records.append(rec)
