@@ -180,3 +180,27 @@ def test_restore_display_shows_the_segmentations_as_before_compare(scene) -> Non
     assert d.GetSegmentOverrideColor(lesion)[0] < 0  # no override, as before
     assert not qa.restore_display()  # once
     assert qa.result.table is not None and scene.IsNodePresent(qa.result.markups)  # the QA results stay
+
+
+def test_an_empty_segment_is_reported_not_refused(scene) -> None:
+    """A segment the model left empty (or one empty on both sides) is a result to show, not an error: Dice 0 and no
+    distances for it, a 'whole segment missed' point at the reference's centre, no surface; the other segments as
+    usual. (Until session 12 the main-thread Compare stopped with 'no surface (empty segment)'.)"""
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    lesion, core = ball(shape, (40.0, 24.0, 30.0), 8.0), ball(shape, (40.0, 24.0, 30.0), 3.0)
+    empty = np.zeros(shape, bool)
+    seg = segmentation(scene, vol, "model", {"lesion": lesion, "core": empty, "nothing": empty})
+    ref = segmentation(scene, vol, "manual", {"lesion": np.roll(lesion, 1, 2), "core": core, "nothing": empty})
+    result = QALogic(scene).compare(seg, ref, vol)
+    assert result.metrics["core"]["dice"] == 0.0 and result.metrics["core"]["hd95"] is None
+    assert result.metrics["core"]["empty"] == "prediction"
+    assert result.metrics["nothing"]["empty"] == "both" and result.metrics["nothing"]["dice"] == 1.0
+    assert result.metrics["lesion"]["dice"] > 0.8
+    assert set(result.models) == {"lesion"}
+    missed = [e for e in result.errors if e["segment"] == "core"]
+    assert missed and missed[0]["distance_mm"] is None
+    assert "whole segment missed" in result.markups.GetNthControlPointDescription(result.errors.index(missed[0]))
+    t = result.table.GetTable()
+    rows = {t.GetValue(i, 0).ToString(): i for i in range(t.GetNumberOfRows())}
+    assert math.isnan(t.GetValue(rows["core"], 2).ToDouble())  # HD95 undefined: NaN in the table
