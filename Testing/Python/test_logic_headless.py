@@ -315,3 +315,35 @@ def test_a_new_result_never_replaces_a_segment_the_user_edited(scene, hippocampu
     bridge.import_labelmap(label, vol, preset, segmentation_node=mine, show_3d=False, notes=notes)
     assert names(mine) == ["anterior hippocampus", "posterior hippocampus", "posterior hippocampus (edited)"]
     assert notes == ["your edited segment 'posterior hippocampus' was kept as 'posterior hippocampus (edited)'"]
+
+
+def test_no_operation_leaves_nodes_behind_in_the_users_scene(scene, hippocampus_dir: Path, tmp_path: Path) -> None:
+    """Slicer's array helpers and a labelmap import / export through a temporary volume each leave that volume's
+    display node (export: a colour table too) in the scene; MRML never removes them, so every Apply, click, Compare
+    and fine-tune case added hidden nodes to the user's scene (and to the saved .mrml) until session 12."""
+    from DSDSegmentationLib.bridge.demo import default_model
+    from DSDSegmentationLib.bridge.logic import segment_array, set_segment_array
+    from DSDSegmentationLib.engine.cards import read_model_card
+
+    preset = read_model_card(default_model())["preset"]
+    bridge = SegmentationBridge(scene, warm=False)
+    image, label = (hippocampus_dir / d / "hippocampus_003.nii.gz" for d in ("imagesTr", "labelsTr"))
+    vol = bridge.load_volume(image)
+
+    def ids():
+        return {scene.GetNthNode(i).GetID(): scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes())}
+
+    before = ids()
+    seg = bridge.import_labelmap(label, vol, preset, show_3d=False)
+    added = {k: v for k, v in ids().items() if k not in before}
+    assert sorted(added.values()) == ["vtkMRMLSegmentationDisplayNode", "vtkMRMLSegmentationNode"], added
+    before = ids()
+    bridge.import_labelmap(label, vol, preset, segmentation_node=seg, show_3d=False)  # Apply again
+    bridge.export_labelmap(seg, vol, preset, tmp_path / "case.nii.gz")  # a fine-tune case
+    sid = seg.GetSegmentation().GetSegmentIdBySegmentName("anterior hippocampus")
+    voxels = segment_array(seg, sid, vol)  # a click, a Compare
+    assert voxels.any()
+    set_segment_array(voxels, seg, sid, vol)
+    assert ids() == before
+    # and the helpers do what Slicer's do
+    assert np.array_equal(voxels, slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol))

@@ -26,7 +26,7 @@ from ..engine.errors import InputError
 from ..engine.terminology import tag_string
 from .terminology import get_segment_terminology, set_segment_terminology
 from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, is_unchanged_result, keep_name,
-                    segment_fingerprint)
+                    segment_array, segment_fingerprint, set_segment_array)
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
@@ -189,8 +189,8 @@ class InteractiveLogic:
             terminology = get_segment_terminology(segment)
             if terminology:
                 set_segment_terminology(segmentation.GetSegment(copy_id), terminology)
-            voxels = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).astype(np.uint8)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(voxels, seg, copy_id, volume)
+            voxels = segment_array(seg, sid, volume).astype(np.uint8)
+            set_segment_array(voxels, seg, copy_id, volume)
             notes.append(f"your edited segment '{full_name}' was kept as a copy, '{kept}'")
 
     def clear(self, region: RegionRun, preset: dict[str, Any]) -> None:
@@ -201,10 +201,10 @@ class InteractiveLogic:
             sid = segmentation.GetSegmentIdBySegmentName(f"{region.side} {name}" if region.side else name)
             if value == 0 or not sid:
                 continue
-            full = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, region.volume).astype(np.uint8)
+            full = segment_array(seg, sid, region.volume).astype(np.uint8)
             lo, hi = region.lo, region.hi
             full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = 0
-            slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, region.volume)
+            set_segment_array(full, seg, sid, region.volume)
 
     def paste(self, region: RegionRun, labels: np.ndarray, preset: dict[str, Any]) -> Any:
         volume, lo, hi = region.volume, region.lo, region.hi
@@ -225,7 +225,7 @@ class InteractiveLogic:
             full_name = f"{region.side} {name}" if region.side else name
             sid = segmentation.GetSegmentIdBySegmentName(full_name)
             if sid:
-                full = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).astype(np.uint8)
+                full = segment_array(seg, sid, volume).astype(np.uint8)
             else:
                 rgb = colors.get(value, DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)])
                 sid = segmentation.AddEmptySegment("", full_name, [c / 255.0 for c in rgb])
@@ -237,7 +237,7 @@ class InteractiveLogic:
                         entry["region_modifier"] = SIDES[region.side]
                     set_segment_terminology(segmentation.GetSegment(sid), tag_string(entry))
             full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (labels == value)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(full, seg, sid, volume)
+            set_segment_array(full, seg, sid, volume)
             # a model's result from now on (a user-edited version was copied by ``keep_edited`` first): a later Apply
             # or click may replace it until the user edits it
             segment = segmentation.GetSegment(sid)

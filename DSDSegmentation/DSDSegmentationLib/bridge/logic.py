@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 import os
 import shutil
 import tempfile
@@ -66,6 +67,46 @@ def is_unchanged_result(segment: Any) -> bool:
     """True for a segment a model wrote that nobody has edited since (its fingerprint still matches)."""
     tag = vtk.reference("")
     return bool(segment.GetTag(RESULT_TAG, tag)) and str(tag) == segment_fingerprint(segment)
+
+
+def _nodes(scene: Any) -> list[Any]:
+    return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+
+
+@contextmanager
+def no_leftover_nodes(scene: Any):
+    """Remove what a block leaves behind in the user's scene: display nodes that belong to no node any more and
+    colour tables nobody uses, among the nodes the block added. Slicer's own array helpers
+    (``slicer.util.arrayFromSegmentBinaryLabelmap`` / ``updateSegmentBinaryLabelmapFromArray``) and labelmap
+    import / export through a temporary volume leave the temporary volume's display node (and export a colour
+    table) in the scene on every call: MRML never removes a display node with its volume. Nodes that were there
+    before, and everything still in use, stay."""
+    before = {n.GetID() for n in _nodes(scene)}
+    try:
+        yield
+    finally:
+        new = [n for n in _nodes(scene) if n.GetID() not in before]
+        for node in new:
+            if node.IsA("vtkMRMLDisplayNode") and node.GetDisplayableNode() is None:
+                scene.RemoveNode(node)
+        used = {n.GetColorNodeID() for n in _nodes(scene) if n.IsA("vtkMRMLDisplayNode")}
+        for node in new:
+            if node.IsA("vtkMRMLColorNode") and scene.IsNodePresent(node) and node.GetID() not in used:
+                scene.RemoveNode(node)
+
+
+def segment_array(segmentation_node: Any, segment_id: str, volume: Any) -> np.ndarray:
+    """The segment's voxels on the volume's grid (KJI), as ``slicer.util.arrayFromSegmentBinaryLabelmap``, without
+    leaving nodes behind."""
+    with no_leftover_nodes(segmentation_node.GetScene()):
+        return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume)
+
+
+def set_segment_array(array: np.ndarray, segmentation_node: Any, segment_id: str, volume: Any) -> None:
+    """Replace the segment's voxels (KJI array on the volume's grid), as
+    ``slicer.util.updateSegmentBinaryLabelmapFromArray``, without leaving nodes behind."""
+    with no_leftover_nodes(segmentation_node.GetScene()):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(array, segmentation_node, segment_id, volume)
 
 
 def keep_name(segmentation: Any, name: str) -> str:
@@ -237,6 +278,12 @@ class SegmentationBridge:
         segmentation = segmentation_node.GetSegmentation()
         if mapping is None:
             mapping = {v: segmentation.GetSegmentIdBySegmentName(n) for v, n in labels.items() if v}
+        with no_leftover_nodes(self.scene):
+            return self._export_labelmap(segmentation_node, reference_volume, labels, mapping, path)
+
+    def _export_labelmap(self, segmentation_node: Any, reference_volume: Any, labels: dict[int, str],
+                         mapping: dict[int, str], path: str | Path) -> Path:
+        segmentation = segmentation_node.GetSegmentation()
         color_table = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "dsdseg_export_colors")
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "dsdseg_export")
         try:
@@ -582,6 +629,11 @@ class SegmentationBridge:
         (its fingerprint, ``RESULT_TAG``, still matches). One the user edited in Segment Editor, or made
         themselves, is kept, renamed '<name> (edited)', and ``notes`` says so; all other segments are kept as well.
         """
+        with no_leftover_nodes(self.scene):
+            return self._import_labelmap(path, reference_volume, preset, segmentation_node, show_3d, notes)
+
+    def _import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any,
+                         show_3d: bool, notes: list[str] | None) -> Any:
         labels = {int(k): v for k, v in preset["labels"].items()}
         colors = {int(k): v for k, v in (preset.get("label_colors") or {}).items()}
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "dsdseg_labelmap")

@@ -23,6 +23,7 @@ import vtk
 
 from ..engine.errors import InputError
 from ..worker.process import WorkerProcess
+from .logic import segment_array
 from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
@@ -112,8 +113,8 @@ class QALogic:
         if volume is None or volume.GetImageData() is None:
             raise InputError("QA needs the volume both segmentations lie on (its grid is where metrics are computed)")
         pairs = self.common_segments(segmentation, reference)
-        masks = [(name, slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0,
-                  slicer.util.arrayFromSegmentBinaryLabelmap(reference, rid, volume) > 0) for name, sid, rid in pairs]
+        masks = [(name, segment_array(segmentation, sid, volume) > 0,
+                  segment_array(reference, rid, volume) > 0) for name, sid, rid in pairs]
         ijk_to_ras = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(ijk_to_ras)
         kji_to_ras = slicer.util.arrayFromVTKMatrix(ijk_to_ras) @ np.array(
@@ -295,7 +296,7 @@ class QALogic:
         for value, name in labels.items():
             sid = seg.GetSegmentIdBySegmentName(name)
             if value and sid:
-                label_array[slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume) > 0] = value
+                label_array[segment_array(segmentation, sid, volume) > 0] = value
         from ..engine.qa import uncertainty_scores
 
         scores = uncertainty_scores(unc, label_array, labels)
