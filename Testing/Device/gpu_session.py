@@ -6,6 +6,7 @@ Run there (device ``run``, carry [".device"], timeout_s 600), as ONE command:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl &&
     PYTHONPATH=/tmp/site:$PWD/DSDSegmentation python3 Testing/Device/gpu_session.py --train-min 5.5 --out $OUT \
         [--arms dsd plain] [--init-from Resources/Models/cardiac-dsd --lr 0.001]
+        [--filters 16 32 64 128 256 [--init-from .device/models/<name>]]   (a wider network, new or continued)
 (about 0.5 min install, 1.5 min checks, 0.5 min calibration, 1 min caching, then the schedule: under 10 min)
 Dry run here (CPU, a few steps):  .venv/bin/python Testing/Device/gpu_session.py --dry-run --out /tmp/gpu-dry
 Back here:  .venv/bin/python Testing/Device/unpack.py FILES_AT --to ~/dsdseg-runs/gpu-<task>   (run folders that
@@ -270,10 +271,9 @@ def main() -> None:
     ap.add_argument("--init-from", help="a model folder (e.g. Resources/Models/cardiac-dsd) that starts every arm")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     ap.add_argument("--filters", type=int, nargs="+", help="the backbone's filters per stage instead of the preset's "
-                    "(a wider network; not with --init-from)")
+                    "(a wider network; with --init-from, the filters of that model: e.g. a wide run begun on a CPU, "
+                    "packed with pack.py --include-model; the trainer refuses a model of another network)")
     args = ap.parse_args()
-    if args.filters and args.init_from:
-        ap.error("--filters makes a new network: it cannot start from --init-from's weights")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()

@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--dataset", choices=sorted(TASKS))
     ap.add_argument("--out", default=str(REPO / ".device"))
     ap.add_argument("--keep-models", action="store_true", help="do not hold back the other tasks' models")
+    ap.add_argument("--include-model", action="append", default=[], metavar="PACKAGE",
+                    help="a model package to take along as .device/models/<its folder name> (for gpu_session.py "
+                         "--init-from, e.g. a wide network begun on a CPU, exported with --weights-dtype float16)")
     ap.add_argument("--restore", action="store_true", help="put back the models an earlier pack held back, and stop")
     args = ap.parse_args()
     if args.restore:
@@ -157,6 +160,11 @@ def main() -> None:
         percentiles = (min(n.get("lower", 0.5) for n in norms) / 2, (100 + max(n.get("upper", 99.5) for n in norms)) / 2)
     src = find_shared_data() / args.dataset
     pack_dataset(src, out / "data" / args.dataset, percentiles)
+    for package in map(Path, args.include_model):
+        if not (package / "model.json").is_file():
+            sys.exit(f"--include-model {package}: not a model package (no model.json)")
+        shutil.copytree(package, out / "models" / package.name)
+        print(f"included {package} as {out / 'models' / package.name}")
     print(f"{args.dataset}: packed (range: {'percentiles %s' % (percentiles,) if percentiles else 'min to max'}); largest "
           f"difference after the '{task}' normalisation {check(src, out / 'data' / args.dataset, task):.4f} (z-score units)")
     carried = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
