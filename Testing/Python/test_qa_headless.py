@@ -204,3 +204,19 @@ def test_an_empty_segment_is_reported_not_refused(scene) -> None:
     t = result.table.GetTable()
     rows = {t.GetValue(i, 0).ToString(): i for i in range(t.GetNumberOfRows())}
     assert math.isnan(t.GetValue(rows["core"], 2).ToDouble())  # HD95 undefined: NaN in the table
+
+
+def test_a_volume_the_segments_do_not_lie_on_is_refused(scene) -> None:
+    """Picking the wrong volume for QA would read every segment as empty ('both empty': Dice 1): refused, naming
+    the segment, its segmentation and the volume."""
+    from DSDSegmentationLib.engine.errors import InputError
+
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    seg = segmentation(scene, vol, "model", {"lesion": ball(shape, (40.0, 24.0, 30.0), 8.0)})
+    ref = segmentation(scene, vol, "manual", {"lesion": ball(shape, (40.0, 24.0, 31.0), 8.0)})
+    elsewhere = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other scan")
+    slicer.util.updateVolumeFromArray(elsewhere, np.zeros((10, 10, 10), np.float32))
+    elsewhere.SetOrigin(500.0, 500.0, 500.0)
+    with pytest.raises(InputError, match="'lesion' of 'model' lies outside the volume 'other scan'"):
+        QALogic(scene).compare(seg, ref, elsewhere)

@@ -53,14 +53,32 @@ def segment_fingerprint(segment: Any) -> str | None:
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
     digest.update(np.array([matrix.GetElement(i, j) for i in range(3) for j in range(4)]).round(6).tobytes())
-    ext = image.GetExtent()
-    scalars = image.GetPointData().GetScalars()
-    if scalars is not None and ext[1] >= ext[0] and ext[3] >= ext[2] and ext[5] >= ext[4]:
-        dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
-        voxels = vtk_to_numpy(scalars).reshape(dims)
-        kji = np.argwhere(voxels == segment.GetLabelValue()) + np.array([ext[4], ext[2], ext[0]])
+    mask = _own_mask(segment, image)
+    if mask is not None:
+        ext = image.GetExtent()
+        kji = np.argwhere(mask) + np.array([ext[4], ext[2], ext[0]])
         digest.update(kji.astype(np.int64).tobytes())
     return digest.hexdigest()
+
+
+def _own_mask(segment: Any, image: Any = None) -> np.ndarray | None:
+    """The segment's voxels on its own labelmap (KJI, the layer's extent); None without a labelmap or voxels array."""
+    if image is None:
+        image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if image is None:
+        return None
+    ext = image.GetExtent()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return None
+    dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    return vtk_to_numpy(scalars).reshape(dims) == segment.GetLabelValue()
+
+
+def segment_has_voxels(segment: Any) -> bool:
+    """Whether the segment holds any voxel in its own labelmap (whatever volume it is later looked at on)."""
+    mask = _own_mask(segment)
+    return bool(mask is not None and mask.any())
 
 
 def is_unchanged_result(segment: Any) -> bool:

@@ -23,7 +23,7 @@ import vtk
 
 from ..engine.errors import InputError
 from ..worker.process import WorkerProcess
-from .logic import segment_array
+from .logic import segment_array, segment_has_voxels
 from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
@@ -115,6 +115,11 @@ class QALogic:
         pairs = self.common_segments(segmentation, reference)
         masks = [(name, segment_array(segmentation, sid, volume) > 0,
                   segment_array(reference, rid, volume) > 0) for name, sid, rid in pairs]
+        for (name, sid, rid), (_, p, r) in zip(pairs, masks):  # a wrong volume would read as 'both empty, Dice 1'
+            for node, segment_id, mask in ((segmentation, sid, p), (reference, rid, r)):
+                if not mask.any() and segment_has_voxels(node.GetSegmentation().GetSegment(segment_id)):
+                    raise InputError(f"segment '{name}' of '{node.GetName()}' lies outside the volume "
+                                     f"'{volume.GetName()}': pick the volume the segmentations belong to")
         ijk_to_ras = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(ijk_to_ras)
         kji_to_ras = slicer.util.arrayFromVTKMatrix(ijk_to_ras) @ np.array(
