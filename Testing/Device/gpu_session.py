@@ -23,7 +23,7 @@ checkpoint in parts of at most 15 MiB (<arm>_best.pt.00, .01, ...: the brain-tum
      out-of-memory (moving the input, the windows; and loading a model) falls back to the CPU, says so in its
      notes, and gives the CPU result;
   4. timings, median of repetitions: inference per case (CUDA vs this machine's CPU) and a DSD training step.
-Training: the packed task's preset (seed 0) for each arm (``--arms``: DSD by default; ``dsd plain`` compares them at
+Training: the packed task's preset (seed 0, or --seed) for each arm (``--arms``: DSD by default; ``dsd plain`` compares them at
 the same budget), the same number of epochs for every arm, chosen from a 2-epoch DSD calibration so that all arms'
 full schedules (poly learning rate to 0) end within --train-min minutes; validation every ~10 % of the epochs.
 """
@@ -212,12 +212,12 @@ def timings(dev: str, reps: int = 5) -> dict:
 
 def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, dry: bool,
           arms: tuple[str, ...] = ("dsd",), init_from: str | None = None, lr: float | None = None,
-          filters: list[int] | None = None) -> dict:
+          filters: list[int] | None = None, seed: int = 0) -> dict:
     data = REPO / ".device" / "data" / manifest["dataset"]
     task = manifest["task"]
     cal_dir = Path("/tmp/dsdseg-cal")
     shutil.rmtree(cal_dir, ignore_errors=True)
-    common = dict(task=task, data=str(data), seed=0, device=device, num_workers=workers)
+    common = dict(task=task, data=str(data), seed=seed, device=device, num_workers=workers)
     if filters:  # a wider (or narrower) network than the preset's, everything else as the preset says
         common["backbone_options"] = {**load_preset(task).network.get("options", {}), "filters": list(filters)}
     if dry:
@@ -236,7 +236,8 @@ def train(manifest: dict, out: Path, minutes: float, device: str, workers: int, 
     epochs = 3 if dry else max(5, int(budget / (epoch_s * 1.15)))  # 15 %: the validations along the way
     val_every = max(1, epochs // 10)
     result = {"task": task, "dataset": manifest["dataset"], "calibration_step_s": step_s, "planned_epoch_s": epoch_s,
-              "epochs": epochs, "val_every": val_every, "init_from": init_from, "lr": lr, "filters": filters, "arms": {}}
+              "epochs": epochs, "val_every": val_every, "init_from": init_from, "lr": lr, "filters": filters, "seed": seed,
+              "arms": {}}
     for arm in arms:
         run_dir = Path(f"/tmp/dsdseg-run-{arm}")
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -267,6 +268,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="on this CPU: no GPU checks, a few training steps")
     ap.add_argument("--arms", nargs="+", default=["dsd"], choices=["plain", "ds", "dsd"],
                     help="train each, same epochs and seed (e.g. dsd plain for the comparison)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the split is the seed's too, as on the CPU: "
+                    "a second seed of a comparison)")
     ap.add_argument("--checks-only", action="store_true", help="the GPU checks and timings, no training")
     ap.add_argument("--init-from", help="a model folder (e.g. Resources/Models/cardiac-dsd) that starts every arm")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
@@ -301,7 +304,7 @@ def main() -> None:
     manifest = json.loads((REPO / ".device" / "manifest.json").read_text())
     try:
         session["training"] = train(manifest, out, args.train_min, dev, args.workers if cuda else 0, args.dry_run,
-                                    tuple(args.arms), args.init_from, args.lr, args.filters)
+                                    tuple(args.arms), args.init_from, args.lr, args.filters, args.seed)
     except Exception:  # noqa: BLE001
         session["training"] = {"error": traceback.format_exc()[-3000:]}
     session["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

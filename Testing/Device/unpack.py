@@ -3,7 +3,7 @@
 
 Usage:  .venv/bin/python Testing/Device/unpack.py FILES_AT --to ~/dsdseg-runs/gpu-<task>
 
-For each ``<arm>_run.json`` in FILES_AT (written by ``gpu_session.py``) this makes ``<to>/<arm>_seed0/`` with
+For each ``<arm>_run.json`` in FILES_AT (written by ``gpu_session.py``) this makes ``<to>/<arm>_seed<seed>/`` with
 config.json, history.json, split.json, log.txt and best.pt (its ``<arm>_best.pt.NN`` parts joined in order). The
 run's data paths, which pointed at the session's quantised copy under ``.device/data/<dataset>``, are pointed at the
 same files in ``../shared/data/<dataset>``, so validation here runs on the original images. Refuses to overwrite a
