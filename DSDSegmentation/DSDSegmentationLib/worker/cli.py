@@ -295,7 +295,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     Requests: ``{"id": 1, "command": "predict", "model": M, "inputs": [..], "output": F, "device": "auto",
     "tta": false, "uncertainty": F2, "overwrite": false}``, ``{"id": 2, "command": "qa", "folder": D}`` (the panel's
-    Compare on the masks in D, see ``qa_report.run_panel_request``), ``{"command": "cancel", "target": 1}`` (stops request 1
+    Compare on the masks in D, see ``qa_panel.run_panel_request``), ``{"command": "cancel", "target": 1}`` (stops request 1
     between two sliding-window batches, or before it starts; the worker and its loaded model stay) and
     ``{"command": "quit"}``. Every output line carries the request id; each request ends with exactly one line
     whose stage is "done", "cancelled" or "error" (with kind, message and the exit code the one-shot command
