@@ -220,3 +220,21 @@ def test_a_volume_the_segments_do_not_lie_on_is_refused(scene) -> None:
     elsewhere.SetOrigin(500.0, 500.0, 500.0)
     with pytest.raises(InputError, match="'lesion' of 'model' lies outside the volume 'other scan'"):
         QALogic(scene).compare(seg, ref, elsewhere)
+
+
+def test_a_segmentation_removed_while_comparing_is_reported(scene) -> None:
+    """Compare runs in the worker; if the user deletes one of the nodes meanwhile, the result is not shown on a
+    node that is gone: a clear error, nothing added, the files removed."""
+    from DSDSegmentationLib.engine.errors import InputError
+
+    vol = make_volume(scene)
+    shape = (40, 60, 60)
+    seg = segmentation(scene, vol, "model", {"lesion": ball(shape, (40.0, 24.0, 30.0), 8.0)})
+    ref = segmentation(scene, vol, "manual", {"lesion": ball(shape, (40.0, 24.0, 31.0), 8.0)})
+    logic = QALogic(scene)
+    run = logic.start_compare(seg, ref, vol)
+    scene.RemoveNode(ref)
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="'manual' was removed from the scene while comparing"):
+        logic.finish_compare(run)
+    assert scene.GetNumberOfNodes() == nodes and not run.folder.exists()

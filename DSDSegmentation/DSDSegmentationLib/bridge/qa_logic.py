@@ -155,6 +155,9 @@ class QALogic:
             result.raise_for_status("QA")
             out = json.loads((run.folder / PANEL_RESULT).read_text(encoding="utf-8"))
             segmentation, reference = run.segmentation, run.reference
+            for node in (segmentation, reference, run.volume):
+                if not self.scene.IsNodePresent(node):
+                    raise InputError(f"'{node.GetName()}' was removed from the scene while comparing; nothing was shown")
             metrics = out["metrics"]
             table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
             display_before = self.show_outlines(segmentation, reference)
