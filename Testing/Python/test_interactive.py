@@ -277,3 +277,16 @@ def test_a_click_never_loses_what_the_user_edited(scene, logic) -> None:
     from DSDSegmentationLib.bridge.logic import is_unchanged_result
 
     assert is_unchanged_result(segmentation.GetSegment(sid)) and not is_unchanged_result(copy)
+
+
+def test_a_click_whose_segmentation_was_removed_makes_a_new_one(scene, logic) -> None:
+    """A moved point whose segmentation the user deleted meanwhile: the result goes into a new segmentation in the
+    scene (not into the removed node), the notes say so."""
+    vol, big, labels, offsets, m = embed(scene)
+    c = centroid(labels, offsets["hippocampus_015"])
+    seg, first = logic.segment_at(vol, default_model(), ras_of(m, c), device="cpu")
+    moved = logic.start(vol, default_model(), ras_of(m, [c[0], c[1] + 2, c[2]]), segmentation_node=seg, device="cpu")
+    scene.RemoveNode(seg)
+    new = logic.finish(moved, previous=first)
+    assert new is not seg and scene.IsNodePresent(new) and new.GetSegmentation().GetNumberOfSegments() == 2
+    assert any("was removed meanwhile" in n for n in moved.run.notes)

@@ -347,3 +347,18 @@ def test_no_operation_leaves_nodes_behind_in_the_users_scene(scene, hippocampus_
     assert ids() == before
     # and the helpers do what Slicer's do
     assert np.array_equal(voxels, slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol))
+
+
+def test_an_output_segmentation_removed_during_apply_does_not_swallow_the_result(scene, model: Path,
+                                                                                   hippocampus_dir: Path) -> None:
+    """The user deletes the chosen output segmentation while the worker runs: until session 12 the result went into
+    that removed node (and the Done message named it), i.e. it was lost. Now it goes into a new segmentation in the
+    scene and the notes say so."""
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    bridge = SegmentationBridge(scene, warm=False)
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my output")
+    run = bridge.start([vol], model, device="cpu", segmentation_node=out)
+    scene.RemoveNode(out)
+    seg = bridge.finish(run)
+    assert seg is not out and scene.IsNodePresent(seg) and seg.GetSegmentation().GetNumberOfSegments() == 2
+    assert run.notes == ["the output segmentation 'my output' was removed meanwhile; the result is in a new segmentation"]

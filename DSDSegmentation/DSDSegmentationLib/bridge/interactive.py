@@ -162,6 +162,9 @@ class InteractiveLogic:
             labels = slicer.util.arrayFromVolume(labelmap)
             if previous is not None and previous.segmentation_node is not None:
                 region.segmentation_node = region.segmentation_node or previous.segmentation_node
+            region.segmentation_node = self.bridge.present(region.segmentation_node, run.import_notes)
+            if previous is not None and previous.segmentation_node is not None and region.segmentation_node is None:
+                previous = None  # its segmentation is gone: nothing of it to clear
             if region.segmentation_node is not None:  # before anything is cleared or pasted
                 self.keep_edited(region.segmentation_node, run.card["preset"], region.side, region.volume,
                                  run.import_notes)

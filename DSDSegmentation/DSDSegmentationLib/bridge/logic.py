@@ -589,8 +589,8 @@ class SegmentationBridge:
             result: WorkerResult = run.worker.wait()
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
-            seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], run.segmentation_node,
-                                       notes=run.import_notes)
+            target = self.present(run.segmentation_node, run.import_notes)
+            seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
             if run.uncertainty is not None:
                 from .qa_logic import QALogic
 
@@ -600,6 +600,15 @@ class SegmentationBridge:
             return seg
         finally:
             run.cleanup()
+
+    def present(self, segmentation_node: Any, notes: list[str]) -> Any:
+        """The chosen output segmentation if it is still in the scene; None (a new one) if the user removed it while
+        the worker ran, so that the result is not written into a node nobody can see any more; ``notes`` says so."""
+        if segmentation_node is None or self.scene.IsNodePresent(segmentation_node):
+            return segmentation_node
+        notes.append(f"the output segmentation '{segmentation_node.GetName()}' was removed meanwhile; the result is in "
+                     "a new segmentation")
+        return None
 
     def segment(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
                 segmentation_node: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Any:
