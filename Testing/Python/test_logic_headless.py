@@ -185,7 +185,9 @@ def test_warm_and_one_shot_workers_agree(scene, model: Path, hippocampus_dir: Pa
         if warm:  # the panel's environment line comes from the worker: Slicer's own process never imports torch
             import torch
 
-            assert logic.environment() == f"torch {torch.__version__}, CUDA build none (CPU build), device CPU"
+            cuda = torch.version.cuda or "none (CPU build)"  # PyPI's torch on Python 3.12 is a CUDA build
+            device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+            assert logic.environment() == f"torch {torch.__version__}, CUDA build {cuda}, device {device}"
         else:
             assert logic.environment() is None
         second = logic.segment([vol], model, device="cpu")
