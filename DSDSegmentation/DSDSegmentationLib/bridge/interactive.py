@@ -160,15 +160,12 @@ class InteractiveLogic:
             if not storage.ReadData(labelmap):
                 raise InputError(f"could not read the worker's result {run.output}")
             labels = slicer.util.arrayFromVolume(labelmap)
-            if previous is not None and previous.segmentation_node is not None:
-                region.segmentation_node = region.segmentation_node or previous.segmentation_node
-            region.segmentation_node = self.bridge.present(region.segmentation_node, run.import_notes)
-            if previous is not None and previous.segmentation_node is not None and region.segmentation_node is None:
-                previous = None  # its segmentation is gone: nothing of it to clear
+            earlier = previous.segmentation_node if previous is not None else None
+            region.segmentation_node = self.bridge.present(region.segmentation_node or earlier, run.import_notes)
             if region.segmentation_node is not None:  # before anything is cleared or pasted
                 self.keep_edited(region.segmentation_node, run.card["preset"], region.side, region.volume,
                                  run.import_notes)
-            if previous is not None and previous.segmentation_node is not None:
+            if earlier is not None and self.scene.IsNodePresent(earlier):  # a removed one has nothing left to clear
                 self.clear(previous, run.card["preset"])
             return self.paste(region, labels, run.card["preset"])
         finally:

@@ -46,6 +46,12 @@ def boundary_errors(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, flo
     return [{**e, "ijk": [int(v) + b.start for v, b in zip(e["ijk"], box)]} for e in found]
 
 
+def worst_first(errors: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The ``count`` worst of several structures' boundary errors: largest distance first, a structure missed
+    entirely (distance None) before all."""
+    return sorted(errors, key=lambda e: -(e["distance_mm"] if e["distance_mm"] is not None else np.inf))[:count]
+
+
 def _boundary_errors(p: np.ndarray, r: np.ndarray, spacing: tuple[float, float, float], count: int,
                      min_separation_mm: float, min_error_mm: float | None) -> list[dict[str, Any]]:
     floor = max(spacing) if min_error_mm is None else min_error_mm

@@ -53,8 +53,8 @@ def run_panel_request(folder: str | Path, should_stop=None, progress=None) -> di
 
     from ..engine.errors import Cancelled
     from ..engine.metrics import class_metrics
-    from ..engine.qa import boundary_errors
-    from .qa_report import signed_distance_surface
+    from ..engine.qa import boundary_errors, worst_first
+    from .qa_report import signed_distance_surface, with_normals
 
     folder = Path(folder)
     try:
@@ -84,20 +84,13 @@ def run_panel_request(folder: str | Path, should_stop=None, progress=None) -> di
             kji = pts / np.asarray(spacing) + offset
             ras = kji @ to_ras[:3, :3].T + to_ras[:3, 3]
             poly.GetPoints().SetData(numpy_to_vtk(np.ascontiguousarray(ras), deep=True))
-            normals = vtk.vtkPolyDataNormals()  # the mapping may mirror (e.g. a left-handed volume): normals again
-            normals.SetInputData(poly)
-            normals.ConsistencyOn()
-            normals.AutoOrientNormalsOn()
-            normals.SplittingOff()
-            normals.Update()
             writer = vtk.vtkXMLPolyDataWriter()
             writer.SetFileName(str(folder / f"surface_{n}.vtp"))
-            writer.SetInputData(normals.GetOutput())
+            writer.SetInputData(with_normals(poly))  # the mapping may mirror: normals again
             writer.SetDataModeToBinary()
             if not writer.Write():
                 raise InputError(f"could not write {folder / f'surface_{n}.vtp'}")
             surfaces[name] = f"surface_{n}.vtp"
-    errors.sort(key=lambda e: -(e["distance_mm"] if e["distance_mm"] is not None else np.inf))
-    result = {"metrics": metrics, "errors": errors[:worst], "surfaces": surfaces}
+    result = {"metrics": metrics, "errors": worst_first(errors, worst), "surfaces": surfaces}
     (folder / PANEL_RESULT).write_text(json.dumps(result), encoding="utf-8")
     return result

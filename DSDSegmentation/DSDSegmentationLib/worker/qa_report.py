@@ -20,7 +20,7 @@ import numpy as np
 from ..engine.errors import InputError
 from ..engine.io import load_volume
 from ..engine.metrics import case_metrics, union_box
-from ..engine.qa import boundary_errors
+from ..engine.qa import boundary_errors, worst_first
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
@@ -70,8 +70,16 @@ def _surface(mask: np.ndarray, spacing) -> Any:
     smooth.SetNumberOfIterations(15)
     smooth.SetPassBand(0.1)
     smooth.NormalizeCoordinatesOn()
+    smooth.Update()
+    return with_normals(smooth.GetOutput())
+
+
+def with_normals(poly: Any) -> Any:
+    """Consistent outward point normals (also after a mapping that mirrors, e.g. into a left-handed volume's RAS)."""
+    import vtk
+
     normals = vtk.vtkPolyDataNormals()
-    normals.SetInputConnection(smooth.GetOutputPort())
+    normals.SetInputData(poly)
     normals.ConsistencyOn()
     normals.AutoOrientNormalsOn()
     normals.SplittingOff()
@@ -199,8 +207,7 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
             box = union_box(p, r)  # the same surfaces within the box of both (+2 voxels), at a fraction of the work
             surfaces[name] = str(_surface_png(p[box], r[box], spacing, out / "surfaces" / f"{_slug(name)}.png",
                                               f"{name}: signed distance to the reference"))
-    errors.sort(key=lambda e: -(e["distance_mm"] if e["distance_mm"] is not None else np.inf))
-    errors = errors[:worst]
+    errors = worst_first(errors, worst)
     value_of = {n: v for v, n in labels.items()}
     for i, e in enumerate(errors):
         v = value_of[e["structure"]]
