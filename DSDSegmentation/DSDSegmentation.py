@@ -19,7 +19,7 @@ import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -93,7 +93,8 @@ def registerTerminology() -> None:
 
 @parameterNodeWrapper
 class DSDSegmentationParameterNode:
-    """Every setting of the panel (the controllers' PARAMETERS, same names and defaults)."""
+    """Every setting of the panel (the controllers' PARAMETERS, same names and defaults). A numeric field carries its
+    range (the controllers' RANGES): Slicer's GUI connector replaces the spin box's .ui range with it."""
 
     inputVolume0: vtkMRMLScalarVolumeNode
     inputVolume1: vtkMRMLScalarVolumeNode
@@ -108,12 +109,12 @@ class DSDSegmentationParameterNode:
     qaSegmentation: vtkMRMLSegmentationNode
     qaReference: vtkMRMLSegmentationNode
     qaVolume: vtkMRMLScalarVolumeNode
-    qaToleranceMm: float = 1.0
+    qaToleranceMm: Annotated[float, WithinRange(0.1, 20.0), Decimals(2)] = 1.0
     finetuneVolume: vtkMRMLScalarVolumeNode
     finetuneSegmentation: vtkMRMLSegmentationNode
     finetuneFolder: Path = Path()
-    finetuneEpochs: int = 30
-    finetuneLearningRate: float = 0.001
+    finetuneEpochs: Annotated[int, WithinRange(1, 2000)] = 30
+    finetuneLearningRate: Annotated[float, WithinRange(0.00001, 0.1), Decimals(5), SingleStep(0.0001)] = 0.001
     finetuneDSD: bool = False
     finetuneFreezeEncoder: bool = False
     finetuneName: str = ""

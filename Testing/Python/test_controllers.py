@@ -68,6 +68,31 @@ def test_parameter_node_declares_exactly_the_controller_settings() -> None:
     assert fields == set(C.PARAMETERS)
 
 
+def test_numeric_settings_out_of_range_are_refused_and_nothing_starts(panel, scene) -> None:
+    """The panel's spin boxes hold each value in its range (the module's WithinRange annotations); a headless caller or
+    an old saved scene may not: the controller names the setting and its range and starts nothing."""
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "A")
+    ref = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "B")
+    volume, _ = sample_volume(panel)
+    panel.params.qaSegmentation, panel.params.qaReference, panel.params.qaVolume = seg, ref, volume
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 25.0):
+        panel.params.qaToleranceMm = bad
+        with pytest.raises(C.InputError, match=r"Surface Dice tolerance \(mm\) must be between 0.1 and 20"):
+            panel.qa.compare()
+        assert panel.qa.run is None and not panel.state.active(C.QA)
+    panel.params.qaToleranceMm = 1.0
+    for name, bad, words in (("finetuneEpochs", 0, "Epochs must be between 1 and 2000"),
+                             ("finetuneLearningRate", -0.001, "Learning rate must be between 1e-05 and 0.1"),
+                             ("finetuneLearningRate", 0.5, "Learning rate must be between 1e-05 and 0.1")):
+        setattr(panel.params, name, bad)
+        panel.finetune.start(panel.model_entry)
+        assert panel.finetune.worker is None and panel.finetune.run is None
+        assert panel.state[C.FINETUNE].status == C.FAILED and words in panel.state[C.FINETUNE].message
+        setattr(panel.params, name, C.PARAMETERS[name])
+    for name, (_label, low, high) in C.RANGES.items():
+        assert low <= C.PARAMETERS[name] <= high
+
+
 def test_processing_state_has_one_setter_and_tells_listeners() -> None:
     state = C.ProcessingState()
     seen = []

@@ -59,6 +59,62 @@ def test_ui_bindings_are_parameter_node_fields() -> None:
     assert {"inputVolume0", "outputSegmentation", "device", "tta"} <= set(bound.values())
 
 
+def _field_annotations() -> dict[str, dict[str, list]]:
+    """Per parameter node field, the arguments of each call in its annotation: {'WithinRange': [1, 2000], ...}."""
+    tree = ast.parse(MODULE.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
+    out = {}
+    for n in cls.body:
+        if isinstance(n, ast.AnnAssign):
+            calls = [c for c in ast.walk(n.annotation) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+            out[n.target.id] = {c.func.id: [ast.literal_eval(a) for a in c.args] for c in calls}
+    return out
+
+
+def _ui_number(widget: ET.Element, prop: str):
+    for p in widget.findall("property"):
+        if p.get("name") == prop:
+            return ast.literal_eval("".join(p.itertext()).strip())
+    return None
+
+
+# Slicer 5.10's parameter node GUI connectors (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py at v5.10.0):
+# a spin box or slider bound to an int/float field gets its range from the field's WithinRange (or Minimum/Maximum)
+# annotation and, without one, -inf..inf (float) or -2**31..2**31-1 (int), whatever the .ui says; Decimals and
+# SingleStep annotations likewise replace the .ui's. A QComboBox bound to a str field with Choice gets exactly the
+# choices as its items.
+RANGED_WIDGETS = {"QSpinBox", "QSlider", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "ctkDoubleSlider",
+                  "qMRMLSliderWidget", "qMRMLSpinBox"}
+
+
+def test_spin_boxes_keep_their_range_in_slicer() -> None:
+    annotations = _field_annotations()
+    tree = ast.parse((ROOT / "DSDSegmentation" / "DSDSegmentationLib" / "bridge" / "controllers.py").read_text())
+    (ranges,) = [ast.literal_eval(n.value) for n in tree.body
+                 if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "RANGES"]
+    checked = set()
+    for name, w in ui_widgets().items():
+        field = next((p.find("string").text for p in w.findall("property") if p.get("name") == "SlicerParameterName"), None)
+        if field is None:
+            continue
+        ann = annotations[field]
+        if w.get("class") in RANGED_WIDGETS:
+            assert "WithinRange" in ann, f"{name} ({field}): no WithinRange, so Slicer would let it take any value"
+            low, high = ann["WithinRange"]
+            assert (low, high) == (_ui_number(w, "minimum"), _ui_number(w, "maximum")), (name, ann, "the .ui's range")
+            assert (low, high) == tuple(ranges[field][1:]), (name, "the controllers' RANGES")
+            if _ui_number(w, "decimals") is not None and "Decimals" in ann:
+                assert ann["Decimals"] == [_ui_number(w, "decimals")], name
+            if _ui_number(w, "singleStep") is not None and "SingleStep" in ann:
+                assert ann["SingleStep"] == [_ui_number(w, "singleStep")], name
+            checked.add(field)
+        if w.get("class") == "QComboBox":
+            assert "Choice" in ann, f"{name} ({field}): a QComboBox binds only with a Choice annotation in Slicer 5.10"
+            items = ["".join(i.itertext()).strip() for i in w.findall("item")]
+            assert ann["Choice"] == [items], (name, "the .ui's items are replaced by the choices")
+    assert checked == set(ranges), (checked, set(ranges))
+
+
 def test_extension_files() -> None:
     top = (ROOT / "CMakeLists.txt").read_text()
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in top and "add_subdirectory(DSDSegmentation)" in top

@@ -33,6 +33,26 @@ PARAMETERS: dict[str, Any] = {
     "finetuneLearningRate": 0.001, "finetuneDSD": False, "finetuneFreezeEncoder": False, "finetuneName": "",
 }
 
+# The numeric settings' bounds, with the panel's words for them. Slicer's parameter node GUI connectors set a spin
+# box's range from its field's annotation and, without a WithinRange, to +/-inf or +/-2**31 (Slicer 5.10,
+# parameterNodeWrapper/guiConnectors.py), whatever the .ui says; so the module annotates each field with these bounds
+# (a test compares them with this table and the .ui), and the controllers refuse a value outside them (headless).
+RANGES: dict[str, tuple[str, float, float]] = {
+    "finetuneEpochs": ("Epochs", 1, 2000),
+    "finetuneLearningRate": ("Learning rate", 1e-5, 0.1),
+    "qaToleranceMm": ("Surface Dice tolerance (mm)", 0.1, 20.0),
+}
+
+
+def bounded(params: Any, name: str) -> float:
+    """The value of a numeric setting, or an InputError naming the setting and its range."""
+    label, low, high = RANGES[name]
+    value = getattr(params, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InputError(f"{label} must be between {low:g} and {high:g}, not {value!r}.")
+    return value
+
+
 SEGMENT, PROMPT, UNCERTAINTY, FINETUNE, QA = "segment", "prompt", "uncertainty", "finetune", "qa"
 KINDS = (SEGMENT, PROMPT, UNCERTAINTY, FINETUNE, QA)
 IDLE, STARTING, RUNNING, IMPORTING, DONE, CANCELLED, FAILED = (
@@ -410,13 +430,14 @@ class QAController:
             raise InputError("Pick two different segmentations: the one to check and the reference.")
         if volume is None:
             raise InputError("Pick the volume the segmentations belong to.")
+        tolerance = float(bounded(self.params, "qaToleranceMm"))
         if self.qa_logic is None:
             from .qa_logic import QALogic
 
             self.qa_logic = QALogic(self.scene, self.bridge)
         self.state.set(QA, STARTING, "Comparing in the background…")
         try:
-            self.run = self.qa_logic.start_compare(seg, ref, volume, tolerance_mm=float(self.params.qaToleranceMm))
+            self.run = self.qa_logic.start_compare(seg, ref, volume, tolerance_mm=tolerance)
         except Exception as e:  # noqa: BLE001 - shown to the user; nothing was changed
             self.run = None
             _failure(self.state, QA, e)
@@ -555,6 +576,7 @@ class FinetuneController:
                 raise InputError("Select a usable base model in the Inputs section.")
             if resume and self.run is None:
                 raise InputError("There is no stopped fine-tune to resume.")
+            epochs, lr = int(bounded(self.params, "finetuneEpochs")), float(bounded(self.params, "finetuneLearningRate"))
             if not resume:
                 work = self.work_root() / time.strftime("%Y%m%d-%H%M%S")
                 folder = str(self.params.finetuneFolder or "").strip()
@@ -571,8 +593,8 @@ class FinetuneController:
                 self.plot_table, self.plot_chart = self.bridge.training_plot(f"Fine-tune {model['id']}")
             self.state.set(FINETUNE, STARTING, "Preparing the cases…")
             self.worker = self.bridge.start_finetune(
-                self.run["base"], self.run["data"], self.run["output"], epochs=int(self.params.finetuneEpochs),
-                lr=float(self.params.finetuneLearningRate), dsd="dsd" if self.params.finetuneDSD else "plain",
+                self.run["base"], self.run["data"], self.run["output"], epochs=epochs,
+                lr=lr, dsd="dsd" if self.params.finetuneDSD else "plain",
                 freeze_encoder=bool(self.params.finetuneFreezeEncoder), device=self.params.device,
                 name=self.params.finetuneName or None, resume=resume, label_map=self.run.get("label_map"))
             self.started = time.monotonic()
