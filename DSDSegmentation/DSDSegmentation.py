@@ -314,7 +314,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showCases()
 
     def onRemovePair(self) -> None:
-        self._controllers().finetune.remove_cases([i.row() for i in self.ui.pairsTable.selectedIndexes()])
+        self._controllers().finetune.remove_cases([item.row() for item in self.ui.pairsTable.selectedItems()])
         self._showCases()
 
     def onFinetune(self, action) -> None:

@@ -316,3 +316,13 @@ def test_the_module_file_never_imports_torch_or_monai() -> None:
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"torch", "monai"}, imported & {"torch", "monai"}
+
+
+def test_widget_calls_no_protected_qt_method() -> None:
+    """Methods that are protected in Qt's C++ (QAbstractItemView::selectedIndexes, ...) are not part of the API a
+    widget made by Slicer's UI loader offers to Python; the public equivalents (QTableWidget::selectedItems,
+    selectionModel().selectedRows()) are."""
+    src = MODULE.read_text()
+    for protected in ("selectedIndexes(", "viewOptions(", "visualRect(", "moveCursor(", "horizontalOffset(",
+                      "verticalOffset(", "setSelection(", "visualRegionForSelection("):
+        assert protected not in src, protected
