@@ -179,6 +179,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          model=self.currentModel, work_root=lambda: user_models_dir().parent / "finetune")
             self.panel.state.add_listener(self._showState)
             self.panel.prompt.on_placing_changed = self._showPlacing
+            from DSDSegmentationLib.bridge.controllers import FINETUNE
+
+            self._showState(FINETUNE, self.panel.state[FINETUNE])  # e.g. a fine-tune stopped in an earlier session
         self.panel.params = self.panel.segment.params = self.panel.prompt.params = self._parameterNode
         self.panel.qa.params = self.panel.finetune.params = self._parameterNode
         return self.panel
@@ -373,6 +376,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.finetuneProgressBar.value = run.done
             self.ui.finetuneButton.text = _("Stop") if run.active else _("Fine-tune")
             self.ui.resumeButton.enabled = self.panel.finetune.can_resume
+            self.ui.resumeButton.toolTip = self.panel.finetune.resume_description
         self._showReadiness()
 
     def _showPlacing(self, cls) -> None:

@@ -349,11 +349,23 @@ def test_finetune_stop_says_stopped_and_resume_continues(panel, scene, tmp_path:
     assert panel.state[C.FINETUNE].message == "Stopped. Resume continues from the last finished epoch."
     assert panel.finetune.worker is None and panel.finetune.can_resume and not panel.state[C.FINETUNE].active
     output = panel.finetune.run["output"]
-    panel.finetune.start(model, resume=True)  # Resume
-    assert panel.finetune.run["output"] == output
-    panel.state.set(C.FINETUNE, C.STARTING, "")
+    # Slicer restarted: a new panel, settings back to their defaults (30 epochs, not the run's 50), an empty scene
+    # with no plot. Resume finds the stopped run in the work folder and continues it with its own settings.
+    panel.shutdown()
+    scene.Clear(0)
+    later = C.PanelController(scene, panel.bridge, SimpleNamespace(**C.PARAMETERS), model=lambda: model,
+                              work_root=lambda: tmp_path / "finetune")
+    assert later.finetune.can_resume and later.finetune.run is None
+    message = later.state[C.FINETUNE].message
+    assert message.startswith("Resume the fine-tune of hippocampus-dsd started 20") and "of 50" in message, message
+    later.finetune.start(model, resume=True)  # Resume
+    assert later.finetune.run["output"] == output and later.finetune.worker is not None
+    assert later.finetune.plot_table.GetTable().GetNumberOfRows() >= stopped_at  # the epochs before the restart
+    panel = SimpleNamespace(finetune=later.finetune, state=later.state)  # tick_until / epoch() read these
     tick_until(lambda: epoch() >= 1)
     assert epoch() > stopped_at, "the resumed run went on from the last finished epoch, not from the start"
+    assert later.state[C.FINETUNE].message.split()[1].rstrip(",").endswith("/50"), "the run kept its own 50 epochs"
+    later.shutdown()
 
 
 def test_finetune_controller_with_the_users_own_segments(panel, scene, tmp_path: Path, monkeypatch) -> None:

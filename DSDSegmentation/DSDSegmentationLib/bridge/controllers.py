@@ -12,6 +12,7 @@ drive them with their own clock.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -511,6 +512,7 @@ class FinetuneController:
         self.plot_table: Any = None
         self.plot_chart: Any = None
         self.started = 0.0
+        self.epochs_at_start: int | None = None  # epochs the run had done when this worker started (for time left)
         self.result: dict[str, Any] | None = None  # the worker's "done" record: new model id and package
         self.mapping_lines: list[str] = []  # the label mapping of the last dataset built from the scene
 
@@ -551,7 +553,50 @@ class FinetuneController:
     # runs --------------------------------------------------------------------------------------------------
     @property
     def can_resume(self) -> bool:
-        return self.worker is None and self.run is not None
+        return self.worker is None and (self.run is not None or self.stopped_on_disk() is not None)
+
+    def stopped_on_disk(self) -> dict[str, Any] | None:
+        """The newest fine-tune in the work folder that was stopped (or ended with Slicer) before it registered its
+        model: a run folder with a checkpoint and no ``registered.json``. Resume continues it in a new Slicer session
+        as in the one that started it."""
+        from ..engine.finetune import REGISTERED
+
+        try:
+            folders = sorted((p for p in Path(self.work_root()).glob("*/run") if p.is_dir()), reverse=True)
+        except OSError:
+            return None
+        for run in folders:
+            if (run / "last.pt").is_file() and (run / "config.json").is_file() and not (run / REGISTERED).is_file():
+                try:
+                    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+                    history = json.loads((run / "history.json").read_text(encoding="utf-8")) \
+                        if (run / "history.json").is_file() else []
+                except (OSError, ValueError):
+                    continue
+                return {"base": config.get("init_from"), "data": config.get("data"), "output": str(run),
+                        "label_map": None, "epochs": config.get("epochs"), "history": history,
+                        "started": run.parent.name}
+        return None
+
+    @property
+    def resume_description(self) -> str:
+        """What Resume would continue (the Resume button's tooltip)."""
+        if self.worker is not None:
+            return "A fine-tune is running"
+        run = self.run if self.run is not None else self.stopped_on_disk()
+        if run is None:
+            return "No stopped fine-tune to resume"
+        where = Path(run["output"]).parent.name if run.get("output") else "?"
+        try:
+            where = time.strftime("%Y-%m-%d %H:%M", time.strptime(where, "%Y%m%d-%H%M%S"))
+        except ValueError:
+            pass
+        done = len(run["history"]) if "history" in run else None
+        base = Path(run["base"]).name if run.get("base") else "?"
+        text = f"Resume the fine-tune of {base} started {where}"
+        if done is not None and run.get("epochs"):
+            text += f", stopped after epoch {done} of {run['epochs']}"
+        return text + " (it keeps its own epochs, learning rate and DSD setting)"
 
     def toggle(self, model: dict[str, Any] | None) -> None:
         """The Fine-tune / Stop button: start a new fine-tune when idle, stop the running one otherwise."""
@@ -575,8 +620,15 @@ class FinetuneController:
             if not model or model.get("status") != "ok":
                 raise InputError("Select a usable base model in the Inputs section.")
             if resume and self.run is None:
-                raise InputError("There is no stopped fine-tune to resume.")
-            epochs, lr = int(bounded(self.params, "finetuneEpochs")), float(bounded(self.params, "finetuneLearningRate"))
+                self.run = self.stopped_on_disk()  # stopped in an earlier Slicer session
+                if self.run is None:
+                    raise InputError("There is no stopped fine-tune to resume.")
+                self.plot_table, self.plot_chart = self.bridge.training_plot(f"Fine-tune {Path(self.run['base']).name}")
+                for record in self.run.get("history", []):
+                    self.bridge.add_epoch(self.plot_table, record)
+            # a resumed run keeps its own epochs, learning rate and terms, whatever the panel shows now
+            epochs, lr = (None, None) if resume else (int(bounded(self.params, "finetuneEpochs")),
+                                                      float(bounded(self.params, "finetuneLearningRate")))
             if not resume:
                 work = self.work_root() / time.strftime("%Y%m%d-%H%M%S")
                 folder = str(self.params.finetuneFolder or "").strip()
@@ -597,7 +649,7 @@ class FinetuneController:
                 lr=lr, dsd="dsd" if self.params.finetuneDSD else "plain",
                 freeze_encoder=bool(self.params.finetuneFreezeEncoder), device=self.params.device,
                 name=self.params.finetuneName or None, resume=resume, label_map=self.run.get("label_map"))
-            self.started = time.monotonic()
+            self.started, self.epochs_at_start = time.monotonic(), None
             self.result = None
         except Exception as e:  # noqa: BLE001
             self.worker = None
@@ -614,7 +666,9 @@ class FinetuneController:
                 if self.plot_table is not None:
                     self.bridge.add_epoch(self.plot_table, rec["record"])
                 done, total = int(rec["done"]), int(rec["total"])
-                per_epoch = (now - self.started) / max(done, 1)
+                if self.epochs_at_start is None:  # a resumed run starts past epoch 0
+                    self.epochs_at_start = done - 1
+                per_epoch = (now - self.started) / max(done - self.epochs_at_start, 1)
                 best = rec.get("best", -1)
                 loss = rec["record"].get("loss/total", math.nan)
                 self.state.set(FINETUNE, RUNNING, f"Epoch {done}/{total}, loss {loss:.4f}, best validation Dice "
@@ -677,6 +731,8 @@ class PanelController:
         self.prompt = PromptController(self.scene, InteractiveLogic(self.bridge), self.state, self.params, self.model)
         self.qa = QAController(self.scene, self.state, self.params, bridge=self.bridge)
         self.finetune = FinetuneController(self.bridge, self.state, self.params, self.work_root)
+        if self.finetune.stopped_on_disk() is not None:
+            self.state.set(FINETUNE, IDLE, f"{self.finetune.resume_description}: press Resume.")
         self._close_tag = self.scene.AddObserver(self.scene.StartCloseEvent, self._on_scene_close)
 
     def _on_scene_close(self, caller: Any = None, event: Any = None) -> None:

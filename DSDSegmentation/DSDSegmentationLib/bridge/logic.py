@@ -494,18 +494,21 @@ class SegmentationBridge:
         values, counts = np.unique(slicer.util.arrayFromVolume(node), return_counts=True)
         return {int(v): int(c) for v, c in zip(values, counts)}
 
-    def start_finetune(self, base: str | Path, data: str | Path, output: str | Path, epochs: int = 30, lr: float = 1e-3,
-                       dsd: str = "dsd", freeze_encoder: bool = False, patience: int | None = None,
-                       device: str = "auto", store: str | Path | None = None, name: str | None = None,
-                       resume: bool = False, max_steps: int | None = None,
+    def start_finetune(self, base: str | Path, data: str | Path, output: str | Path, epochs: int | None = 30,
+                       lr: float | None = 1e-3, dsd: str = "dsd", freeze_encoder: bool = False,
+                       patience: int | None = None, device: str = "auto", store: str | Path | None = None,
+                       name: str | None = None, resume: bool = False, max_steps: int | None = None,
                        label_map: str | Path | None = None) -> WorkerProcess:
         """Start ``dsdseg finetune`` in the background; its JSON lines carry ``epoch`` records (loss, validation
-        Dice) for the plot. Cancel = Stop: the last finished epoch's checkpoint stays, ``resume=True`` goes on."""
-        args = ["finetune", "--output", str(output), "--epochs", str(epochs), "--lr", str(lr), "--dsd", dsd,
-                "--device", device]
-        if not resume:
-            args += ["--base", str(base), "--data", str(data)]
-        args += (["--resume"] if resume else []) + (["--freeze-encoder"] if freeze_encoder else [])
+        Dice) for the plot. Cancel = Stop: the last finished epoch's checkpoint stays, ``resume=True`` goes on with
+        the run's own settings (base, data, epochs, learning rate, terms, frozen encoder: none of them is passed)."""
+        args = ["finetune", "--output", str(output), "--device", device]
+        if resume:
+            args += ["--resume"]
+        else:
+            args += ["--base", str(base), "--data", str(data), "--dsd", dsd]
+            args += (["--epochs", str(epochs)] if epochs else []) + (["--lr", str(lr)] if lr else [])
+            args += (["--freeze-encoder"] if freeze_encoder else [])
         args += (["--patience", str(patience)] if patience else []) + (["--store", str(store)] if store else [])
         args += (["--name", name] if name else []) + (["--max-steps", str(max_steps)] if max_steps else [])
         args += ["--label-map", str(label_map)] if label_map and not resume else []
