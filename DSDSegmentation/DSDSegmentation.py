@@ -423,7 +423,10 @@ class DSDSegmentationLogic(ScriptedLoadableModuleLogic):
 
             python = shutil.which("PythonSlicer") or sys.executable
             env = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
-            self._bridge = SegmentationBridge(slicer.mrmlScene, python=python, env=env)
+            # temporary files where the user's Slicer keeps them (Application Settings → Modules → Temporary directory)
+            self._bridge = SegmentationBridge(
+                slicer.mrmlScene, python=python, env=env, temp_root=slicer.app.temporaryPath,
+                temp_hint=_("choose a folder on a larger disk in Edit → Application Settings → Modules → Temporary directory"))
         return self._bridge
 
     def shutdown(self) -> None:

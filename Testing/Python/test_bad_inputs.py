@@ -351,7 +351,7 @@ from DSDSegmentationLib.bridge.headless import setup_headless
 from DSDSegmentationLib.bridge.logic import SegmentationBridge
 from DSDSegmentationLib.engine.errors import InputError
 scene, app, mods = setup_headless()
-logic = SegmentationBridge(scene, warm=False, temp_root={str(tiny_fs)!r})
+logic = SegmentationBridge(scene, warm=False, temp_root={str(tiny_fs)!r}, temp_hint="the module's hint")
 vol = logic.load_volume({img(ws)!r})
 for root in ({str(tiny_fs)!r}, {str(ws / 'readonly')!r}):
     logic.temp_root = Path(root)
@@ -374,6 +374,7 @@ for root in ({str(tiny_fs)!r}, {str(ws / 'readonly')!r}):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("REFUSED", "STARTED"))]
     assert len(lines) == 2 and lines[0].startswith("REFUSED") and "MB free" in lines[0], r.stdout
+    assert "(the module's hint)" in lines[0], "Slicer's module says where to choose another folder"
     if immutable or os.geteuid() != 0:
         assert lines[1].startswith("REFUSED") and ("not writable" in lines[1] or "cannot" in lines[1]), r.stdout
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]

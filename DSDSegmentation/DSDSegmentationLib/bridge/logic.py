@@ -179,17 +179,19 @@ class SegmentationBridge:
     Args:
         scene: the MRML scene (``slicer.mrmlScene`` in Slicer, a ``vtkMRMLScene`` headless).
         python: interpreter that runs the worker (Slicer: PythonSlicer); default: this one.
-        temp_root: where per-run temporary folders are made.
+        temp_root: where per-run temporary folders are made (Slicer: its temporary directory setting).
+        temp_hint: what a user does about a full temporary folder (CLI/headless: TMPDIR; Slicer: the setting).
         warm: keep one ``dsdseg serve`` worker with the model loaded between runs (cold start only once).
         env: extra environment of the worker (Slicer: PYTHONPATH to this package).
     """
 
     def __init__(self, scene: Any, python: str | None = None, temp_root: str | Path | None = None, warm: bool = True,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, temp_hint: str = "set TMPDIR to a folder on a larger disk"):
         self.scene = scene
         self.python = python
         self.env = env
         self.temp_root = Path(temp_root) if temp_root else None
+        self.temp_hint = temp_hint
         self.server = ServeWorker(python, env) if warm else None
 
     def environment(self) -> str | None:
@@ -226,8 +228,7 @@ class SegmentationBridge:
                     raise InputError(f"inputs '{channel}' and '{other_channel}' are the same volume ({node.GetName()}); "
                                      "pick each sequence once")
 
-    @staticmethod
-    def check_temp_space(folder: Path, nodes: Sequence[Any], outputs: int = 2) -> None:
+    def check_temp_space(self, folder: Path, nodes: Sequence[Any], outputs: int = 2) -> None:
         """Before a storage node writes anything: the folder is writable and has room for the input volumes and the
         worker's outputs (slicer-core's NRRD writer crashes the process on a full or read-only disk)."""
         import shutil as _shutil
@@ -246,7 +247,7 @@ class SegmentationBridge:
         free = _shutil.disk_usage(folder).free
         if free < need:
             raise InputError(f"the temporary folder {folder} has {free / 2**20:.0f} MB free; {need / 2**20:.0f} MB are "
-                             "needed for this run (set TMPDIR to a folder on a larger disk)")
+                             f"needed for this run ({self.temp_hint})")
 
     def write_volume(self, node: Any, path: Path) -> Path:
         """Write a volume node with a storage node (geometry in the file header). Free space and writability are
