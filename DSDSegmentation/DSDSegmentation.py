@@ -151,6 +151,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DSDSegmentationLogic()
         registerTerminology()  # a module loaded after startup (Extension Wizard, reload) never saw startupCompleted
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.ui.applyButton.connect("clicked(bool)", lambda: self._run(self.panel.segment.apply, self.currentModel()))
         self.ui.uncertaintyButton.connect("clicked(bool)",
                                           lambda: self._run(self.panel.segment.apply, self.currentModel(), True))
@@ -209,6 +210,13 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onNodeAdded(self, caller, event) -> None:
+        qt.QTimer.singleShot(0, self._suggestInputs)  # once the selectors have shown the new volume
+
+    def _suggestInputs(self) -> None:
+        if self.panel is not None and self._parameterNode is not None:
+            self.panel.segment.suggest_inputs(self.currentModel())  # multi-sequence inputs by volume name
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume0:
@@ -262,6 +270,7 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 getattr(self.ui, f"inputLabel{i}").text = channels[i] + ":"
         if self._parameterNode and model:
             self._parameterNode.modelPath = model["path"]
+            self._suggestInputs()
         if model:
             from DSDSegmentationLib.engine.cards import model_summary
 

@@ -93,6 +93,39 @@ def test_numeric_settings_out_of_range_are_refused_and_nothing_starts(panel, sce
         assert low <= C.PARAMETERS[name] <= high
 
 
+def test_multi_sequence_inputs_are_picked_by_volume_name(panel, scene) -> None:
+    """Slicer's selectors all show the first volume loaded; for the four-sequence tumour model each input takes the
+    one volume whose name names its sequence. A different volume the user picked is never replaced; an ambiguous or
+    unnamed sequence is left to the user; a one-input model is left alone."""
+    (tumour,) = [m for m in list_models() if m["id"] == "brain-tumour-dsd"]
+    names = ["BraTS20_Training_001_flair", "BraTS20_Training_001_t1", "BraTS20_Training_001_t1ce", "BraTS20_Training_001_t2"]
+    flair, t1, t1ce, t2 = (scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", n) for n in names)
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "seg_t1")  # a labelmap is never an input
+    p = panel.params
+    p.inputVolume0 = p.inputVolume1 = p.inputVolume2 = p.inputVolume3 = flair
+    assigned = panel.segment.suggest_inputs(tumour)
+    assert [p.inputVolume0, p.inputVolume1, p.inputVolume2, p.inputVolume3] == [flair, t1, t1ce, t2], assigned
+    assert assigned == ["T1 ← BraTS20_Training_001_t1", "T1c ← BraTS20_Training_001_t1ce", "T2 ← BraTS20_Training_001_t2"]
+    assert panel.state[C.SEGMENT].message.startswith("Inputs picked by their names: T1 ← ")
+    assert panel.segment.suggest_inputs(tumour) == []  # nothing left to do: nothing changes
+
+    # the user's own distinct choice (T2's volume for T1) stays; T2's volume is then taken, so T2 keeps the duplicate
+    p.inputVolume0, p.inputVolume1, p.inputVolume2, p.inputVolume3 = flair, t2, flair, flair
+    assert panel.segment.suggest_inputs(tumour) == ["T1c ← BraTS20_Training_001_t1ce"]
+    assert [p.inputVolume0, p.inputVolume1, p.inputVolume2, p.inputVolume3] == [flair, t2, t1ce, flair]
+
+    # two volumes named T1c: which one is not for us to guess
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 post Gd (repeat)")
+    p.inputVolume0 = p.inputVolume1 = p.inputVolume2 = p.inputVolume3 = flair
+    assert panel.segment.suggest_inputs(tumour) == ["T1 ← BraTS20_Training_001_t1", "T2 ← BraTS20_Training_001_t2"]
+    assert p.inputVolume2 is flair
+
+    p.inputVolume0 = t2
+    assert panel.segment.suggest_inputs(panel.model_entry) == [] and p.inputVolume0 is t2  # one input: left alone
+    assert [C.sequence_of(n) for n in ("T2 FLAIR AX", "Ax T1 +C", "MPRAGE", "t2_tse_tra", "cine MRI", "Volume")] == \
+        ["FLAIR", "T1c", "T1", "T2", None, None]
+
+
 def test_processing_state_has_one_setter_and_tells_listeners() -> None:
     state = C.ProcessingState()
     seen = []

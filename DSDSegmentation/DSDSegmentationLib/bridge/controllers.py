@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,23 @@ def card_of(model: dict[str, Any] | None) -> dict[str, Any] | None:
     return model["card"] if model and model.get("card") else None
 
 
+# The MRI sequence a volume's name (or a model's channel name) says, most specific first: "T2 FLAIR" is FLAIR and
+# "T1 post Gd" / "t1ce" is T1c. Names as BraTS, MSD and DICOM series descriptions write them.
+SEQUENCE_PATTERNS = (
+    ("FLAIR", r"flair"),
+    ("T1c", r"\bt1 ?(c|ce|gd|gad|\+ ?c|post|contrast)\b|\bt1 .*\b(gd|gad|gado\w*|post ?contrast|contrast|post)\b"
+            r"|\b(gd|gad|gado\w*|post ?contrast) .*\bt1\b|\bmprage .*\b(gd|gad|post ?contrast)\b"),
+    ("T2", r"\bt2w?\b"),
+    ("T1", r"\bt1w?\b|\bmprage\b|\bspgr\b"),
+)
+
+
+def sequence_of(name: str) -> str | None:
+    """'FLAIR', 'T1c', 'T2', 'T1' from a volume or channel name, or None when the name says none of them."""
+    text = " ".join(re.sub(r"[^a-z0-9+]+", " ", name.lower()).split())
+    return next((seq for seq, pattern in SEQUENCE_PATTERNS if re.search(pattern, text)), None)
+
+
 # ------------------------------------------------------------------------------------------------------- segment
 class SegmentController:
     """Apply / Cancel and the uncertainty run: inputs from the parameter node, one run at a time."""
@@ -155,6 +173,39 @@ class SegmentController:
 
     def inputs(self, model: dict[str, Any] | None) -> list[Any]:
         return [getattr(self.params, f"inputVolume{i}") for i in range(len(self.channels(model)))]
+
+    def suggest_inputs(self, model: dict[str, Any] | None) -> list[str]:
+        """For a model with several MRI sequences: put each volume whose name names one sequence (and is the only such
+        volume) into that sequence's input, where the input is empty or holds a volume also picked for another input
+        (Slicer's selectors all show the first volume loaded). A choice the user made that differs from the other
+        inputs is never replaced. Returns what was assigned ("T1c ← case_t1ce"), empty when nothing changed."""
+        channels = self.channels(model)
+        if len(channels) < 2:
+            return []
+        scene = self.bridge.scene
+        volumes = [n for n in (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                               for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+                   if n is not None and not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetHideFromEditors()]
+        named: dict[str, list[Any]] = {}
+        for volume in volumes:
+            named.setdefault(sequence_of(volume.GetName() or ""), []).append(volume)
+        current = self.inputs(model)
+        assigned = []
+        for i, channel in enumerate(channels):
+            node, wanted = current[i], sequence_of(channel)
+            shared = node is not None and any(node is other for j, other in enumerate(current) if j != i)
+            if wanted is None or (node is not None and not shared):
+                continue  # nothing to go by, or the user's own choice
+            if node is not None and sequence_of(node.GetName() or "") == wanted:
+                continue  # the shared volume belongs here: the other inputs give it up
+            candidates = named.get(wanted, [])
+            if len(candidates) == 1 and not any(candidates[0] is other for other in current):
+                current[i] = candidates[0]
+                setattr(self.params, f"inputVolume{i}", candidates[0])
+                assigned.append(f"{channel} ← {candidates[0].GetName()}")
+        if assigned and not self.state.active(SEGMENT, UNCERTAINTY):
+            self.state.set(SEGMENT, IDLE, "Inputs picked by their names: " + ", ".join(assigned) + ". Check them.")
+        return assigned
 
     def readiness(self, model: dict[str, Any] | None) -> tuple[bool, str, bool]:
         """(Apply enabled, tooltip, needs a click): a usable model and every input; a model whose card requires a
