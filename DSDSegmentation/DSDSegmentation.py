@@ -163,6 +163,8 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.qaRestoreButton.connect("clicked(bool)", self.onRestoreDisplay)
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
         self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.exportModelButton.connect("clicked(bool)", self.onExportModel)
         self.ui.finetuneButton.connect("clicked(bool)", lambda: self.onFinetune(self._controllers().finetune.toggle))
         self.ui.resumeButton.connect("clicked(bool)",
                                      lambda: self.onFinetune(lambda m: self._controllers().finetune.start(m, resume=True)))
@@ -254,6 +256,22 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._models:
             self.ui.statusLabel.text = _("No model found. Built-in models live in Resources/Models; user models in ") \
                 + str(user_models_dir())
+
+    def onImportModel(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import a model package"), "", _("Model package (*.zip)"))
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Could not import the model."), waitCursor=True):
+                folder = self._controllers().import_model(path)
+                self.refreshModels()
+                self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(str(folder)))
+
+    def onExportModel(self) -> None:
+        model = self.currentModel()
+        name = f"{model['id']}.zip" if model else "model.zip"
+        path = qt.QFileDialog.getSaveFileName(self.parent, _("Export the model package"), name, _("Model package (*.zip)"))
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Could not export the model."), waitCursor=True):
+                self.ui.statusLabel.text = _("Model written to {p}").format(p=self._controllers().export_model(model, path))
 
     def currentModel(self) -> Optional[dict]:
         i = self.ui.modelComboBox.currentIndex

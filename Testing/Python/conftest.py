@@ -41,6 +41,22 @@ def tampered_copy(package: Path, folder: Path, name: str) -> Path:
     return folder
 
 
+def renamed_copy(package: Path, parent: Path, new_id: str) -> Path:
+    """A valid copy of a model package under another id (a colleague's model): folder, card id and SHA256SUMS."""
+    import json
+    import shutil
+
+    from DSDSegmentationLib.engine.cards import PACKAGE_SUMS, write_checksums
+
+    folder = parent / new_id
+    shutil.copytree(package, folder)
+    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    card["id"] = new_id
+    (folder / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    write_checksums(folder, [line.split()[1] for line in (folder / PACKAGE_SUMS).read_text().splitlines() if line])
+    return folder
+
+
 @pytest.fixture
 def scene():
     """A real MRML scene (slicer-core, no Qt) with the module logics the bridge needs; cleared afterwards."""

@@ -126,6 +126,37 @@ def test_multi_sequence_inputs_are_picked_by_volume_name(panel, scene) -> None:
         ["FLAIR", "T1c", "T1", "T2", None, None]
 
 
+def test_model_files_import_and_export_from_the_panel(panel, tmp_path: Path, monkeypatch) -> None:
+    """Export the selected model as a zip, import a colleague's package into the user's models; nothing existing is
+    replaced, a built-in model is not imported twice, each refusal names the problem."""
+    monkeypatch.setenv("DSDSEG_MODELS", str(tmp_path / "store"))
+    zip_path = panel.export_model(panel.model_entry, tmp_path / "hippocampus.zip")
+    assert zip_path.is_file() and zip_path.stat().st_size > 1000
+    before = zip_path.read_bytes()
+    with pytest.raises(C.InputError, match="already exists; choose another file name"):
+        panel.export_model(panel.model_entry, zip_path)
+    assert zip_path.read_bytes() == before
+    with pytest.raises(C.InputError, match="is a built-in model of this extension"):
+        panel.import_model(zip_path)
+    assert not (tmp_path / "store" / "hippocampus-dsd").exists()
+    # a colleague's fine-tuned model: the same package under another id
+    from conftest import renamed_copy
+
+    colleague = renamed_copy(Path(panel.model_entry["path"]), tmp_path / "colleague", "hippocampus-ft-v1")
+    shared = panel.export_model({"status": "ok", "path": str(colleague)}, tmp_path / "colleague.zip")
+    folder = panel.import_model(shared)
+    assert folder == tmp_path / "store" / "hippocampus-ft-v1"
+    assert [m["status"] for m in list_models() if m["id"] == "hippocampus-ft-v1"] == ["ok"]
+    with pytest.raises(C.InputError, match="already exists"):
+        panel.import_model(shared)
+    not_a_zip = tmp_path / "notes.zip"
+    not_a_zip.write_text("not a zip")
+    with pytest.raises(C.InputError, match="not a zip file"):
+        panel.import_model(not_a_zip)
+    with pytest.raises(C.InputError, match="Select a usable model"):
+        panel.export_model({"id": "broken", "status": "sha256 mismatch"}, tmp_path / "broken.zip")
+
+
 def test_processing_state_has_one_setter_and_tells_listeners() -> None:
     state = C.ProcessingState()
     seen = []

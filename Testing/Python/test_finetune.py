@@ -227,7 +227,9 @@ def test_stale_lock_taken_over_by_exactly_one_of_many(tmp_path: Path) -> None:
 
 
 def test_concurrent_imports_of_one_zip(base: Path, tmp_path: Path) -> None:
-    zipped = export_zip(base, tmp_path / "m.zip")
+    from conftest import renamed_copy
+
+    zipped = export_zip(renamed_copy(base, tmp_path / "colleague", "hippocampus-ft-v1"), tmp_path / "m.zip")
     code = ("import sys; from DSDSegmentationLib.engine.finetune import import_zip; "
             "from DSDSegmentationLib.engine.errors import InputError\n"
             "try:\n import_zip(sys.argv[1], sys.argv[2]); print('imported')\n"
@@ -238,8 +240,8 @@ def test_concurrent_imports_of_one_zip(base: Path, tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), [r[1][-500:] for r in results]
     outs = sorted(r[0].strip() for r in results)
     assert outs == ["imported"] + ["refused"] * 3, outs
-    verify_package(tmp_path / "store" / "hippocampus-dsd")
-    assert [p.name for p in (tmp_path / "store").iterdir()] == ["hippocampus-dsd"], "no temporary folder left"
+    verify_package(tmp_path / "store" / "hippocampus-ft-v1")
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["hippocampus-ft-v1"], "no temporary folder left"
 
 
 def test_unsafe_zip_is_refused(tmp_path: Path) -> None:

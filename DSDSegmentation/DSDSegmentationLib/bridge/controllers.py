@@ -797,6 +797,26 @@ class PanelController:
         return {"segment": self.segment.tick(now), "prompt": self.prompt.tick(now), "finetune": self.finetune.tick(now),
                 "qa": self.qa.tick(now)}
 
+    # model files ------------------------------------------------------------------------------------------
+    def import_model(self, zip_path: str | Path) -> Path:
+        """A model package zip into the user's models (safe extraction, every sha256 checked, nothing replaced);
+        returns the new package folder."""
+        from ..engine.finetune import import_zip
+
+        if not str(zip_path).strip():
+            raise InputError("Choose a model package (.zip) to import.")
+        return import_zip(zip_path)
+
+    def export_model(self, model: dict[str, Any] | None, zip_path: str | Path) -> Path:
+        """The selected model as a package zip (the file must not exist; the package is verified first)."""
+        from ..engine.finetune import export_zip
+
+        if not model or model.get("status") != "ok":
+            raise InputError("Select a usable model to export.")
+        if not str(zip_path).strip():
+            raise InputError("Choose where to write the model package (.zip).")
+        return export_zip(model["path"], zip_path)
+
     def shutdown(self) -> None:
         """Module closed: nothing is left running (a stopped fine-tune can be resumed later)."""
         self._on_scene_close()

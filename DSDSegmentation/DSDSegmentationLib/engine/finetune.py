@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .cards import PACKAGE_CARD, read_model_card, user_models_dir, verify_package
+from .cards import PACKAGE_CARD, builtin_models_dir, read_model_card, user_models_dir, verify_package
 from .data import list_cases, validate_case
 from .errors import ConfigError, InputError
 from .labelmapping import derive_mapping, is_identity, mapped_preset
@@ -310,6 +310,9 @@ def import_zip(zip_path: str | Path, store: str | Path | None = None) -> Path:
         target = store / model_id
         if target.exists():
             raise InputError(f"a model '{model_id}' already exists in {store}; remove or rename it first")
+        if (builtin_models_dir() / model_id).is_dir():
+            raise InputError(f"{zip_path}: '{model_id}' is a built-in model of this extension and already in the model "
+                             "list; nothing was imported")
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=store))
         try:
             for m in members:
