@@ -507,6 +507,8 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         inference only with DSDSEG_FULL_SELFTEST=1 (Testing/Slicer/run_selftest.py sets it)."""
         self.setUp()
         self.test_models_listed()
+        self.setUp()
+        self.test_panel_binds_as_designed()
         if os.environ.get("DSDSEG_FULL_SELFTEST") != "1":
             self.delayDisplay("Light self-test passed (set DSDSEG_FULL_SELFTEST=1 for the inference tests)")
             return
@@ -525,6 +527,28 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         self.assertTrue(models and all(m["status"] == "ok" for m in models if m["source"] == "builtin"))
         self.assertTrue(os.path.isfile(resourcePath("Terminology/DSDSegmentation.term.json")))
         self.assertTrue(os.path.isfile(resourcePath("UI/DSDSegmentation.ui")))
+
+    def test_panel_binds_as_designed(self) -> None:
+        """What the headless tests assume of Slicer's GUI connectors and selectors, checked on the real panel: spin
+        boxes keep the fields' ranges, the device list is the Choice list, a four-sequence model shows four inputs
+        and each takes the volume named after its sequence (no torch needed)."""
+        widget = slicer.modules.dsdsegmentation.widgetRepresentation().self()  # made (setup) on first request
+        widget.enter()  # what Slicer does when the module is shown (--no-main-window shows none)
+        ui = widget.ui
+        self.assertEqual((ui.epochsSpinBox.minimum, ui.epochsSpinBox.maximum), (1, 2000))
+        self.assertEqual((ui.lrSpinBox.minimum, ui.lrSpinBox.maximum, ui.lrSpinBox.decimals), (0.00001, 0.1, 5))
+        self.assertEqual((ui.qaToleranceSpinBox.minimum, ui.qaToleranceSpinBox.maximum), (0.1, 20.0))
+        self.assertEqual([ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)], ["auto", "cuda", "cpu"])
+        index = next(i for i, m in enumerate(widget._models) if m["id"] == "brain-tumour-dsd")
+        ui.modelComboBox.setCurrentIndex(index)
+        self.assertEqual([getattr(ui, f"inputVolumeSelector{i}").isHidden() for i in range(MAX_INPUTS)], [False] * 4)
+        for sequence in ("flair", "t1", "t1ce", "t2"):
+            slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"BraTS_selftest_{sequence}")
+        slicer.app.processEvents()  # the selectors show the new volumes, then the panel picks them by name
+        params = widget._parameterNode
+        picked = [getattr(params, f"inputVolume{i}").GetName() for i in range(4)]
+        self.assertEqual(picked, [f"BraTS_selftest_{s}" for s in ("flair", "t1", "t1ce", "t2")])
+        self.delayDisplay("Panel bindings as designed")
 
     def test_segment_with_builtin_model(self) -> None:
         """The bundled hippocampus model on the bundled sample case: segments, names, terminology, Dice."""
