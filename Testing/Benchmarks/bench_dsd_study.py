@@ -2,7 +2,7 @@
 """Where does DSD help? plain vs deep supervision only (ds) vs full DSD, several seeds, full and low-data regimes.
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_dsd_study.py [--task hippocampus] [--backbones basicunet dynunet]
-            [--arms plain ds dsd] [--seeds 0 1 2] [--fractions 0.1 0.25 1.0] [--steps 2000]
+            [--arms plain ds dsd [dsd-detached]] [--seeds 0 1 2] [--fractions 0.1 0.25 1.0] [--steps 2000]
             [--precision auto|fp32|bf16] [--out ~/dsdseg-runs/dsd-study]
             (runs in <out>/<task>/<backbone>/steps<N>[-bf16]/frac<f>/<arm>_seed<s>)
         ... --report        # the tables from finished runs only
@@ -46,6 +46,9 @@ from DSDSegmentationLib.engine.training import TrainConfig, Trainer, bf16_proble
 ARCHIVE = Path(__file__).resolve().parent / "results" / "dsd-study"
 DATASETS = {"hippocampus": "Task04_Hippocampus", "cardiac": "ACDC_subset", "brain_tumour": "BraTS2018_2mm"}
 BACKBONE_OPTIONS = {"basicunet": {}, "dynunet": {"filters": [8, 16, 32, 64, 128]}}
+# ablation arms beyond the DSD presets (plain, ds, decoder, encoder, dsd): name -> (preset, DSD overrides).
+# dsd-detached: full DSD with the teachers' gradients stopped (the paper's code lets the KL pull the teacher too)
+ABLATIONS = {"dsd-detached": ("dsd", {"detach_teacher": True})}
 
 
 def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, steps: int, out: Path,
@@ -60,7 +63,9 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
     # steps per epoch at this fraction: training patients / batch size (each volume gives samples_per_volume
     # patches to its batch), known after the split
     train_dir = out / "train"
-    cfg = TrainConfig(task=task, data=str(data), output=str(train_dir), dsd=arm, backbone=backbone,
+    terms, overrides = ABLATIONS.get(arm, (arm, {}))
+    cfg = TrainConfig(task=task, data=str(data), output=str(train_dir), dsd=terms, dsd_overrides=dict(overrides),
+                      backbone=backbone,
                       backbone_options=BACKBONE_OPTIONS.get(backbone, {}) if backbone != preset.network["backbone"] else None,
                       seed=seed, split_seed=0, train_fraction=fraction if fraction < 1 else None, device="cpu",
                       epochs=1, val_every=1, precision=precision)
@@ -131,8 +136,9 @@ def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int,
     for backbone in backbones:
         print(f"# {task}, {backbone}, {steps} optimiser steps per run, {precision}: mean validation Dice (mean ± 95 % CI "
               "over seeds, n seeds)")
-        print("| training share | " + " | ".join(arms) + " | dsd − plain (paired) | ds − plain (paired) |")
-        print("|---:|" + "---:|" * (len(arms) + 2))
+        against = [a for a in ("dsd", "ds") if a in arms] + [a for a in arms if a not in ("plain", "dsd", "ds")]
+        print("| training share | " + " | ".join(arms) + " | " + " | ".join(f"{a} − plain (paired)" for a in against) + " |")
+        print("|---:|" + "---:|" * (len(arms) + len(against)))
         for f in fractions:
             res = {a: [r for s in seeds
                        if (r := load_result(run_dir(root, task, backbone, steps, f, a, s, precision))) is not None]
@@ -143,8 +149,8 @@ def report(root: Path, task: str, backbones, arms, seeds, fractions, steps: int,
                 ci = student.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
                 cells.append(f"{np.mean(v):.4f} ± {ci:.4f} ({len(v)})" if v else "–")
 
-            print(f"| {f:g} | " + " | ".join(cells) + f" | {paired_difference(res.get('dsd', []), res.get('plain', []), 2)} | "
-                  f"{paired_difference(res.get('ds', []), res.get('plain', []), 2)} |")
+            diffs = [paired_difference(res.get(a, []), res.get("plain", []), 2) for a in against]
+            print(f"| {f:g} | " + " | ".join(cells + diffs) + " |")
         print()
         if precision != "fp32":
             precision_check(root, task, backbone, arms, seeds, fractions, steps, precision)
