@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from .errors import Cancelled, InputError
-from .io import load_channels, save_image, save_labelmap
+from .io import load_channels, permute_axes, save_image, save_labelmap
 from .models import LoadedModel, load_model
 from .progress import Progress
 from .sequence_check import check_order
@@ -170,6 +170,14 @@ class Predictor:
         if order_note:
             self.notes.append(order_note)
             self.progress.log(order_note)
+        input_affine, order = affine, self.model.preset.slice_axis_order(affine)
+        if order is not None:  # slices along another axis than the model's slice axis: given to it in its order
+            raw, affine = permute_axes(raw, affine, order)
+            spacing = np.linalg.norm(input_affine[:3, :3], axis=0)
+            note = (f"{what}: its slices ({spacing.max():.3g} mm apart) lie along array axis {int(spacing.argmax())}; the "
+                    "model was given them along its own slice axis and the result put back on the input's grid")
+            self.notes.append(note)
+            self.progress.log(note)
         loaded = MetaTensor(torch.from_numpy(raw), affine=torch.as_tensor(affine, dtype=torch.float64),
                             meta={"filename_or_obj": paths[0]})
         data = self.transforms({"image": loaded})
@@ -183,12 +191,14 @@ class Predictor:
         labels = self.model.preset.classes_to_values(inv.argmax(0).numpy())
         if labels.shape != raw.shape[1:]:
             raise RuntimeError(f"internal error: inverted prediction has shape {labels.shape}, input {raw.shape[1:]}")
+        back = tuple(np.argsort(order)) if order is not None else (0, 1, 2)
+        labels = np.ascontiguousarray(labels.transpose(back))
         if not uncertainty:
-            return labels, affine
+            return labels, input_affine
         p = inv.float().clamp_min(1e-8)
         p = p / p.sum(0, keepdim=True)  # resampling back to the input grid may blur the sums slightly
         entropy = -(p * p.log()).sum(0) / float(np.log(p.shape[0]))
-        return labels, affine, entropy.clamp(0, 1).numpy().astype(np.float32)
+        return labels, input_affine, np.ascontiguousarray(entropy.clamp(0, 1).numpy().astype(np.float32).transpose(back))
 
     def predict_to_file(self, images: list[str] | str, output: str | Path, uncertainty_output: str | Path | None = None) -> Path:
         first = images if isinstance(images, (str, Path)) else images[0]

@@ -124,6 +124,17 @@ def load_channels(paths: list[str], what: str = "image", resample: bool = False,
     return image, affine
 
 
+def permute_axes(image: np.ndarray, affine: np.ndarray, order: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A channel-first (C, x, y, z) or 3D array with its spatial axes in ``order`` (new axis t = old axis
+    ``order[t]``) and the affine that keeps every voxel where it was in space."""
+    move = np.eye(4)
+    move[:3, :3] = 0.0
+    for new, old in enumerate(order):
+        move[old, new] = 1.0  # old voxel index = move @ new voxel index
+    axes = tuple(order) if image.ndim == 3 else (0, *(o + 1 for o in order))
+    return np.ascontiguousarray(image.transpose(axes)), np.asarray(affine, dtype=float) @ move
+
+
 def _resample_onto(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: tuple) -> np.ndarray:
     """Linear resampling of ``data`` (voxel→RAS ``affine``) onto a target grid; outside is the minimum value."""
     from scipy.ndimage import affine_transform

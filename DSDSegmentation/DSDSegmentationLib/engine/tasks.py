@@ -128,6 +128,28 @@ class TaskPreset:
         if self.spacing is not None and len(self.spacing) != 3:
             raise ConfigError(f"preset '{self.name}': spacing needs 3 values (non-positive keeps the native one)")
 
+    def slice_axis_order(self, affine: Any) -> tuple[int, int, int] | None:
+        """For a preset that keeps one axis at its native spacing and does not reorient (cardiac: in-plane resampled,
+        slices kept on the third axis): the axis order that brings an input's slices there when they lie along
+        another axis (a stack converted with slices first, say). The slice axis is the input's clearly coarsest
+        (at least twice the spacing of the others). Returns the order (new axis t = old axis ``order[t]``, the two
+        in-plane axes keep their order), or None when the slices are already there, unclear, or the preset
+        reorients (``orientation`` set) or resamples every axis."""
+        import numpy as np
+
+        if self.orientation is not None or not self.spacing:
+            return None
+        native = [i for i, s in enumerate(self.spacing) if float(s) <= 0]
+        if len(native) != 1:
+            return None
+        spacing = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+        coarse = int(np.argmax(spacing))
+        if coarse == native[0] or spacing[coarse] < 2.0 * max(spacing[i] for i in range(3) if i != coarse):
+            return None
+        order = [i for i in range(3) if i != coarse]
+        order.insert(native[0], coarse)
+        return tuple(order)  # type: ignore[return-value]
+
     @property
     def num_classes(self) -> int:
         return len(self.labels)

@@ -31,7 +31,7 @@ from monai.transforms import (
 )
 
 from .errors import InputError
-from .io import load_channels, load_volume
+from .io import load_channels, load_volume, permute_axes
 from .tasks import TaskPreset
 
 
@@ -48,9 +48,13 @@ class LoadCased(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        order = None  # a stack with its slices along another axis than the preset's slice axis: brought there
         if "image" in d and not isinstance(d["image"], MetaTensor):
             paths = d["image"] if isinstance(d["image"], (list, tuple)) else [d["image"]]
             img, affine = load_channels([str(p) for p in paths])
+            order = self.preset.slice_axis_order(affine) if self.preset is not None else None
+            if order is not None:
+                img, affine = permute_axes(img, affine, order)
             d["image"] = MetaTensor(torch.from_numpy(img), affine=torch.as_tensor(affine, dtype=torch.float64),
                                     meta={"filename_or_obj": str(paths[0]), "original_affine": affine,
                                           "spatial_shape": np.array(img.shape[1:])})
@@ -59,6 +63,10 @@ class LoadCased(MapTransform):
             if lab.ndim != 3:
                 raise InputError(f"label {d['label']} must be 3D, got shape {lab.shape}")
             lab = np.rint(np.asarray(lab, dtype=np.float32))
+            if order is None and self.preset is not None and "image" not in data:
+                order = self.preset.slice_axis_order(affine)
+            if order is not None:
+                lab, affine = permute_axes(lab, affine, order)
             if self.preset is not None:
                 lab = self.preset.values_to_classes(lab).astype(np.float32)
             d["label"] = MetaTensor(torch.from_numpy(lab[None]),
