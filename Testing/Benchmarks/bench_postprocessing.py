@@ -30,29 +30,7 @@ from DSDSegmentationLib.engine.data import find_shared_data, list_cases  # noqa:
 from DSDSegmentationLib.engine.inference import Predictor  # noqa: E402
 from DSDSegmentationLib.engine.io import load_volume, save_labelmap  # noqa: E402
 from DSDSegmentationLib.engine.metrics import evaluate_files  # noqa: E402
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))  # 26-connectivity
-    if n <= 1:
-        return mask
-    sizes = np.bincount(comp.ravel())
-    sizes[0] = 0
-    return comp == int(sizes.argmax())
-
-
-def keep_largest_component(labels: np.ndarray, mode: str) -> np.ndarray:
-    """Everything outside the largest connected region of the foreground (``foreground``: touching labels stay
-    together), or of each label (``per_label``), set to 0."""
-    out = labels.copy()
-    if mode == "foreground":
-        out[~_largest(labels > 0)] = 0
-        return out
-    for v in (int(x) for x in np.unique(labels) if x != 0):
-        m = labels == v
-        out[m & ~_largest(m)] = 0
-    return out
+from DSDSegmentationLib.engine.postprocess import keep_largest_component  # noqa: E402
 
 
 VARIANTS = {"raw": None, "largest component of the foreground": "foreground",

@@ -223,13 +223,15 @@ def main() -> None:
         members.append({"run": other.name, **run_summary(json.loads((other / "config.json").read_text()),
                                                          json.loads((other / "history.json").read_text()))})
 
-    with tempfile.TemporaryDirectory() as tmp:  # measured with the weights as stored (float16 rounds them)
-        staged = Path(tmp) / "staged"
-        export_package(run, staged, weights_dtype=args.weights_dtype, members=args.ensemble_with)
-        validation, secs = evaluate(Predictor(staged, device="cpu"), val, preset)
+    # what inference does comes from the task's current preset too: interactive region, post-processing
     card_preset = {**cfg["resolved"]["preset"], "label_colors": {str(k): v for k, v in preset.label_colors.items()},
                    "terminology": {str(k): v for k, v in preset.terminology.items()}, "title": preset.title,
-                   "roi": preset.roi, "regions": regions_for(TaskPreset.from_dict(cfg["resolved"]["preset"]), preset)}
+                   "roi": preset.roi, "regions": regions_for(TaskPreset.from_dict(cfg["resolved"]["preset"]), preset),
+                   "postprocessing": preset.postprocessing}
+    with tempfile.TemporaryDirectory() as tmp:  # measured with the weights as stored (float16 rounds them)
+        staged = Path(tmp) / "staged"
+        export_package(run, staged, {"preset": card_preset}, weights_dtype=args.weights_dtype, members=args.ensemble_with)
+        validation, secs = evaluate(Predictor(staged, device="cpu"), val, preset)
     extra = {
         "id": args.id, "version": args.version, "title": preset.title, "task": task,
         "inputs": list(preset.channels),

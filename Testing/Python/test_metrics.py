@@ -121,3 +121,29 @@ def test_regions_are_unions_of_labels() -> None:
     assert m["WT"]["dice"] == 1.0 and m["TC"]["dice"] == 1.0 and m["ET"]["dice"] == 0.0
     assert m["enhancing"]["dice"] == 0.0 and m["WT"]["region"] == [1, 2, 4]
     assert unlisted_values(np.array([0, 3, 4, 7]), labels) == [3, 7]
+
+
+def test_largest_component_post_processing_as_the_card_says() -> None:
+    """``preset.postprocessing``: per label, only its largest 26-connected region stays (a stray island of a label
+    goes, touching labels each keep theirs); 'foreground' keeps the largest region of all labels together."""
+    import pytest
+
+    from DSDSegmentationLib.engine.errors import ConfigError
+    from DSDSegmentationLib.engine.postprocess import keep_largest_component
+    from DSDSegmentationLib.engine.tasks import load_preset
+
+    labels = np.zeros((20, 20, 10), np.uint8)
+    labels[2:8, 2:8, 2:6] = 1  # the right ventricle
+    labels[8:14, 2:8, 2:6] = 2  # touching it: the myocardium
+    labels[17:19, 17:19, 8:10] = 1  # a stray island of label 1, far away
+    labels[17:19, 2:4, 8:10] = 3  # the only region of label 3
+    per_label = keep_largest_component(labels, "per_label")
+    assert (per_label[17:19, 17:19, 8:10] == 0).all() and (per_label[2:8, 2:8, 2:6] == 1).all()
+    assert (per_label[8:14, 2:8, 2:6] == 2).all() and (per_label[17:19, 2:4, 8:10] == 3).all()
+    foreground = keep_largest_component(labels, "foreground")
+    assert (foreground[2:14, 2:8, 2:6] > 0).all() and foreground[17:19].sum() == 0
+    with pytest.raises(ValueError, match="unknown post-processing"):
+        keep_largest_component(labels, "largest")
+    assert load_preset("cardiac").postprocessing == "per_label" and load_preset("hippocampus").postprocessing is None
+    with pytest.raises(ConfigError, match="postprocessing must be"):
+        type(load_preset("cardiac")).from_dict({**load_preset("cardiac").to_dict(), "postprocessing": "largest"})

@@ -15,6 +15,7 @@ from monai.inferers import sliding_window_inference
 from .errors import Cancelled, InputError
 from .io import load_channels, permute_axes, save_image, save_labelmap
 from .models import LoadedModel, load_model
+from .postprocess import keep_largest_component
 from .progress import Progress
 from .sequence_check import check_order
 from .training import resolve_device
@@ -191,6 +192,8 @@ class Predictor:
         labels = self.model.preset.classes_to_values(inv.argmax(0).numpy())
         if labels.shape != raw.shape[1:]:
             raise RuntimeError(f"internal error: inverted prediction has shape {labels.shape}, input {raw.shape[1:]}")
+        if self.model.preset.postprocessing:  # as the card says (measured to help that model)
+            labels = keep_largest_component(labels, self.model.preset.postprocessing)
         back = tuple(np.argsort(order)) if order is not None else (0, 1, 2)
         labels = np.ascontiguousarray(labels.transpose(back))
         if not uncertainty:

@@ -75,6 +75,9 @@ class TaskPreset:
     roi: dict[str, Any] = field(default_factory=dict)
     # evaluation regions: unions of label values scored besides the labels (BraTS: whole tumour = 1+2+4, ...)
     regions: dict[str, list[int]] = field(default_factory=dict)
+    # after inference: keep the largest connected component of each label ("per_label") or of the foreground
+    # ("foreground"); None: the labels as predicted (engine/postprocess.py; kept only where it was measured to help)
+    postprocessing: str | None = None
 
     def __post_init__(self) -> None:
         self.labels = {int(k): str(v) for k, v in self.labels.items()}
@@ -125,6 +128,9 @@ class TaskPreset:
             stray = sorted(set(vals) - (set(self.labels) - {0}))
             if not vals or stray:
                 raise ConfigError(f"preset '{self.name}': region '{name}' must list foreground label values, got {vals}")
+        if self.postprocessing not in (None, "foreground", "per_label"):
+            raise ConfigError(f"preset '{self.name}': postprocessing must be null, 'foreground' or 'per_label', got "
+                              f"{self.postprocessing!r}")
         if self.spacing is not None and len(self.spacing) != 3:
             raise ConfigError(f"preset '{self.name}': spacing needs 3 values (non-positive keeps the native one)")
 
