@@ -263,7 +263,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Could not import the model."), waitCursor=True):
                 folder = self._controllers().import_model(path)
                 self.refreshModels()
-                self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(str(folder)))
+                index = self.ui.modelComboBox.findData(str(folder))
+                if index >= 0:
+                    self.ui.modelComboBox.setCurrentIndex(index)
 
     def onExportModel(self) -> None:
         model = self.currentModel()
