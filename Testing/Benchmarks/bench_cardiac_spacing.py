@@ -29,7 +29,7 @@ from scipy.ndimage import affine_transform
 from DSDSegmentationLib.engine.cards import read_model_card
 from DSDSegmentationLib.engine.data import Case, find_shared_data, list_cases
 from DSDSegmentationLib.engine.inference import Predictor
-from DSDSegmentationLib.engine.io import load_volume
+from DSDSegmentationLib.engine.io import load_volume, permute_axes
 from DSDSegmentationLib.engine.metrics import evaluate_files, summarize
 
 
@@ -65,11 +65,8 @@ def reorder(path: str, order: str, out: Path) -> Path:
         data, move[0, 0], move[0, 3] = data[::-1], -1.0, data.shape[0] - 1
     elif order == "mirror-j":
         data, move[1, 1], move[1, 3] = data[:, ::-1], -1.0, data.shape[1] - 1
-    elif order in ("transpose-ij", "slices-first"):
-        perm = (1, 0, 2) if order == "transpose-ij" else (2, 0, 1)
-        data, move[:3, :3] = data.transpose(perm), 0.0
-        for new_axis, old_axis in enumerate(perm):
-            move[old_axis, new_axis] = 1.0  # old index = move @ new index
+    elif order in ("transpose-ij", "slices-first"):  # the engine's own axis permutation (io.permute_axes)
+        data, affine = permute_axes(np.asarray(data), affine, (1, 0, 2) if order == "transpose-ij" else (2, 0, 1))
     else:
         raise SystemExit(f"unknown order {order!r}; known: {', '.join(ORDERS)}")
     new_affine = affine @ move

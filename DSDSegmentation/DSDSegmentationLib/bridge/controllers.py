@@ -625,8 +625,7 @@ class FinetuneController:
                 except (OSError, ValueError):
                     continue
                 return {"base": config.get("init_from"), "data": config.get("data"), "output": str(run),
-                        "label_map": None, "epochs": config.get("epochs"), "history": history,
-                        "started": run.parent.name}
+                        "label_map": None, "epochs": config.get("epochs"), "history": history}
         return None
 
     @property
