@@ -326,3 +326,75 @@ def test_widget_calls_no_protected_qt_method() -> None:
     for protected in ("selectedIndexes(", "viewOptions(", "visualRect(", "moveCursor(", "horizontalOffset(",
                       "verticalOffset(", "setSelection(", "visualRegionForSelection("):
         assert protected not in src, protected
+
+
+# What Slicer 5.10's Python holds besides the standard library (SuperBuild/External_python-*.cmake and the Slicer/CTK
+# Python packages at v5.10.0, checked there): a module may import these without asking. torch arrives through the
+# PyTorch extension (PyTorchUtils, a module of that extension, is imported only after checking it is loaded).
+SLICER_PROVIDES = {"numpy", "scipy", "vtk", "vtkmodules", "qt", "ctk", "slicer", "SimpleITK", "requests", "pip",
+                   "PyTorchUtils", "torch"}
+# import name -> distribution, where they differ
+IMPORT_NAMES = {"nrrd": "pynrrd"}
+
+
+def _python312_stdlib() -> set[str]:
+    """``sys.stdlib_module_names`` of a Python 3.12 (Slicer 5.10 ships 3.12.10): a module removed in 3.12 (``imp``,
+    ``distutils``, ``asynchat``) is missing there although this 3.11 test interpreter has it."""
+    import shutil
+    import subprocess
+    import sys
+
+    candidates = [shutil.which("python3.12"), *sorted(Path("/root/.pyenv/versions").glob("3.12*/bin/python3.12")),
+                  *sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for exe in filter(None, candidates):
+        out = subprocess.run([str(exe), "-c", "import sys; print(' '.join(sorted(sys.stdlib_module_names)))"],
+                             capture_output=True, text=True)
+        if out.returncode == 0:
+            return set(out.stdout.split())
+    # no 3.12 here: this interpreter's list less what 3.12 removed (PEP 594/632, What's New in Python 3.12)
+    return set(sys.stdlib_module_names) - {"imp", "distutils", "asynchat", "asyncore", "smtpd"}
+
+
+def _guarded_by_import_error(tree: ast.AST, node: ast.AST) -> bool:
+    for t in ast.walk(tree):
+        if isinstance(t, ast.Try) and any(node is n for stmt in t.body for n in ast.walk(stmt)):
+            for h in t.handlers:
+                names = [h.type] if not isinstance(h.type, ast.Tuple) else list(h.type.elts)
+                if any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names):
+                    return True
+    return False
+
+
+def test_every_import_is_in_slicers_python_or_declared() -> None:
+    """Every module the extension's code imports exists in Slicer 5.10's Python 3.12 standard library, ships with
+    Slicer, is this package, or is declared in Resources/requirements.txt (what the panel installs with consent); an
+    optional one (matplotlib for the CLI's report pictures) only inside ``try/except ImportError``. An undeclared
+    import would work in CI's venv and fail in the user's Slicer."""
+    stdlib = _python312_stdlib()
+    assert "imp" not in stdlib and "json" in stdlib
+    declared = {re.split(r"[<>=!~\[; ]", ln.strip(), maxsplit=1)[0].lower()
+                for ln in (ROOT / "Resources" / "requirements.txt").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")}
+    problems, optional = [], set()
+    for f in [MODULE, *sorted((ROOT / "DSDSegmentation" / "DSDSegmentationLib").rglob("*.py"))]:
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for name in names:
+                if name in stdlib or name in SLICER_PROVIDES or name in ("DSDSegmentationLib", "__future__"):
+                    continue
+                if IMPORT_NAMES.get(name, name).lower() in declared:
+                    continue
+                if _guarded_by_import_error(tree, node):
+                    optional.add(name)
+                    continue
+                problems.append(f"{f.relative_to(ROOT)}:{node.lineno} imports {name}, which Slicer 5.10 lacks")
+    assert not problems, problems
+    assert optional <= {"matplotlib", "packaging"}, optional  # packaging: pip's vendored copy is the fallback
+    # the check itself: an undeclared import is caught
+    assert "yaml" not in stdlib and "yaml" not in declared

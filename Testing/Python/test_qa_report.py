@@ -49,6 +49,39 @@ def test_qa_report_on_a_sphere_with_a_bump(tmp_path: Path) -> None:
     assert "anterior hippocampus" in page and "errors/error_1.png" in page and "surfaces/anterior_hippocampus.png" in page
 
 
+def test_qa_report_without_matplotlib_as_in_slicers_python(tmp_path: Path, monkeypatch) -> None:
+    """Slicer's Python has no matplotlib (Slicer 5.10 ships numpy, scipy, vtk, ... but not it; the extension does not
+    install it). `PythonSlicer -m DSDSegmentationLib.worker.cli qa` then writes the whole report less the outline
+    pictures, and says so, instead of stopping with ModuleNotFoundError after the metrics."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    spacing = (1.0, 1.0, 1.0)
+    ref = ball((40, 40, 30), (20, 20, 15), 8.0, spacing)
+    pred = ball((40, 40, 30), (22, 20, 15), 8.0, spacing)
+    files = {}
+    for name, arr in (("pred", pred.astype(np.uint8)), ("ref", ref.astype(np.uint8))):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), files[name])
+    out = tmp_path / "qa"
+    assert cli(["qa", str(files["pred"]), str(files["ref"]), "--labels", "hippocampus", "--output", str(out),
+                "--worst", "2", "--progress", "none"]) == 0
+    report = json.loads((out / "qa.json").read_text())
+    assert report["metrics"]["anterior hippocampus"]["dice"] == pytest.approx(class_metrics(pred, ref, spacing, 1.0)["dice"])
+    assert report["worst_errors"] and all(e["png"] is None for e in report["worst_errors"])
+    assert not (out / "errors").exists() and Path(report["surfaces"]["anterior hippocampus"]).is_file()  # vtk's
+    assert any("need matplotlib" in n for n in report["notes"])
+    page = (out / "index.html").read_text()
+    assert "need matplotlib" in page and "#1 anterior hippocampus" in page and "errors/error_1.png" not in page
+
+
 def test_uncertainty_is_high_where_the_model_is_wrong(tmp_path: Path) -> None:
     from DSDSegmentationLib.bridge.demo import default_model, default_sample
 

@@ -25,13 +25,21 @@ from ..engine.qa import boundary_errors, worst_first
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 
-def _outline_png(image: np.ndarray | None, pred: np.ndarray, ref: np.ndarray, ijk: list[int], spacing, path: Path,
-                 title: str) -> Path:
-    import matplotlib
+def _pyplot() -> Any:
+    """matplotlib's pyplot (off-screen), or None where it is not installed: Slicer's Python has no matplotlib, and
+    the report is complete without the outline pictures."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
+
+def _outline_png(plt: Any, image: np.ndarray | None, pred: np.ndarray, ref: np.ndarray, ijk: list[int], spacing,
+                 path: Path, title: str) -> Path:
     k = int(ijk[2])
     fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
     if image is not None:
@@ -209,11 +217,16 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
                                               f"{name}: signed distance to the reference"))
     errors = worst_first(errors, worst)
     value_of = {n: v for v, n in labels.items()}
+    plt = _pyplot() if errors else None
+    if errors and plt is None:
+        notes.append("the outline pictures of the worst errors need matplotlib, which this Python lacks (pip install "
+                     "matplotlib); the errors' positions and distances are listed without them")
     for i, e in enumerate(errors):
         v = value_of[e["structure"]]
         what = "whole structure missed" if e["distance_mm"] is None else f"{e['distance_mm']:.1f} mm {e['kind']}"
-        e["png"] = str(_outline_png(image, pred == v, ref == v, e["ijk"], spacing, out / "errors" / f"error_{i + 1}.png",
-                                    f"#{i + 1} {e['structure']}: {what} (slice {e['ijk'][2]})"))
+        e["png"] = None if plt is None else str(_outline_png(
+            plt, image, pred == v, ref == v, e["ijk"], spacing, out / "errors" / f"error_{i + 1}.png",
+            f"#{i + 1} {e['structure']}: {what} (slice {e['ijk'][2]})"))
     report = {"prediction": str(pred_file), "reference": str(ref_file), "image": str(image_file) if image_file else None,
               "spacing_mm": list(spacing), "tolerance_mm": tolerance_mm, "metrics": metrics, "worst_errors": errors,
               "surfaces": surfaces, "notes": notes}
@@ -237,10 +250,12 @@ def _html(report: dict[str, Any], out: Path) -> str:
     def describe(e: dict[str, Any]) -> str:
         return "whole structure missed" if e["distance_mm"] is None else f"{e['distance_mm']:.1f} mm {e['kind']}"
 
-    errs = "".join(
-        f"<figure><img src='{Path(e['png']).relative_to(out)}' width='360'><figcaption>#{i + 1} "
-        f"{html.escape(e['structure'])}: {describe(e)} at voxel {e['ijk']}</figcaption></figure>"
-        for i, e in enumerate(report["worst_errors"]))
+    def figure(i: int, e: dict[str, Any]) -> str:
+        img = "" if e.get("png") is None else f"<img src='{Path(e['png']).relative_to(out)}' width='360'>"
+        return (f"<figure>{img}<figcaption>#{i + 1} {html.escape(e['structure'])}: {describe(e)} at voxel "
+                f"{e['ijk']}</figcaption></figure>")
+
+    errs = "".join(figure(i, e) for i, e in enumerate(report["worst_errors"]))
     surfs = "".join(f"<figure><img src='{Path(p).relative_to(out)}' width='420'><figcaption>{html.escape(n)}</figcaption></figure>"
                     for n, p in report["surfaces"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>DSDSegmentation boundary QA</title>
