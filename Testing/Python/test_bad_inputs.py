@@ -536,3 +536,35 @@ def test_reports_replace_earlier_files_only_when_asked(ws: Path, capsys) -> None
     assert run(["qa", pred, str(ws / "q2" / "qa.json"), "--labels", "hippocampus", "--output", str(ws / "q2"),
                 "--overwrite", "--progress", "none"]) == 2
     assert "the report's qa.json would overwrite the input" in capsys.readouterr().err and _digest(ws) == before
+
+
+def _fake_worker(tmp_path: Path, exit_code: int) -> Path:
+    """A stand-in for the worker's Python: a library's line in Latin-1 and a UTF-8 path on stdout and stderr, then the
+    worker's own JSON record (and an exit code)."""
+    script = tmp_path / "fake-python"
+    script.write_bytes(b"#!/bin/sh\n"
+                       b"printf 'Warnung: Datei C:\\\\Users\\\\Jos\\351\\n'\n"  # Latin-1 e-acute: not UTF-8
+                       b"printf 'Fichier C:\\\\Users\\\\Jos\\303\\251 M\\303\\274ller\\\\t1.nrrd\\n' >&2\n"  # UTF-8
+                       b"printf 'bad byte \\377 on stderr\\n' >&2\n"
+                       b"echo \"{\\\"stage\\\": \\\"log\\\", \\\"done\\\": 0, \\\"total\\\": 0, \\\"message\\\": \\\"encoding=$PYTHONIOENCODING\\\"}\"\n"
+                       b"echo '{\"stage\": \"done\", \"done\": 1, \"total\": 1, \"message\": \"ok\"}'\n"
+                       + f"exit {exit_code}\n".encode())
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell script stands in for the worker")
+def test_worker_streams_in_another_encoding_never_stop_the_readers(tmp_path: Path) -> None:
+    """On Windows the system code page (cp1252, cp932, ...) is not UTF-8 and a user's folder may be 'José Müller':
+    the worker is told to write UTF-8 (PYTHONIOENCODING) and its streams are read as UTF-8 with replacement, so a
+    byte in another encoding can neither end the reader thread (the done record would never arrive and the panel
+    would wait for ever) nor garble the error message's path."""
+    from DSDSegmentationLib.worker.process import WorkerProcess
+
+    ok = WorkerProcess(["predict"], python=str(_fake_worker(tmp_path, 0))).wait(timeout=30)
+    assert ok.ok and [r["stage"] for r in ok.records][-1] == "done", ok.records
+    messages = [r["message"] for r in ok.records]
+    assert "encoding=utf-8" in messages and any(m.startswith("Warnung: Datei") and "\ufffd" in m for m in messages)
+    failed = WorkerProcess(["predict"], python=str(_fake_worker(tmp_path, 1))).wait(timeout=30)
+    assert failed.status == "error" and "C:\\Users\\José Müller\\t1.nrrd" in failed.message, failed.message
+    assert "bad byte \ufffd on stderr" in failed.message

@@ -90,10 +90,13 @@ class WorkerProcess:
         self._queue: queue.Queue = queue.Queue()
         self._stderr: list[str] = []
         self._cancelled = False
+        # UTF-8 both ways, whatever the system's code page (Windows: cp1252, cp932, ...): the worker writes its
+        # streams in UTF-8 (PYTHONIOENCODING) and they are read as UTF-8; a byte that is not (a library printing in
+        # another encoding) becomes U+FFFD instead of ending the reader thread, which would leave the panel waiting
         self.proc = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, **popen_platform_options())
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+            errors="replace", bufsize=1, stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}, cwd=cwd, **popen_platform_options())
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._threads:
