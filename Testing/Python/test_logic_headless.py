@@ -119,6 +119,27 @@ def test_segment_oblique_volume_matches_engine(scene, make_logic, model: Path, h
         assert np.array_equal(arr > 0, expected), f"{name}: {(arr > 0).sum()} vs {expected.sum()} voxels"
 
 
+def test_folders_with_spaces_and_accents(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
+    """A user's Slicer keeps its temporary directory under their home ('C:/Users/José Müller/AppData/...') and models
+    in a shared folder with spaces and accents: the volume goes to the worker, the model loads and the labels come
+    back as they do from plain ASCII folders, and nothing is left in the temporary folder."""
+    import shutil
+
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    temp = tmp_path / "Temp José Müller" / "Slicer 5.10"
+    temp.mkdir(parents=True)
+    shared = tmp_path / "Modèles partagés" / "hippocampe (essai)"
+    shutil.copytree(model, shared)
+    (tmp_path / "ascii").mkdir()
+    plain = make_logic(temp_root=tmp_path / "ascii").segment([vol], model, device="cpu")
+    accented = make_logic(temp_root=temp).segment([vol], shared, device="cpu")
+    for name in ("anterior hippocampus", "posterior hippocampus"):
+        a, b = (slicer.util.arrayFromSegmentBinaryLabelmap(s, s.GetSegmentation().GetSegmentIdBySegmentName(name), vol)
+                for s in (plain, accented))
+        assert a.any() and np.array_equal(a, b), name
+    assert list(temp.iterdir()) == [], "temporary files must be removed"
+
+
 def test_seg_nrrd_round_trip(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_path: Path) -> None:
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
     seg = make_logic().segment([vol], model, device="cpu")
