@@ -425,3 +425,63 @@ def test_every_import_is_in_slicers_python_or_declared() -> None:
     assert optional <= {"matplotlib", "packaging"}, optional  # packaging: pip's vendored copy is the fallback
     # the check itself: an undeclared import is caught
     assert "yaml" not in stdlib and "yaml" not in declared
+
+
+# Slicer 5.10's parameter-node GUI connectors (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py at v5.10.0,
+# read there): which field types each widget class can be bound to. The match is on the exact widget class
+# (``type(widget) == ...``); a binding no connector represents raises "Unable to create GUI connector" in connectGui,
+# i.e. the panel would not open at all.
+GUI_CONNECTORS_V5_10 = {
+    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "ctkCheckablePushButton", "QComboBox", "ctkComboBox"},
+    "int": {"QSlider", "QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider",
+            "ctkDoubleSpinBox", "qMRMLSpinBox", "QComboBox", "ctkComboBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox",
+              "qMRMLSpinBox", "QComboBox", "ctkComboBox"},
+    "str": {"QComboBox", "ctkComboBox", "QLineEdit", "QLabel", "QTextEdit"},
+    "Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+    "node": {"qMRMLNodeComboBox"},
+}
+
+
+def _field_types() -> dict[str, str]:
+    """Each parameter node field's unannotated type, in the table's words."""
+    tree = ast.parse(MODULE.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
+    out = {}
+    for n in cls.body:
+        if isinstance(n, ast.AnnAssign):
+            ann = n.annotation
+            if isinstance(ann, ast.Subscript) and getattr(ann.value, "id", "") == "Annotated":
+                ann = ann.slice.elts[0]  # type: ignore[attr-defined]
+            name = ann.id if isinstance(ann, ast.Name) else ast.unparse(ann)
+            out[n.target.id] = "node" if name.startswith("vtkMRML") else name
+    return out
+
+
+def _field_classes() -> dict[str, str]:
+    tree = ast.parse(MODULE.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
+    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+def test_every_binding_has_a_gui_connector_in_slicer_5_10() -> None:
+    types = _field_types()
+    assert types["inputVolume0"] == "node" and types["finetuneEpochs"] == "int" and types["finetuneFolder"] == "Path"
+    bound = 0
+    for name, w in ui_widgets().items():
+        field = next((p.find("string").text for p in w.findall("property") if p.get("name") == "SlicerParameterName"), None)
+        if field is None:
+            continue
+        bound += 1
+        kind = types[field]
+        assert kind in GUI_CONNECTORS_V5_10, f"{field}: type {kind} has no GUI connector in Slicer 5.10"
+        assert w.get("class") in GUI_CONNECTORS_V5_10[kind], (
+            f"{name} ({w.get('class')}) bound to {field} ({kind}): no connector in Slicer 5.10 represents it")
+        if w.get("class") == "QSlider":
+            assert "WithinRange" in _field_annotations()[field], "a QSlider bound to an unbounded int raises in 5.10"
+        if w.get("class") == "qMRMLNodeComboBox":
+            # the connector sets the selector's nodeTypes to the field's class, whatever the .ui lists (and leaves
+            # noneEnabled, so "(create new segmentation)" stays): the two must say the same
+            ui_types = "".join(next(p for p in w.findall("property") if p.get("name") == "nodeTypes").itertext()).split()
+            assert ui_types == [_field_classes()[field]], (name, ui_types, _field_classes()[field])
+    assert bound >= 15
