@@ -116,6 +116,53 @@ def test_members_must_share_network_inputs_and_labels(tmp_path: Path, capsys) ->
     assert len(load_model(tmp_path / "ok").backbones) == 2
 
 
+def test_members_of_another_width(tmp_path: Path) -> None:
+    """Members of one backbone family may differ in width (the backbone's options, e.g. DynUNet filters: the shipped
+    cardiac 2.1.0 was 8-128, 3.0.0 16-256): the member records its own network, loads into it, and the package's
+    output is the average of the two networks' probabilities. Another patch size or preprocessing is refused."""
+    base = load_model(HIPPO)
+    wide_cfg = base.net_config.to_dict() | {"options": {**base.net_config.options, "features": [48, 48, 96, 192, 384, 48]}}
+    wide = DSDNet(type(base.net_config).from_dict(wide_cfg), DSDConfig.preset("plain"))
+    torch.save({"model": wide.state_dict(), "network": wide_cfg, "dsd": DSDConfig.preset("plain").to_dict(),
+                "preset": base.card["preset"], "epoch": 3, "best": 0.4}, tmp_path / "wide.pt")
+    pkg = export_package(HIPPO, tmp_path / "pkg", members=[tmp_path / "wide.pt"])
+    card = verify_package(pkg)
+    jsonschema.validate(card, json.loads((builtin_models_dir() / "model-card.schema.json").read_text()))
+    assert "network" not in card["ensemble"][0] and card["ensemble"][1]["network"]["options"]["features"][0] == 48
+    loaded = load_model(pkg)
+    narrow, wide_net = loaded.backbones
+    assert sum(p.numel() for p in wide_net.parameters()) > 1.5 * sum(p.numel() for p in narrow.parameters())
+    x = torch.randn(1, 1, 32, 48, 32)
+    with torch.no_grad():
+        expected = (torch.softmax(load_model(HIPPO).network(x), 1) + torch.softmax(wide.backbone.eval()(x), 1)) / 2
+        torch.testing.assert_close(torch.softmax(loaded.network(x), 1), expected, atol=1e-5, rtol=1e-4)
+    # re-exported (float16), the widths stay with their members
+    again = load_model(export_package(pkg, tmp_path / "again", weights_dtype="float16"))
+    assert [sum(p.numel() for p in n.parameters()) for n in again.backbones] == \
+        [sum(p.numel() for p in n.parameters()) for n in loaded.backbones]
+    # another patch (sliding window) or another preprocessing: refused, nothing written
+    for key, value, what in (("patch_size", [32, 32, 32], "another network"), ("spacing", [1.5, 1.5, 1.5], "preprocessing")):
+        net = wide_cfg | ({key: value} if key == "patch_size" else {})
+        preset = base.card["preset"] | ({key: value} if key == "spacing" else {})
+        torch.save({"model": DSDNet(type(base.net_config).from_dict(net), DSDConfig.preset("plain")).state_dict(),
+                    "network": net, "dsd": DSDConfig.preset("plain").to_dict(), "preset": preset, "epoch": 1,
+                    "best": 0.1}, tmp_path / f"{key}.pt")
+        with pytest.raises(InputError, match=what):
+            export_package(HIPPO, tmp_path / f"bad-{key}", members=[tmp_path / f"{key}.pt"])
+        assert not (tmp_path / f"bad-{key}").exists()
+    # a card whose member claims another family is refused when loaded
+    bad = tmp_path / "edited"
+    shutil.copytree(pkg, bad)
+    edited = json.loads((bad / "model.json").read_text())
+    edited["ensemble"][1]["network"]["out_channels"] = 5
+    (bad / "model.json").write_text(json.dumps(edited))
+    from DSDSegmentationLib.engine.cards import PACKAGE_SUMS, write_checksums
+
+    write_checksums(bad, [line.split()[1] for line in (bad / PACKAGE_SUMS).read_text().splitlines() if line])
+    with pytest.raises(InputError, match="ensemble member weights-2.pt is not a basicunet"):
+        load_model(bad)
+
+
 def test_fine_tuning_an_ensemble_starts_from_its_first_member(ensemble: Path, hippocampus_dir: Path,
                                                               tmp_path: Path) -> None:
     """The fine-tuned model is one network (the base's first member, trained on), and its log says so."""

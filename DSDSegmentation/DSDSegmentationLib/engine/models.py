@@ -92,10 +92,19 @@ def _from_checkpoint(path: Path) -> LoadedModel:
 def _from_package(folder: Path) -> LoadedModel:
     card = verify_package(folder)  # files, sha256, labels vs network outputs, weights archives intact
     net_cfg = NetworkConfig.from_dict(card["network"])
-    files = [m["weights"] for m in card["ensemble"]] if card.get("ensemble") else [card.get("weights", WEIGHTS_FILE)]
+    members = card.get("ensemble") or [{"weights": card.get("weights", WEIGHTS_FILE)}]
     nets = []
-    for name in files:
-        backbone = DSDNet(net_cfg, DSDConfig.preset("plain")).backbone
+    for member in members:
+        name = member["weights"]
+        try:  # a member of another width names its own network; it shares the card's family (checked at export)
+            member_cfg = NetworkConfig.from_dict(member["network"]) if "network" in member else net_cfg
+        except (TypeError, ValueError) as e:
+            raise InputError(f"model package {folder}: ensemble member {name} has an invalid network: {e}") from e
+        if _network_family(member_cfg) != _network_family(net_cfg):
+            raise InputError(f"model package {folder}: ensemble member {name} is not a {net_cfg.backbone} with "
+                             f"{net_cfg.in_channels} input(s), {net_cfg.out_channels} outputs and patch "
+                             f"{list(net_cfg.patch_size)} like the card's network")
+        backbone = DSDNet(member_cfg, DSDConfig.preset("plain")).backbone
         try:
             backbone.load_state_dict(torch.load(folder / name, map_location="cpu", weights_only=True))
         except Exception as e:  # noqa: BLE001
@@ -125,6 +134,27 @@ def load_model(source: str | Path) -> LoadedModel:
 WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def _network_family(config: NetworkConfig) -> tuple:
+    """What every member of an ensemble shares: backbone, channels in and out, patch (the sliding window). The
+    backbone's options (e.g. DynUNet's filters) may differ between members."""
+    return config.backbone, config.in_channels, config.out_channels, tuple(config.patch_size)
+
+
+def _preprocessing(preset: TaskPreset) -> dict[str, Any]:
+    """The part of a preset that makes the members' inputs and outputs the same arrays (the ensemble runs one
+    preprocessing, the first member's, and averages on one grid)."""
+    d = preset.to_dict()
+    return {k: d.get(k) for k in ("channels", "labels", "orientation", "spacing", "normalization", "patch_size",
+                                  "crop_foreground")}
+
+
+def _member_networks(loaded: LoadedModel) -> list[NetworkConfig]:
+    """Each backbone's network configuration (an ensemble package's members may differ in width)."""
+    if loaded.card.get("ensemble"):
+        return [NetworkConfig.from_dict(m.get("network", loaded.card["network"])) for m in loaded.card["ensemble"]]
+    return [loaded.net_config]
+
+
 def _member_record(loaded: LoadedModel) -> list[dict[str, Any]]:
     """Where each network of ``loaded`` comes from (an ensemble package keeps its members' records)."""
     if loaded.card.get("ensemble"):
@@ -147,12 +177,19 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
     loaded = load_model(source)
     others = [load_model(m) for m in members]
     for other in others:
-        if other.net_config.to_dict() != loaded.net_config.to_dict():
+        if _network_family(other.net_config) != _network_family(loaded.net_config):
             raise InputError(f"ensemble member {other.source} has another network than {loaded.source}")
-        if (other.preset.channels, other.preset.labels) != (loaded.preset.channels, loaded.preset.labels):
-            raise InputError(f"ensemble member {other.source} has other inputs or labels than {loaded.source}")
+        if _preprocessing(other.preset) != _preprocessing(loaded.preset):
+            raise InputError(f"ensemble member {other.source} has other inputs, labels or preprocessing than "
+                             f"{loaded.source}")
     nets = [n for m in (loaded, *others) for n in m.backbones]
     records = [r for m in (loaded, *others) for r in _member_record(m)]
+    # a member of another width (the backbone's options, e.g. DynUNet filters) records its own network
+    configs = [c for m in (loaded, *others) for c in _member_networks(m)]
+    for record, config in zip(records, configs):
+        record.pop("network", None)
+        if config.to_dict() != loaded.net_config.to_dict():
+            record["network"] = config.to_dict()
     out = Path(out_dir)
     if out.exists():
         raise InputError(f"{out} already exists; choose a new folder for the model package")
