@@ -199,8 +199,9 @@ def main() -> None:
     ap.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32",
                     help="float16: half the package size; the validation is measured with the stored weights")
     ap.add_argument("--ensemble-with", nargs="+", default=[], metavar="RUN",
-                    help="with --run: further runs of the same network, inputs and split whose best checkpoints join "
-                         "as ensemble members (probabilities averaged at inference)")
+                    help="with --run: further runs (or shipped packages) of the same network family, inputs, "
+                         "preprocessing and split whose best checkpoints join as ensemble members (probabilities "
+                         "averaged at inference; a member may be of another width)")
     ap.add_argument("--previous", help="with --run: the package this one succeeds (its version history is carried on "
                                        "and the change recorded: retrained weights)")
     args = ap.parse_args()
@@ -218,6 +219,13 @@ def main() -> None:
 
     members = []  # the other runs of an ensemble: same validation cases, summarised like the main run
     for other in map(Path, args.ensemble_with):
+        if (other / "model.json").is_file():  # a shipped package (its run folder may be gone): its card says it all
+            other_card = read_model_card(other)
+            if set(other_card.get("split", {}).get("val_ids", [])) != {c.id for c in val}:
+                raise SystemExit(f"--ensemble-with {other}: its validation cases differ from {run}'s")
+            members.append({"package": f"{other_card.get('id')} {other_card.get('version')}",
+                            **{k: v for k, v in (other_card.get("training") or {}).items() if k != "note"}})
+            continue
         if [c["id"] for c in json.loads((other / "split.json").read_text())["val"]] != [c.id for c in val]:
             raise SystemExit(f"--ensemble-with {other}: its validation cases differ from {run}'s")
         members.append({"run": other.name, **run_summary(json.loads((other / "config.json").read_text()),
