@@ -56,6 +56,14 @@ def tampered_copy(package: Path, folder: Path, name: str) -> Path:
     return folder
 
 
+def lazy_predictor(*args, **kwargs):
+    """The engine's Predictor, imported when a test uses it: it needs torch, which the module-side lane
+    (Slicer's Python 3.12, .ci/setup-slicer-py312) does not have in the test process."""
+    from DSDSegmentationLib.engine.inference import Predictor
+
+    return Predictor(*args, **kwargs)
+
+
 def renamed_copy(package: Path, parent: Path, new_id: str) -> Path:
     """A valid copy of a model package under another id (a colleague's model): folder, card id and SHA256SUMS."""
     import json

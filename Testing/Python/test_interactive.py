@@ -16,14 +16,7 @@ from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.bridge.interactive import InteractiveLogic, _matrix, region_ijk  # noqa: E402
 from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
-
-
-def Predictor(*args, **kwargs):
-    """The engine's Predictor, imported when a test uses it: it needs torch, which the module-side lane
-    (Slicer's Python 3.12, .ci/setup-slicer-py312) does not have in the test process."""
-    from DSDSegmentationLib.engine.inference import Predictor as EnginePredictor
-
-    return EnginePredictor(*args, **kwargs)
+from conftest import lazy_predictor as Predictor  # noqa: E402
 
 
 BIG = (110, 96, 80)  # i, j, k

@@ -19,15 +19,8 @@ from DSDSegmentationLib.engine.cards import read_model_card  # noqa: E402
 from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
 from DSDSegmentationLib.engine.terminology import CONTEXT_NAME, tag_string  # noqa: E402
 from DSDSegmentationLib.bridge.logic import SegmentationBridge  # noqa: E402
+from conftest import lazy_predictor as Predictor  # noqa: E402
 from DSDSegmentationLib.bridge.terminology import load_terminology_context, loaded_terminology_names  # noqa: E402
-
-
-def Predictor(*args, **kwargs):
-    """The engine's Predictor, imported when a test uses it: it needs torch, which the module-side lane
-    (Slicer's Python 3.12, .ci/setup-slicer-py312) does not have in the test process."""
-    from DSDSegmentationLib.engine.inference import Predictor as EnginePredictor
-
-    return EnginePredictor(*args, **kwargs)
 
 
 @pytest.fixture

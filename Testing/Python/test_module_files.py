@@ -20,10 +20,21 @@ def ui_widgets() -> dict[str, ET.Element]:
     return {w.get("name"): w for w in ET.parse(UI).getroot().iter("widget")}
 
 
-def parameter_fields() -> set[str]:
+def _parameter_node_fields() -> list[ast.AnnAssign]:
+    """The field declarations of the module's parameter node class."""
     tree = ast.parse(MODULE.read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
-    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    return [n for n in cls.body if isinstance(n, ast.AnnAssign)]
+
+
+def parameter_fields() -> set[str]:
+    return {n.target.id for n in _parameter_node_fields()}
+
+
+def _bound_field(widget: ET.Element) -> str | None:
+    """The parameter node field a .ui widget is bound to (its SlicerParameterName), or None."""
+    return next((p.find("string").text for p in widget.findall("property") if p.get("name") == "SlicerParameterName"),
+                None)
 
 
 def test_widget_code_uses_only_widgets_of_the_ui() -> None:
@@ -50,24 +61,17 @@ def test_ui_widget_classes_have_designer_plugins_in_slicer_5_10() -> None:
 
 
 def test_ui_bindings_are_parameter_node_fields() -> None:
-    bound = {}
-    for name, w in ui_widgets().items():
-        for prop in w.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                bound[name] = prop.find("string").text
+    bound = {name: field for name, w in ui_widgets().items() if (field := _bound_field(w))}
     assert set(bound.values()) <= parameter_fields(), (bound, parameter_fields())
     assert {"inputVolume0", "outputSegmentation", "device", "tta"} <= set(bound.values())
 
 
 def _field_annotations() -> dict[str, dict[str, list]]:
     """Per parameter node field, the arguments of each call in its annotation: {'WithinRange': [1, 2000], ...}."""
-    tree = ast.parse(MODULE.read_text())
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
     out = {}
-    for n in cls.body:
-        if isinstance(n, ast.AnnAssign):
-            calls = [c for c in ast.walk(n.annotation) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
-            out[n.target.id] = {c.func.id: [ast.literal_eval(a) for a in c.args] for c in calls}
+    for n in _parameter_node_fields():
+        calls = [c for c in ast.walk(n.annotation) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+        out[n.target.id] = {c.func.id: [ast.literal_eval(a) for a in c.args] for c in calls}
     return out
 
 
@@ -94,7 +98,7 @@ def test_spin_boxes_keep_their_range_in_slicer() -> None:
                  if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "RANGES"]
     checked = set()
     for name, w in ui_widgets().items():
-        field = next((p.find("string").text for p in w.findall("property") if p.get("name") == "SlicerParameterName"), None)
+        field = _bound_field(w)
         if field is None:
             continue
         ann = annotations[field]
@@ -444,36 +448,27 @@ GUI_CONNECTORS_V5_10 = {
 
 
 def _field_types() -> dict[str, str]:
-    """Each parameter node field's unannotated type, in the table's words."""
-    tree = ast.parse(MODULE.read_text())
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
+    """Each parameter node field's unannotated type: int, Path, vtkMRMLScalarVolumeNode, ..."""
     out = {}
-    for n in cls.body:
-        if isinstance(n, ast.AnnAssign):
-            ann = n.annotation
-            if isinstance(ann, ast.Subscript) and getattr(ann.value, "id", "") == "Annotated":
-                ann = ann.slice.elts[0]  # type: ignore[attr-defined]
-            name = ann.id if isinstance(ann, ast.Name) else ast.unparse(ann)
-            out[n.target.id] = "node" if name.startswith("vtkMRML") else name
+    for n in _parameter_node_fields():
+        ann = n.annotation
+        if isinstance(ann, ast.Subscript) and getattr(ann.value, "id", "") == "Annotated":
+            ann = ann.slice.elts[0]  # type: ignore[attr-defined]
+        out[n.target.id] = ann.id if isinstance(ann, ast.Name) else ast.unparse(ann)
     return out
-
-
-def _field_classes() -> dict[str, str]:
-    tree = ast.parse(MODULE.read_text())
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DSDSegmentationParameterNode"]
-    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
 def test_every_binding_has_a_gui_connector_in_slicer_5_10() -> None:
     types = _field_types()
-    assert types["inputVolume0"] == "node" and types["finetuneEpochs"] == "int" and types["finetuneFolder"] == "Path"
+    assert types["inputVolume0"] == "vtkMRMLScalarVolumeNode" and types["finetuneEpochs"] == "int"
+    assert types["finetuneFolder"] == "Path"
     bound = 0
     for name, w in ui_widgets().items():
-        field = next((p.find("string").text for p in w.findall("property") if p.get("name") == "SlicerParameterName"), None)
+        field = _bound_field(w)
         if field is None:
             continue
         bound += 1
-        kind = types[field]
+        kind = "node" if types[field].startswith("vtkMRML") else types[field]
         assert kind in GUI_CONNECTORS_V5_10, f"{field}: type {kind} has no GUI connector in Slicer 5.10"
         assert w.get("class") in GUI_CONNECTORS_V5_10[kind], (
             f"{name} ({w.get('class')}) bound to {field} ({kind}): no connector in Slicer 5.10 represents it")
@@ -483,5 +478,5 @@ def test_every_binding_has_a_gui_connector_in_slicer_5_10() -> None:
             # the connector sets the selector's nodeTypes to the field's class, whatever the .ui lists (and leaves
             # noneEnabled, so "(create new segmentation)" stays): the two must say the same
             ui_types = "".join(next(p for p in w.findall("property") if p.get("name") == "nodeTypes").itertext()).split()
-            assert ui_types == [_field_classes()[field]], (name, ui_types, _field_classes()[field])
+            assert ui_types == [types[field]], (name, ui_types, types[field])
     assert bound >= 15

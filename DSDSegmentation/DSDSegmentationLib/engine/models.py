@@ -92,14 +92,13 @@ def _from_checkpoint(path: Path) -> LoadedModel:
 def _from_package(folder: Path) -> LoadedModel:
     card = verify_package(folder)  # files, sha256, labels vs network outputs, weights archives intact
     net_cfg = NetworkConfig.from_dict(card["network"])
-    members = card.get("ensemble") or [{"weights": card.get("weights", WEIGHTS_FILE)}]
+    files = [m["weights"] for m in card["ensemble"]] if card.get("ensemble") else [card.get("weights", WEIGHTS_FILE)]
+    try:  # a member of another width names its own network; it shares the card's family (checked at export)
+        configs = _member_networks(card)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"model package {folder}: an ensemble member has an invalid network: {e}") from e
     nets = []
-    for member in members:
-        name = member["weights"]
-        try:  # a member of another width names its own network; it shares the card's family (checked at export)
-            member_cfg = NetworkConfig.from_dict(member["network"]) if "network" in member else net_cfg
-        except (TypeError, ValueError) as e:
-            raise InputError(f"model package {folder}: ensemble member {name} has an invalid network: {e}") from e
+    for name, member_cfg in zip(files, configs):
         if _network_family(member_cfg) != _network_family(net_cfg):
             raise InputError(f"model package {folder}: ensemble member {name} is not a {net_cfg.backbone} with "
                              f"{net_cfg.in_channels} input(s), {net_cfg.out_channels} outputs and patch "
@@ -148,11 +147,10 @@ def _preprocessing(preset: TaskPreset) -> dict[str, Any]:
                                   "crop_foreground")}
 
 
-def _member_networks(loaded: LoadedModel) -> list[NetworkConfig]:
-    """Each backbone's network configuration (an ensemble package's members may differ in width)."""
-    if loaded.card.get("ensemble"):
-        return [NetworkConfig.from_dict(m.get("network", loaded.card["network"])) for m in loaded.card["ensemble"]]
-    return [loaded.net_config]
+def _member_networks(card: dict[str, Any]) -> list[NetworkConfig]:
+    """Each backbone's network configuration, from a card (an ensemble's members may differ in width: such a member
+    names its own ``network``; the others are the card's)."""
+    return [NetworkConfig.from_dict(m.get("network", card["network"])) for m in card.get("ensemble") or [{}]]
 
 
 def _member_record(loaded: LoadedModel) -> list[dict[str, Any]]:
@@ -185,7 +183,7 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
     nets = [n for m in (loaded, *others) for n in m.backbones]
     records = [r for m in (loaded, *others) for r in _member_record(m)]
     # a member of another width (the backbone's options, e.g. DynUNet filters) records its own network
-    configs = [c for m in (loaded, *others) for c in _member_networks(m)]
+    configs = [c for m in (loaded, *others) for c in _member_networks(m.card)]
     for record, config in zip(records, configs):
         record.pop("network", None)
         if config.to_dict() != loaded.net_config.to_dict():

@@ -725,12 +725,10 @@ class Trainer:
         self._log(f"resumed from epoch {self.start_epoch} (best validation Dice {self.best:.4f})")
 
     def _plot(self) -> None:
-        try:
-            import matplotlib
+        from .pictures import offscreen_pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = offscreen_pyplot()
+        if plt is None:
             return
         ep = [h["epoch"] for h in self.history]
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))

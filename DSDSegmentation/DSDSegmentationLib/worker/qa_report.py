@@ -20,22 +20,10 @@ import numpy as np
 from ..engine.errors import InputError
 from ..engine.io import load_volume
 from ..engine.metrics import case_metrics, union_box
+from ..engine.pictures import offscreen_pyplot
 from ..engine.qa import boundary_errors, worst_first
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-
-
-def _pyplot() -> Any:
-    """matplotlib's pyplot (off-screen), or None where it is not installed: Slicer's Python has no matplotlib, and
-    the report is complete without the outline pictures."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def _outline_png(plt: Any, image: np.ndarray | None, pred: np.ndarray, ref: np.ndarray, ijk: list[int], spacing,
@@ -217,16 +205,15 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
                                               f"{name}: signed distance to the reference"))
     errors = worst_first(errors, worst)
     value_of = {n: v for v, n in labels.items()}
-    plt = _pyplot() if errors else None
+    plt = offscreen_pyplot() if errors else None
     if errors and plt is None:
         notes.append("the outline pictures of the worst errors need matplotlib, which this Python lacks (pip install "
                      "matplotlib); the errors' positions and distances are listed without them")
     for i, e in enumerate(errors):
         v = value_of[e["structure"]]
-        what = "whole structure missed" if e["distance_mm"] is None else f"{e['distance_mm']:.1f} mm {e['kind']}"
         e["png"] = None if plt is None else str(_outline_png(
             plt, image, pred == v, ref == v, e["ijk"], spacing, out / "errors" / f"error_{i + 1}.png",
-            f"#{i + 1} {e['structure']}: {what} (slice {e['ijk'][2]})"))
+            f"#{i + 1} {e['structure']}: {_describe(e)} (slice {e['ijk'][2]})"))
     report = {"prediction": str(pred_file), "reference": str(ref_file), "image": str(image_file) if image_file else None,
               "spacing_mm": list(spacing), "tolerance_mm": tolerance_mm, "metrics": metrics, "worst_errors": errors,
               "surfaces": surfaces, "notes": notes}
@@ -234,6 +221,13 @@ def write_qa_report(pred_file: str | Path, ref_file: str | Path, labels: dict[in
     atomic_write_text(out / "qa.json", json.dumps(report, indent=2))
     atomic_write_text(out / "index.html", _html(report, out))
     return report
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One worst error in words: its distance and kind, or a structure missed altogether."""
+    if error["distance_mm"] is None:
+        return "whole structure missed"
+    return f"{error['distance_mm']:.1f} mm {error['kind']}"
 
 
 def _slug(name: str) -> str:
@@ -247,12 +241,9 @@ def _html(report: dict[str, Any], out: Path) -> str:
         f"<td>{f(m['surface_dice'])}</td><td>{f(m['volume_pred_ml'], 2)}</td><td>{f(m['volume_ref_ml'], 2)}</td>"
         f"<td>{f(m['volume_diff_ml'], 2)}</td><td>{f(m['volume_diff_pct'], 1)}</td></tr>"
         for n, m in report["metrics"].items())
-    def describe(e: dict[str, Any]) -> str:
-        return "whole structure missed" if e["distance_mm"] is None else f"{e['distance_mm']:.1f} mm {e['kind']}"
-
     def figure(i: int, e: dict[str, Any]) -> str:
         img = "" if e.get("png") is None else f"<img src='{Path(e['png']).relative_to(out)}' width='360'>"
-        return (f"<figure>{img}<figcaption>#{i + 1} {html.escape(e['structure'])}: {describe(e)} at voxel "
+        return (f"<figure>{img}<figcaption>#{i + 1} {html.escape(e['structure'])}: {_describe(e)} at voxel "
                 f"{e['ijk']}</figcaption></figure>")
 
     errs = "".join(figure(i, e) for i, e in enumerate(report["worst_errors"]))
