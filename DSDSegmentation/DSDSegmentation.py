@@ -102,7 +102,7 @@ class DSDSegmentationParameterNode:
     inputVolume3: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     modelPath: str = ""
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
     tta: bool = False
     show3D: bool = True
     liveRerun: bool = True
@@ -540,7 +540,7 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual((ui.epochsSpinBox.minimum, ui.epochsSpinBox.maximum), (1, 2000))
         self.assertEqual((ui.lrSpinBox.minimum, ui.lrSpinBox.maximum, ui.lrSpinBox.decimals), (0.00001, 0.1, 5))
         self.assertEqual((ui.qaToleranceSpinBox.minimum, ui.qaToleranceSpinBox.maximum), (0.1, 20.0))
-        self.assertEqual([ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)], ["auto", "cuda", "cpu"])
+        self.assertEqual([ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)], ["auto", "cuda", "mps", "cpu"])
         index = next(i for i, m in enumerate(widget._models) if m["id"] == "brain-tumour-dsd")
         ui.modelComboBox.setCurrentIndex(index)
         self.assertEqual([getattr(ui, f"inputVolumeSelector{i}").isHidden() for i in range(MAX_INPUTS)], [False] * 4)

@@ -207,8 +207,8 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     # options
     ("device gpu", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--device", "gpu"), 2,
      "'gpu' is not one of auto, cpu, cuda"),
-    ("device mps", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--device", "mps"), 2,
-     "'mps' is not one of"),
+    ("device mps without a Mac's GPU", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--device", "mps"),
+     2, r"device 'mps' requested but (this torch build has no Metal|the Metal \(MPS\) GPU is not available)"),
     ("overlap 1.5", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--overlap", "1.5"), 2,
      r"--overlap must be in \[0, 1\)"),
     ("overlap -0.1", lambda w: predict(w, "-i", img(w), "-o", str(w / "out" / "s.nii.gz"), "--overlap", "-0.1"), 2,

@@ -117,60 +117,66 @@ def test_tampered_shipped_package_is_refused(tmp_path: Path) -> None:
         load_model(card)
 
 
-class _FakeCuda:
-    """Stands in for a CUDA device on this CPU-only machine: a move onto it or a window on it runs out of memory
-    at the chosen steps (``fail``: 'load', 'input', 'window'), else runs on the CPU."""
+class _FakeGpu:
+    """Stands in for a CUDA or Metal (MPS) device on this CPU-only machine: a move onto it or a window on it runs out
+    of memory at the chosen steps (``fail``: 'load', 'input', 'window'), else runs on the CPU."""
 
-    type = "cuda"
+    def __init__(self, type: str, fail: set[str]):
+        self.type, self.fail = type, fail
 
-    def __init__(self, fail: set[str]):
-        self.fail = fail
+    def out_of_memory(self, where: str) -> Exception:
+        import torch
+
+        if self.type == "mps":  # the Metal allocator's words (a plain RuntimeError in the torch releases before 2.5)
+            return RuntimeError(f"MPS backend out of memory (MPS allocated: 17.9 GB, simulated {where})")
+        return torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated {where})")
 
 
-def _fake_gpu_predictor(monkeypatch: pytest.MonkeyPatch, fail: set[str]) -> Predictor:
+def _fake_gpu_predictor(monkeypatch: pytest.MonkeyPatch, fail: set[str], kind: str = "cuda") -> Predictor:
     import torch
 
     from DSDSegmentationLib.engine import inference
 
-    gpu = _FakeCuda(fail)
+    gpu = _FakeGpu(kind, fail)
     real_to = Predictor._to
 
     def to(obj, device):
-        if isinstance(device, _FakeCuda):
+        if isinstance(device, _FakeGpu):
             step = "load" if isinstance(obj, torch.nn.Module) else "input"
             if step in device.fail:
-                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated at {step})")
+                raise device.out_of_memory(f"at {step}")
             return obj  # stays on the CPU
         return real_to(obj, device)
 
     real_window = Predictor._window
 
     def window(self, x, sw_device, stitch):
-        if isinstance(sw_device, _FakeCuda) and "window" in sw_device.fail:
+        if isinstance(sw_device, _FakeGpu) and "window" in sw_device.fail:
             try:  # as MONAI's sliding window raises it on a real H100 (seen in the GPU session)
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated in a window)")
-            except torch.cuda.OutOfMemoryError as e:
+                raise sw_device.out_of_memory("in a window")
+            except RuntimeError as e:
                 raise RuntimeError("Seems to be OOM. Please try smaller patch size") from e
         cpu = torch.device("cpu")
         return real_window(self, x, cpu, cpu)
 
     monkeypatch.setattr(Predictor, "_to", staticmethod(to))
     monkeypatch.setattr(Predictor, "_window", window)
-    monkeypatch.setattr(inference, "resolve_device", lambda name: gpu if name == "cuda" else torch.device(name))
+    monkeypatch.setattr(inference, "resolve_device", lambda name: gpu if name == kind else torch.device(name))
     monkeypatch.setattr(inference, "check_predict_options", lambda *a, **k: None)
-    return Predictor(builtin_models_dir() / "hippocampus-dsd", device="cuda")
+    return Predictor(builtin_models_dir() / "hippocampus-dsd", device=kind)
 
 
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
 @pytest.mark.parametrize("fail, note", [
     ({"input"}, "GPU out of memory: retrying"),  # the input's move (a GPU session found this one uncaught)
     ({"input", "window"}, "GPU out of memory: retrying on the CPU"),
     ({"load"}, "GPU out of memory while loading the model: running on the CPU"),
 ])
 def test_gpu_out_of_memory_anywhere_falls_back_to_the_cpu_result(monkeypatch: pytest.MonkeyPatch, fail: set[str],
-                                                                   note: str) -> None:
+                                                                   note: str, kind: str) -> None:
     sample = sorted((builtin_models_dir().parent / "SampleData" / "Hippocampus").glob("imagesTr/*.nii.gz"))[0]
     expected, _ = Predictor(builtin_models_dir() / "hippocampus-dsd", device="cpu").predict(str(sample))
-    predictor = _fake_gpu_predictor(monkeypatch, fail)
+    predictor = _fake_gpu_predictor(monkeypatch, fail, kind)
     labels, _ = predictor.predict(str(sample))
     assert np.array_equal(labels, expected)
     assert any(n.startswith(note) for n in predictor.notes), predictor.notes

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default="output/demo")
     ap.add_argument("--model", help=f"model package or run folder (default: {default_model()})")
     ap.add_argument("--sample", help=f"MSD-layout folder with images and labels (default: {default_sample()})")
-    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
     args = ap.parse_args(argv)
     try:
         run_demo(args.output, args.model, args.sample, args.device)

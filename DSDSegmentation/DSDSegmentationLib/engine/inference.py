@@ -71,6 +71,28 @@ def check_input_image(image: np.ndarray, n_channels: int, what: str, names: list
                                  "own sequence (the same volume was picked twice?)")
 
 
+GPU_TYPES = ("cuda", "mps")  # devices whose memory can run out under another program: fall back to the CPU
+
+
+def gpu_out_of_memory(exc: BaseException) -> bool:
+    """A GPU ran out of memory: torch's OutOfMemoryError (CUDA, and Metal in recent torch), the same re-raised as a
+    RuntimeError caused by it (MONAI's sliding window does that), or Metal's "MPS backend out of memory"."""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        if isinstance(e, RuntimeError) and "MPS backend out of memory" in str(e):
+            return True
+    return False
+
+
+def empty_gpu_cache(device: torch.device | None = None) -> None:
+    """Give the allocator's cached blocks back after an out-of-memory (on the GPU that ran out)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if getattr(device, "type", None) == "mps" and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
 class Predictor:
     """Segments volumes with one loaded model; keep it to segment more volumes without reloading."""
 
@@ -82,8 +104,10 @@ class Predictor:
         self.notes: list[str] = []
         try:
             self.network = self._to(self.model.network, self.device).eval()
-        except torch.cuda.OutOfMemoryError:  # a GPU that another program fills: the CPU, said once
-            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a GPU that another program fills: the CPU, said once
+            if not gpu_out_of_memory(exc):
+                raise
+            empty_gpu_cache(self.device)
             self.device = torch.device("cpu")
             self.network = self.model.network.cpu().eval()
             self.notes.append("GPU out of memory while loading the model: running on the CPU")
@@ -106,7 +130,7 @@ class Predictor:
 
     @staticmethod
     def _to(obj, device: torch.device):
-        """Every move onto the GPU goes through here (one place where a CUDA out-of-memory can start)."""
+        """Every move onto the GPU goes through here (one place where a GPU out-of-memory can start)."""
         return obj.to(device)
 
     def _window(self, x: torch.Tensor, sw_device: torch.device, stitch: torch.device) -> torch.Tensor:
@@ -115,12 +139,12 @@ class Predictor:
                                         progress=False)
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (1, K, ...) on CPU from the input ``x`` on the CPU; CUDA out-of-memory, from moving
-        the input onto the GPU on, → CPU stitching (windows still on the GPU) → all on the CPU."""
+        """Softmax probabilities (1, K, ...) on CPU from the input ``x`` on the CPU; a GPU (CUDA or Metal) out of memory,
+        from moving the input onto the GPU on, → CPU stitching (windows still on the GPU) → all on the CPU."""
         flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if self.tta else [])
         cpu = torch.device("cpu")
         attempts = [(self.device, self.device)]
-        if self.device.type == "cuda":
+        if self.device.type in GPU_TYPES:
             # windows run on the GPU; the full-volume probability map is stitched on the CPU when it is large
             out_bytes = 4 * self.model.preset.num_classes * x[0, 0].numel() * 2  # output + blending weights
             if out_bytes > STITCH_ON_GPU_MAX_BYTES:
@@ -128,7 +152,7 @@ class Predictor:
             attempts += [(self.device, cpu), (cpu, cpu)]
         for i, (sw_dev, stitch) in enumerate(attempts):
             try:
-                if self.device.type == "cuda":  # back onto the GPU after an earlier request fell back to the CPU
+                if self.device.type in GPU_TYPES:  # back onto the GPU after an earlier request fell back to the CPU
                     self.network = self._to(self.network, sw_dev)
                 xd = self._to(x, stitch)  # the volume lives where it is stitched; windows go to sw_dev
                 acc = None
@@ -141,16 +165,15 @@ class Predictor:
                     self.progress.update("predict", j + 1, len(flips))
                 assert acc is not None
                 return (acc / len(flips)).cpu()
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                # MONAI's sliding window re-raises a CUDA out-of-memory as a RuntimeError caused by it
-                if not (isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc.__cause__, torch.cuda.OutOfMemoryError)):
+            except RuntimeError as exc:
+                if not gpu_out_of_memory(exc):
                     raise
                 xd = acc = None  # noqa: F841 (let the GPU copies go before retrying)
-                torch.cuda.empty_cache()
+                empty_gpu_cache(self.device)
                 if i + 1 == len(attempts):
                     raise
                 nxt = attempts[i + 1]
-                note = ("GPU out of memory: retrying with stitching on the CPU" if nxt[0].type == "cuda"
+                note = ("GPU out of memory: retrying with stitching on the CPU" if nxt[0].type in GPU_TYPES
                         else "GPU out of memory: retrying on the CPU")
                 self.notes.append(note)
                 self.progress.log(note)

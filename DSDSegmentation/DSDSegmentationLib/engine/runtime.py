@@ -35,10 +35,20 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
 
 
 def environment() -> str:
-    """One line for the panel: torch version, the CUDA build, and the device inference uses by default. Computed in
-    the worker (its ``ready`` record), so that Slicer's own process never imports torch."""
+    """One line for the panel: torch version, the CUDA build, and the device inference uses by default (and, on an
+    Apple-silicon Mac, that its GPU is there to choose). Computed in the worker (its ``ready`` record), so that
+    Slicer's own process never imports torch."""
     import torch
 
     cuda = torch.version.cuda or "none (CPU build)"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return f"torch {torch.__version__}, CUDA build {cuda}, device {device}"
+    line = f"torch {torch.__version__}, CUDA build {cuda}, device {device}"
+    mps = getattr(torch.backends, "mps", None)
+    if device == "CPU" and mps is not None and mps.is_available():
+        line += "; Apple GPU available: choose device mps"
+    return line
+
+
+# set in the worker's environment before torch is imported: an operator the Metal (MPS) backend lacks runs on the CPU
+# instead of failing the run (slower, same result); without effect on other devices
+MPS_FALLBACK = {"PYTORCH_ENABLE_MPS_FALLBACK": "1"}

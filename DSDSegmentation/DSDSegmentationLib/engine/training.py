@@ -88,8 +88,23 @@ class TrainConfig:
         return asdict(self)
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def mps_problem() -> str | None:
+    """Why the Apple-silicon GPU (Metal, ``mps``) cannot be used here, or None when it can."""
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_built():
+        return "this torch build has no Metal (MPS) support (it is a build for Linux/Windows or an Intel Mac)"
+    if not mps.is_available():
+        return "the Metal (MPS) GPU is not available on this machine (it needs an Apple-silicon Mac with macOS 14 or newer)"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError."""
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (an Apple-silicon Mac's
+    GPU: asked for by name, never chosen by ``auto``); anything else, or a device this machine lacks, is a
+    ConfigError that says why."""
     import re
 
     name = str(name)
@@ -97,9 +112,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
+    if name == "mps":
+        problem = mps_problem()
+        if problem:
+            raise ConfigError(f"device 'mps' requested but {problem}; use cpu")
+        return torch.device("mps")
     m = re.fullmatch(r"cuda(?::(\d+))?", name)
     if not m:
-        raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"device {name!r} is not one of {DEVICES}")
     if not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available in this torch build/machine; use cpu")
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
@@ -115,6 +135,8 @@ def describe_hardware(device: torch.device) -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda}), {_world()} process(es)"
+    if device.type == "mps":
+        return f"Apple GPU (Metal, MPS; {platform.machine()}, {os.cpu_count()} CPU cores), {_world()} process(es)"
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores), {_world()} process(es)"
 
 
@@ -315,6 +337,9 @@ class Trainer:
 
     def _device(self) -> torch.device:
         dev = resolve_device(self.cfg.device)
+        if dev.type == "mps" and _world() > 1:
+            raise ConfigError("device 'mps': a Mac's Metal GPU is one device; train it with one process (no torchrun), "
+                              "or use cuda or cpu for multi-process training")
         if dev.type == "cuda" and _world() > 1:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(dev)

@@ -16,6 +16,8 @@ from typing import Sequence
 
 from ..engine.errors import DSDError, InputError
 
+DEVICE_HELP = "auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps (an Apple-silicon Mac's GPU)"
+
 EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -547,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(workers=0)
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--device", default="auto", help=DEVICE_HELP)
     precision_arg(t)
     t.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
     progress_arg(t)
@@ -574,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--val-fraction", type=float)
     f.add_argument("--max-steps", type=_positive_int)
     f.add_argument("--seed", type=int)
-    f.add_argument("--device", default="auto")
+    f.add_argument("--device", default="auto", help=DEVICE_HELP)
     precision_arg(f)
     progress_arg(f)
     f.set_defaults(func=_cmd_finetune)
@@ -594,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", help="dataset folder or .json/.csv list of cases to segment")
     pr.add_argument("--output-dir", help="output folder for --batch")
     pr.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd"], help="output format for --batch")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the model's, usually 0.5)")
     pr.add_argument("--sw-batch-size", type=_positive_int, default=4)
     pr.add_argument("--tta", action="store_true", help="average over flips (8x slower)")
@@ -650,9 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ..engine.runtime import tune_cpu_allocator
+    from ..engine.runtime import MPS_FALLBACK, tune_cpu_allocator
 
+    for key, value in MPS_FALLBACK.items():  # before torch is imported (it reads them once); the user's value wins
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
     tune_cpu_allocator()
     json_mode = getattr(args, "progress", "bar") == "json"
 
