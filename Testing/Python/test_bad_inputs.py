@@ -483,10 +483,17 @@ def test_worker_failures_are_not_input_errors() -> None:
 
     with pytest.raises(WorkerError) as e:
         WorkerResult("error", 3, "out of memory: CUDA out of memory", [], kind="out of memory").raise_for_status()
-    assert e.value.retry_on_cpu and not isinstance(e.value, InputError)
+    assert e.value.out_of_memory and not isinstance(e.value, InputError)
     with pytest.raises(WorkerError) as e:
         WorkerResult("error", 1, "crash: boom", [], kind="crash").raise_for_status()
-    assert not e.value.retry_on_cpu and e.value.exit_code == 1
+    assert not e.value.out_of_memory and e.value.exit_code == 1
+    # ended by a signal: SIGKILL is how Linux's out-of-memory killer ends it (nothing on its streams); SIGTERM is not
+    with pytest.raises(WorkerError) as e:
+        WorkerResult("error", -9, "the worker was killed", [], kind="crash").raise_for_status()
+    assert e.value.out_of_memory
+    with pytest.raises(WorkerError) as e:
+        WorkerResult("error", -15, "the worker was ended", [], kind="crash").raise_for_status()
+    assert not e.value.out_of_memory
     with pytest.raises(InputError):
         WorkerResult("error", 2, "error: constant image", [], kind="error").raise_for_status()
     with pytest.raises(Cancelled):
@@ -568,3 +575,21 @@ def test_worker_streams_in_another_encoding_never_stop_the_readers(tmp_path: Pat
     failed = WorkerProcess(["predict"], python=str(_fake_worker(tmp_path, 1))).wait(timeout=30)
     assert failed.status == "error" and "C:\\Users\\José Müller\\t1.nrrd" in failed.message, failed.message
     assert "bad byte \ufffd on stderr" in failed.message
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_one_shot_worker_killed_by_the_kernel_is_named(tmp_path: Path) -> None:
+    """A fine-tune or one-shot predict ended by SIGKILL (Linux's out-of-memory killer; nothing on its streams) is
+    reported as most likely out of memory, not as 'exit code -9, unexpected error'."""
+    from DSDSegmentationLib.worker.process import WorkerProcess
+
+    script = tmp_path / "killed-python"
+    script.write_text("#!/bin/sh\nkill -9 $$\n")
+    script.chmod(0o755)
+    result = WorkerProcess(["finetune"], python=str(script)).wait(timeout=30)
+    assert result.status == "error" and result.exit_code == -9 and result.out_of_memory, result
+    assert result.message == ("the worker was killed by the system (SIGKILL), most often because the computer ran out "
+                              "of memory (on Linux the kernel's out-of-memory killer)")
+    script.write_text("#!/bin/sh\nkill -15 $$\n")
+    result = WorkerProcess(["finetune"], python=str(script)).wait(timeout=30)
+    assert not result.out_of_memory and result.message == "the worker was ended by SIGTERM", result.message

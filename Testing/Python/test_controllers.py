@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -522,3 +524,48 @@ def test_a_click_uses_every_sequence_of_a_multi_sequence_model(panel, scene) -> 
     tumour = sum(int(slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(i), volumes[0]).sum())
                  for i in range(segmentation.GetNumberOfSegments()))
     assert tumour > 0
+
+
+def test_out_of_memory_says_what_helps_on_each_run() -> None:
+    """Inference moves to the CPU by itself when a GPU runs out, so 'try the CPU' helps only a fine-tune on a GPU;
+    a segmentation or QA that ran out ran out of the computer's memory."""
+    from DSDSegmentationLib.worker.process import WorkerError
+
+    oom = WorkerError("the run failed: out of memory: not enough memory", "out of memory", 3)
+    for kind, device, words, never in ((C.SEGMENT, "cuda", "crop the volume", "on the CPU (Options"),
+                                       (C.PROMPT, "auto", "crop the volume", "on the CPU (Options"),
+                                       (C.QA, "auto", "crop the volume", "on the CPU (Options"),
+                                       (C.FINETUNE, "cuda", "Try again on the CPU (Options → device: cpu)", "crop"),
+                                       (C.FINETUNE, "cpu", "fewer or smaller (cropped) cases", "on the CPU (Options")):
+        state = C.ProcessingState()
+        C._failure(state, kind, oom, device)
+        message = state[kind].message
+        assert state[kind].status == C.FAILED and state[kind].out_of_memory, (kind, message)
+        assert words in message and never not in message, (kind, device, message)
+    state = C.ProcessingState()
+    C._failure(state, C.SEGMENT, WorkerError("the run failed: crash: boom", "crash", 1), "cuda")
+    assert state[C.SEGMENT].message == "the run failed: crash: boom" and not state[C.SEGMENT].out_of_memory
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_worker_killed_as_the_out_of_memory_killer_does_says_so_and_the_next_apply_works(panel, scene) -> None:
+    """Linux's out-of-memory killer ends the worker with SIGKILL and nothing on its streams: the panel names the
+    likely cause and what helps instead of 'ended unexpectedly', keeps nothing half-made, and the next Apply starts
+    a new worker."""
+    volume, case = sample_volume(panel)
+    panel.params.inputVolume0 = volume
+    model = hippocampus_model()
+    segmentations = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    panel.segment.apply(model)
+    worker = panel.bridge.server.proc
+    os.kill(worker.proc.pid, signal.SIGKILL)  # before it answers: the request is in flight
+    assert run_until(panel, "segment") is None
+    run = panel.state[C.SEGMENT]
+    assert run.status == C.FAILED and run.out_of_memory, run.message
+    assert "killed by the system (SIGKILL), most often because the computer ran out of memory" in run.message
+    assert "crop the volume" in run.message and "ended unexpectedly" not in run.message, run.message
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations
+    panel.segment.apply(model)
+    seg = run_until(panel, "segment", timeout=300)
+    assert seg is not None and panel.state[C.SEGMENT].status == C.DONE, panel.state[C.SEGMENT].message
+    assert panel.bridge.server.proc is not worker

@@ -70,7 +70,7 @@ class RunState:
     message: str = ""
     done: int = 0
     total: int = 0
-    retry_on_cpu: bool = False  # the last failure was out of memory: offer the CPU
+    out_of_memory: bool = False  # the last failure was (most likely) out of memory
 
     @property
     def active(self) -> bool:
@@ -88,7 +88,7 @@ class ProcessingState:
         self._listeners.append(callback)
 
     def set(self, kind: str, status: str, message: str | None = None, done: int | None = None, total: int | None = None,
-            retry_on_cpu: bool = False) -> None:
+            out_of_memory: bool = False) -> None:
         if kind not in self.runs:
             raise ValueError(f"unknown run kind {kind!r}")
         run = self.runs[kind]
@@ -101,7 +101,7 @@ class ProcessingState:
             run.done = done
         if total is not None:
             run.total = total
-        run.retry_on_cpu = retry_on_cpu
+        run.out_of_memory = out_of_memory
         for cb in list(self._listeners):
             cb(kind, run)
 
@@ -112,12 +112,24 @@ class ProcessingState:
         return any(self.runs[k].active for k in (kinds or KINDS))
 
 
-def _failure(state: ProcessingState, kind: str, error: BaseException) -> None:
+def memory_hint(kind: str, device: str) -> str:
+    """What to do after a run ran out of memory. Inference moves to the CPU by itself when a GPU runs out
+    (``engine/inference.py``), so a segmentation that still fails ran out of the computer's memory: the CPU is no
+    remedy there. Only a fine-tune on a GPU is helped by the CPU."""
+    if kind == FINETUNE and device != "cpu":
+        return " Try again on the CPU (Options → device: cpu): slower, but it uses the computer's memory."
+    if kind == FINETUNE:
+        return " Close other programs, or fine-tune on fewer or smaller (cropped) cases."
+    return (" Close other programs, or crop the volume to the region you need (Crop Volume module) and try again"
+            + ("." if kind == QA else "; a GPU that runs out hands the run to the CPU by itself."))
+
+
+def _failure(state: ProcessingState, kind: str, error: BaseException, device: str = "auto") -> None:
     if isinstance(error, Cancelled):
         state.set(kind, CANCELLED, "Cancelled; nothing was changed.")
     elif isinstance(error, WorkerError):
-        hint = " Try again on the CPU (Options → device: cpu)." if error.retry_on_cpu else ""
-        state.set(kind, FAILED, f"{error}{hint}", retry_on_cpu=error.retry_on_cpu)
+        hint = memory_hint(kind, device) if error.out_of_memory else ""
+        state.set(kind, FAILED, f"{error}{hint}", out_of_memory=error.out_of_memory)
     else:
         state.set(kind, FAILED, str(error))
 
@@ -703,7 +715,7 @@ class FinetuneController:
             self.result = None
         except Exception as e:  # noqa: BLE001
             self.worker = None
-            _failure(self.state, FINETUNE, e)
+            _failure(self.state, FINETUNE, e, self.params.device)
 
     def tick(self, now: float | None = None) -> dict[str, Any] | None:
         """Epoch records into the plot table, progress and time left; returns the result record when done."""
@@ -742,7 +754,8 @@ class FinetuneController:
         if result.status == "cancelled":
             self.state.set(FINETUNE, CANCELLED, "Stopped. Resume continues from the last finished epoch.")
         else:
-            self.state.set(FINETUNE, FAILED, f"Stopped: {result.message}")
+            hint = memory_hint(FINETUNE, self.params.device) if result.out_of_memory else ""
+            self.state.set(FINETUNE, FAILED, f"Stopped: {result.message}{hint}", out_of_memory=result.out_of_memory)
         return None
 
     def shutdown(self) -> None:

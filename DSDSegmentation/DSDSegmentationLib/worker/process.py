@@ -50,6 +50,10 @@ class WorkerResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def out_of_memory(self) -> bool:
+        return self.status == "error" and ran_out_of_memory(self.kind, self.exit_code)
+
 
 def worker_command(python: str | None, args: Sequence[str]) -> list[str]:
     """The command line that runs ``dsdseg ARGS`` with the given Python (Slicer: its PythonSlicer)."""
@@ -184,23 +188,45 @@ class WorkerProcess:
         else:
             kind = "out of memory" if code == 3 else "error" if code == 2 else "crash"
             tail = "\n".join(self._stderr[-15:])
-            msg = f"the worker crashed (exit code {code}, {EXIT_MESSAGES.get(code, 'unexpected error')})" + (f":\n{tail}" if tail else "")
+            msg = f"the worker {ended_how(code)}" + (f":\n{tail}" if tail else "")
         return WorkerResult("error", code, msg, self.records, kind=kind)
+
+
+def ran_out_of_memory(kind: str | None, code: int | None) -> bool:
+    """The worker's run ended for lack of memory: it said so, or it was killed as the kernel kills for that."""
+    return kind == "out of memory" or code == 3 or (code is not None and code == -getattr(signal, "SIGKILL", 9))
+
+
+def ended_how(code: int | None) -> str:
+    """How a worker process that wrote no error record ended, in words: its exit code, or the signal that ended it.
+    On Linux the kernel's out-of-memory killer ends a process with SIGKILL and nothing on its streams, so that one
+    is named as the likely cause."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if -code == getattr(signal, "SIGKILL", 9):
+            return (f"was killed by the system ({name}), most often because the computer ran out of memory (on Linux "
+                    "the kernel's out-of-memory killer)")
+        return f"was ended by {name}"
+    return f"crashed (exit code {code}, {EXIT_MESSAGES.get(code, 'unexpected error') if code is not None else 'unknown'})"
 
 
 class WorkerError(Exception):
     """The worker failed for a reason other than the input: out of memory, a crash, an unexpected end.
 
     ``kind`` is the worker's word for it ("out of memory", "crash", ...) and ``exit_code`` what the one-shot
-    command returns; ``retry_on_cpu`` tells a panel to offer running again on the CPU."""
+    command returns (negative: the signal that ended it); ``out_of_memory`` says that memory ran out, or most
+    likely did (a SIGKILL from the kernel's out-of-memory killer), so that a panel can say what to do."""
 
     def __init__(self, message: str, kind: str = "crash", exit_code: int | None = None):
         super().__init__(message)
         self.kind, self.exit_code = kind, exit_code
 
     @property
-    def retry_on_cpu(self) -> bool:
-        return self.kind == "out of memory" or self.exit_code == 3
+    def out_of_memory(self) -> bool:
+        return ran_out_of_memory(self.kind, self.exit_code)
 
 
 class ServeWorker:
@@ -317,8 +343,10 @@ class ServeJob:
             return WorkerResult("cancelled", None, "cancelled by the user", self.records)
         if self._final is None:
             self.worker.wait()
-            return WorkerResult("error", self.worker.proc.returncode, "the warm worker ended unexpectedly: "
-                                + "\n".join(self.worker._stderr[-15:]), self.records)
+            code = self.worker.proc.returncode
+            tail = "\n".join(self.worker._stderr[-15:])
+            return WorkerResult("error", code, f"the warm worker {ended_how(code)}" + (f":\n{tail}" if tail else ""),
+                                self.records, kind="crash")
         if self._final["stage"] == "done":
             return WorkerResult("ok", 0, "", self.records)
         if self._final["stage"] == "cancelled":
