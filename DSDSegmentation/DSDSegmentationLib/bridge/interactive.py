@@ -25,8 +25,8 @@ from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
 from .terminology import get_segment_terminology, set_segment_terminology
-from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, is_unchanged_result, keep_name,
-                    segment_array, segment_fingerprint, set_segment_array)
+from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, is_unchanged_result,
+                    keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
@@ -51,13 +51,16 @@ def _matrix(volume: Any, which: str) -> np.ndarray:
 
 
 def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """IJK bounds [lo, hi) of the RAS box ``center ± size/2`` in ``volume``, clamped to the volume.
-    Raises if the centre is outside the volume."""
+    """IJK bounds [lo, hi) of the RAS box ``center ± size/2`` in ``volume``, clamped to the volume. ``center_ras`` is
+    in world (scene) coordinates, where the user clicked; the box is laid in the volume's own RAS (through its parent
+    transform, if the user moved or registered it). Raises if the centre is outside the volume."""
     dims = volume.GetImageData().GetDimensions()
     ras_to_ijk = _matrix(volume, "RASToIJK")
+    world = center_ras
+    center_ras = world_to_local(volume, world)
     c = ras_to_ijk @ np.array([*center_ras, 1.0])
     if any(v < -0.5 or v > d - 0.5 for v, d in zip(c[:3], dims)):
-        raise InputError(f"the point {tuple(round(float(v), 1) for v in center_ras)} (RAS) is outside the volume "
+        raise InputError(f"the point {tuple(round(float(v), 1) for v in world)} (RAS) is outside the volume "
                          f"'{volume.GetName()}'; click inside it")
     half = np.asarray(size_mm, float) / 2
     corners = [ras_to_ijk @ np.array([*(np.asarray(center_ras) + np.array(s) * half), 1.0])
@@ -71,8 +74,10 @@ def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float
 
 
 def side_of(volume: Any, point_ras: Sequence[float], size_mm: Sequence[float]) -> str | None:
-    """'right' or 'left' from the RAS frame: x greater than the volume centre's x is the patient's right. None when
-    the volume is less than twice the field of view wide in x (a crop around one structure: no midline in it)."""
+    """'right' or 'left' from the volume's own RAS frame (``point_ras``, in world coordinates, is mapped through its
+    parent transform): x greater than the volume centre's x is the patient's right. None when the volume is less
+    than twice the field of view wide in x (a crop around one structure: no midline in it)."""
+    point_ras = world_to_local(volume, point_ras)
     dims = volume.GetImageData().GetDimensions()
     m = _matrix(volume, "IJKToRAS")
     xs = [(m @ np.array([*c, 1.0]))[0] for c in itertools.product(*[(0, d - 1) for d in dims])]
@@ -98,6 +103,7 @@ class InteractiveLogic:
         m = _matrix(volume, "IJKToRAS")
         m[:3, 3] = (m @ np.array([lo[0], lo[1], lo[2], 1.0]))[:3]
         node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+        follow_transform(node, volume)  # a crop lies where its volume lies (the bridge writes it in the first's frame)
         return node
 
     def start(self, volume: Any, model: str | Path, center_ras: Sequence[float], size_mm: Sequence[float] | None = None,
@@ -212,6 +218,7 @@ class InteractiveLogic:
         if seg is None:
             seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
             seg.CreateDefaultDisplayNodes()
+            follow_transform(seg, volume)
             seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             self.bridge.place_beside(seg, volume)
             region.segmentation_node = seg

@@ -127,6 +127,40 @@ def set_segment_array(array: np.ndarray, segmentation_node: Any, segment_id: str
         slicer.util.updateSegmentBinaryLabelmapFromArray(array, segmentation_node, segment_id, volume)
 
 
+def frame_matrix(node: Any, frame: Any) -> np.ndarray:
+    """The 4x4 that maps ``node``'s own RAS (before its parent transforms) to ``frame``'s own RAS: identity when both
+    sit under the same transform (or none). A volume the user registered to another by a linear transform is written
+    in the other's frame with this folded into its geometry (exact, no resampling); a non-linear (warping) transform
+    between them cannot be folded and is refused by name."""
+    src, dst = node.GetParentTransformNode(), frame.GetParentTransformNode()
+    matrix = vtk.vtkMatrix4x4()
+    if src is dst:
+        return np.eye(4)
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(src, dst, matrix):
+        warped = [t.GetName() for t in (src, dst) if t is not None and not t.IsTransformToWorldLinear()]
+        raise InputError(f"'{node.GetName()}' and '{frame.GetName()}' are related by a non-linear (warping) transform"
+                         f"{' (' + warped[0] + ')' if warped else ''}: harden it first (Data module: right-click the "
+                         "volume → Harden transform), so that both volumes reach the model on one grid")
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def world_to_local(node: Any, point_ras: Sequence[float]) -> np.ndarray:
+    """A world (scene) RAS point — a click, an ROI — in ``node``'s own RAS, through its parent transforms (linear or
+    not), where its IJKToRAS applies."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.asarray(point_ras, float)
+    from_world = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, transform, from_world)
+    return np.asarray(from_world.TransformPoint([float(v) for v in point_ras]), float)
+
+
+def follow_transform(node: Any, reference: Any) -> None:
+    """Put a node made from ``reference``'s grid (a result, a crop, a QA surface) under the same parent transform, so
+    that it stays aligned with ``reference`` in the views however the user has moved (registered) it."""
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+
+
 def keep_name(segmentation: Any, name: str) -> str:
     """A free segment name for a kept, edited segment: '<name> (edited)', then '(edited 2)', ..."""
     candidate, n = f"{name} (edited)", 2
@@ -249,15 +283,26 @@ class SegmentationBridge:
             raise InputError(f"the temporary folder {folder} has {free / 2**20:.0f} MB free; {need / 2**20:.0f} MB are "
                              f"needed for this run ({self.temp_hint})")
 
-    def write_volume(self, node: Any, path: Path) -> Path:
+    def write_volume(self, node: Any, path: Path, frame: Any = None) -> Path:
         """Write a volume node with a storage node (geometry in the file header). Free space and writability are
-        checked first: slicer-core's writer must never see a full or read-only folder."""
+        checked first: slicer-core's writer must never see a full or read-only folder. With ``frame`` (a model's
+        first input) the geometry is written in that volume's own RAS: a linear transform between them (a
+        registration) is folded into the header, the voxels and the user's node are not touched."""
         self.check_temp_space(Path(path).parent, [node], outputs=0)
+        target = node
+        matrix = frame_matrix(node, frame) if frame is not None else np.eye(4)
+        if not np.allclose(matrix, np.eye(4)):
+            target = slicer.vtkMRMLScalarVolumeNode()  # outside the scene; shares the image data
+            target.SetName(node.GetName())
+            target.SetAndObserveImageData(node.GetImageData())
+            ijk_to_ras = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(ijk_to_ras)
+            target.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix @ slicer.util.arrayFromVTKMatrix(ijk_to_ras)))
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetFileName(str(path))
         storage.SetWriteFileFormat("nrrd")
         storage.SetUseCompression(False)
-        if not storage.WriteData(node):
+        if not storage.WriteData(target):
             raise InputError(f"could not write volume '{node.GetName()}' to {path}")
         return path
 
@@ -562,7 +607,9 @@ class SegmentationBridge:
         except OSError as e:
             raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
         try:
-            files = [self.write_volume(n, temp_dir / input_file_name(i)) for i, n in enumerate(volume_nodes)]
+            # every input in the first one's frame: the result comes back on its grid and follows its transform
+            files = [self.write_volume(n, temp_dir / input_file_name(i), frame=volume_nodes[0])
+                     for i, n in enumerate(volume_nodes)]
             output = temp_dir / "segmentation.nrrd"
             unc = temp_dir / "uncertainty.nrrd" if uncertainty else None
             if self.server is not None:
@@ -681,10 +728,12 @@ class SegmentationBridge:
                 color_table.SetColor(value, name, r / 255.0, g / 255.0, b / 255.0, 0.0 if value == 0 else 1.0)
             labelmap.CreateDefaultDisplayNodes()
             labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
+            follow_transform(labelmap, reference_volume)  # the file is on the reference's grid, in its own RAS
             seg = segmentation_node
             if seg is None:
                 seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference_volume.GetName()} segmentation")
                 seg.CreateDefaultDisplayNodes()
+                follow_transform(seg, reference_volume)
             else:
                 segmentation = seg.GetSegmentation()
                 for value, name in labels.items():
@@ -698,7 +747,9 @@ class SegmentationBridge:
                         segmentation.GetSegment(sid).SetName(kept)
                         if notes is not None:
                             notes.append(f"your edited segment '{name}' was kept as '{kept}'")
-            seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+            if seg.GetParentTransformNode() is reference_volume.GetParentTransformNode():
+                # (under another transform, the segmentation keeps its geometry; the import maps the labels into it)
+                seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
                 raise InputError("importing the labelmap into the segmentation failed")
             segmentation = seg.GetSegmentation()

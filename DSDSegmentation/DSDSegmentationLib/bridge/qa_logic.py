@@ -23,7 +23,7 @@ import vtk
 
 from ..engine.errors import InputError
 from ..worker.process import WorkerProcess
-from .logic import segment_array, segment_has_voxels
+from .logic import follow_transform, segment_array, segment_has_voxels
 from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
@@ -168,6 +168,8 @@ class QALogic:
                     models[name] = self._distance_model_from_file(run.folder / out["surfaces"][name],
                                                                   f"QA {name} distance", color, run.clamp_mm)
             markups = self._error_markups(f"QA worst errors {segmentation.GetName()}", out["errors"])
+            for node in (*models.values(), markups):  # computed on the volume's grid, in its own RAS
+                follow_transform(node, run.volume)
             return QAResult(table, models, markups, metrics, out["errors"], color, display_before)
         finally:
             run.cleanup()
@@ -291,6 +293,7 @@ class QALogic:
         if not storage.ReadData(node):
             self.scene.RemoveNode(node)
             raise InputError(f"could not read the uncertainty map {uncertainty_file}")
+        follow_transform(node, volume)  # on the input's grid, in its own RAS
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         heat = self.scene.GetFirstNodeByName("Inferno") or self.scene.GetFirstNodeByName("ColdToHotRainbow")

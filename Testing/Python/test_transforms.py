@@ -1,0 +1,163 @@
+"""Volumes the user has moved or registered with a transform (Transforms module, a registration's result) on a real
+MRML scene: Apply, a click, QA and the uncertainty overlay stay aligned with the volume as the views show it, and a
+second sequence registered to the first by a linear transform reaches the model on the first one's grid. Until
+session 15 the bridge ignored parent transforms: a result landed where the volume was before it was moved, and a
+click on a moved volume cropped the wrong place or was refused as outside the volume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
+import vtk  # noqa: E402
+
+from DSDSegmentationLib.bridge.demo import default_model, default_sample  # noqa: E402
+from DSDSegmentationLib.bridge.interactive import InteractiveLogic  # noqa: E402
+from DSDSegmentationLib.bridge.logic import SegmentationBridge, segment_array  # noqa: E402
+from DSDSegmentationLib.bridge.qa_logic import QALogic  # noqa: E402
+from DSDSegmentationLib.engine.cards import builtin_models_dir, read_model_card  # noqa: E402
+from DSDSegmentationLib.engine.data import find_shared_data, list_cases  # noqa: E402
+from DSDSegmentationLib.engine.errors import InputError  # noqa: E402
+
+
+@pytest.fixture
+def bridge(scene, tmp_path: Path):
+    b = SegmentationBridge(scene, warm=True, temp_root=tmp_path)
+    yield b
+    b.shutdown()
+
+
+def registration(scene, name: str = "registration"):
+    """A rigid transform as a registration leaves it: 30 degrees about S and a shift of several centimetres."""
+    a = math.radians(30)
+    m = np.array([[math.cos(a), -math.sin(a), 0, 40.0], [math.sin(a), math.cos(a), 0, -20.0], [0, 0, 1, 15.0],
+                  [0, 0, 0, 1]])
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(m))
+    return node, m
+
+
+def masks(seg, volume) -> dict[str, np.ndarray]:
+    """Each segment on the volume's grid (Slicer maps it through the transforms between them)."""
+    s = seg.GetSegmentation()
+    return {s.GetNthSegment(i).GetName(): segment_array(seg, s.GetNthSegmentID(i), volume) > 0
+            for i in range(s.GetNumberOfSegments())}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float(np.logical_and(a, b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def test_apply_qa_and_uncertainty_on_a_moved_volume_stay_aligned(scene, bridge) -> None:
+    case = list_cases(default_sample())[0]
+    model = default_model()
+    preset = read_model_card(model)["preset"]
+    plain = bridge.load_volume(case.images[0], "plain")
+    run = bridge.start([plain], model, device="cpu", uncertainty=True)
+    expected = masks(bridge.finish(run), plain)
+    expected_uncertainty = slicer.util.arrayFromVolume(run.uncertainty_node).copy()
+
+    moved = bridge.load_volume(case.images[0], "moved")
+    transform, m = registration(scene)
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    run = bridge.start([moved], model, device="cpu", uncertainty=True)
+    seg = bridge.finish(run)
+    assert seg.GetTransformNodeID() == transform.GetID(), "the result follows the volume's transform"
+    got = masks(seg, moved)
+    assert sorted(got) == sorted(expected) and len(got) == 2
+    for name in expected:
+        assert expected[name].any() and np.array_equal(got[name], expected[name]), name
+    assert run.uncertainty_node.GetTransformNodeID() == transform.GetID()
+    assert np.array_equal(slicer.util.arrayFromVolume(run.uncertainty_node), expected_uncertainty)
+
+    # QA against the manual segmentation: the distance surfaces and worst-error points lie on the moved volume
+    reference = bridge.import_labelmap(case.label, moved, preset, show_3d=False)
+    assert reference.GetTransformNodeID() == transform.GetID()
+    result = QALogic(scene, bridge).compare(seg, reference, moved)
+    assert min(r["dice"] for r in result.metrics.values()) > 0.75, result.metrics
+    for node in (result.markups, *result.models.values()):
+        assert node.GetTransformNodeID() == transform.GetID(), node.GetName()
+    world = [0.0, 0.0, 0.0]
+    result.markups.GetNthControlPointPositionWorld(0, world)
+    assert np.allclose(world, (m @ np.array([*result.errors[0]["ras"], 1.0]))[:3], atol=1e-4)
+
+
+def test_a_click_on_a_moved_volume_lands_where_clicked(scene, bridge) -> None:
+    logic = InteractiveLogic(bridge)
+    case = list_cases(default_sample())[0]
+    model = default_model()
+    plain = bridge.load_volume(case.images[0], "plain")
+    label = bridge.load_volume(case.label, "label", labelmap=True)
+    ijk = np.argwhere(slicer.util.arrayFromVolume(label) > 0).mean(0)[::-1]  # KJI -> IJK
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    plain.GetIJKToRASMatrix(ijk_to_ras)
+    local = (slicer.util.arrayFromVTKMatrix(ijk_to_ras) @ np.array([*ijk, 1.0]))[:3]
+    seg, _ = logic.segment_at(plain, model, list(local), device="cpu")
+    expected = masks(seg, plain)
+
+    moved = bridge.load_volume(case.images[0], "moved")
+    transform, m = registration(scene)
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    click = (m @ np.array([*local, 1.0]))[:3]  # where the user sees that voxel and clicks
+    seg, region = logic.segment_at(moved, model, list(click), device="cpu")
+    assert seg.GetTransformNodeID() == transform.GetID()
+    got = masks(seg, moved)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert expected[name].any() and np.array_equal(got[name], expected[name]), name
+    assert not any(n.GetName().endswith(" region") for n in (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())))
+
+
+def _two_sequences(bridge):
+    (card_dir,) = [p for p in builtin_models_dir().iterdir() if p.name == "brain-tumour-2seq-dsd"]
+    channels = read_model_card(card_dir)["preset"]["channels"]
+    case = list_cases(find_shared_data() / "BraTS2018_2mm", channels=channels)[0]
+    return card_dir, case
+
+
+def test_a_sequence_registered_by_a_linear_transform_reaches_the_model_on_the_first_ones_grid(scene, bridge) -> None:
+    """The second sequence stored with another geometry and registered back by a transform (as a registration
+    module leaves it): the model must see it where the user sees it, as if it had been stored aligned."""
+    model, case = _two_sequences(bridge)
+    first = bridge.load_volume(case.images[0], "flair")
+    second = bridge.load_volume(case.images[1], "t1ce")
+    expected = masks(bridge.segment([first, second], model, device="cpu"), first)
+
+    stored = bridge.load_volume(case.images[1], "t1ce stored elsewhere")
+    transform, m = registration(scene, "t1ce to flair")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    stored.GetIJKToRASMatrix(ijk_to_ras)
+    stored.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.linalg.inv(m) @ slicer.util.arrayFromVTKMatrix(ijk_to_ras)))
+    stored.SetAndObserveTransformNodeID(transform.GetID())  # in world: exactly where 't1ce' is
+    got = masks(bridge.segment([first, stored], model, device="cpu"), first)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        if expected[name].sum() > 50:
+            assert dice(got[name], expected[name]) > 0.99, (name, dice(got[name], expected[name]))
+    assert stored.GetTransformNodeID() == transform.GetID(), "the user's node is untouched"
+
+
+def test_a_warping_transform_between_sequences_is_refused_by_name(scene, bridge, tmp_path: Path) -> None:
+    model, case = _two_sequences(bridge)
+    first = bridge.load_volume(case.images[0], "flair")
+    second = bridge.load_volume(case.images[1], "t1ce")
+    warp = scene.AddNewNodeByClass("vtkMRMLTransformNode", "nonrigid registration")
+    tps = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p, q in (((0, 0, 0), (0, 0, 0)), ((50, 0, 0), (52, 1, 0)), ((0, 50, 0), (0, 50, 2)), ((0, 0, 50), (1, 0, 50))):
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(q)
+    tps.SetSourceLandmarks(source)
+    tps.SetTargetLandmarks(target)
+    tps.SetBasisToR()
+    warp.SetAndObserveTransformToParent(tps)
+    second.SetAndObserveTransformNodeID(warp.GetID())
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match=r"'t1ce' and 'flair' are related by a non-linear \(warping\) transform "
+                                         r"\(nonrigid registration\): harden it first"):
+        bridge.start([first, second], model, device="cpu")
+    assert scene.GetNumberOfNodes() == nodes and not list(tmp_path.iterdir()), "nothing made, nothing left"
