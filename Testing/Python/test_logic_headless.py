@@ -385,3 +385,31 @@ def test_an_output_segmentation_removed_during_apply_does_not_swallow_the_result
     seg = bridge.finish(run)
     assert seg is not out and scene.IsNodePresent(seg) and seg.GetSegmentation().GetNumberOfSegments() == 2
     assert run.notes == ["the output segmentation 'my output' was removed meanwhile; the result is in a new segmentation"]
+
+
+def test_an_input_volume_removed_during_apply_adds_nothing(scene, model: Path, hippocampus_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """The user deletes the input volume while the worker runs (Apply or a click): the result has nothing to lie on,
+    so nothing is added (no segmentation for a volume that is gone), the message says why, no file is left."""
+    from DSDSegmentationLib.bridge.interactive import InteractiveLogic
+
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    bridge = SegmentationBridge(scene, warm=False, temp_root=tmp_path)
+    segmentations = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    run = bridge.start([vol], model, device="cpu")
+    scene.RemoveNode(vol)
+    with pytest.raises(InputError, match="the input volume 'T1 oblique' was removed from the scene while segmenting; "
+                                         "nothing was added"):
+        bridge.finish(run)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations and not list(tmp_path.iterdir())
+    vol, _, _ = oblique_volume(scene, hippocampus_dir)
+    logic = InteractiveLogic(bridge)
+    bounds = [0.0] * 6
+    vol.GetRASBounds(bounds)
+    region = logic.start(vol, model, [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2])
+    scene.RemoveNode(vol)
+    with pytest.raises(InputError, match="was removed from the scene while segmenting"):
+        logic.finish(region)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations and not list(tmp_path.iterdir())
+    assert not [scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())
+                if scene.GetNthNode(i).GetName().endswith(" region")], "the crops are removed too"

@@ -160,6 +160,7 @@ class InteractiveLogic:
             result = run.worker.wait()
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
+            self.bridge.check_still_present([region.volume])
             labelmap = slicer.vtkMRMLLabelMapVolumeNode()
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(run.output))

@@ -640,6 +640,7 @@ class SegmentationBridge:
             result: WorkerResult = run.worker.wait()
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
+            self.check_still_present(run.inputs)
             target = self.present(run.segmentation_node, run.import_notes)
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
             if run.uncertainty is not None:
@@ -651,6 +652,14 @@ class SegmentationBridge:
             return seg
         finally:
             run.cleanup()
+
+    def check_still_present(self, volumes: Sequence[Any]) -> None:
+        """Before a result is added: its input volumes are still in the scene. One the user deleted while the worker
+        ran has no place for the result to lie on; nothing is added and the message says why."""
+        for volume in volumes:
+            if not self.scene.IsNodePresent(volume):
+                raise InputError(f"the input volume '{volume.GetName()}' was removed from the scene while segmenting; "
+                                 "nothing was added")
 
     def present(self, segmentation_node: Any, notes: list[str]) -> Any:
         """The chosen output segmentation if it is still in the scene; None (a new one) if the user removed it while
