@@ -586,6 +586,26 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
             dice = 2 * np.logical_and(pred, truth).sum() / max(pred.sum() + truth.sum(), 1)
             self.delayDisplay(f"{name}: Dice {dice:.3f}")
             self.assertGreater(dice, 0.75)
+        # the same volume moved by a transform (as a registration leaves it): the result follows it, voxel for voxel
+        expected = {segmentation.GetNthSegment(i).GetName():
+                    slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(i), volume)
+                    for i in range(segmentation.GetNumberOfSegments())}
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "selftest registration")
+        moved = vtk.vtkMatrix4x4()
+        moved.SetElement(0, 3, 40.0)
+        moved.SetElement(1, 3, -20.0)
+        transform.SetMatrixTransformToParent(moved)
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+        logic = DSDSegmentationLogic()
+        try:
+            seg = logic.bridge().segment([volume], str(default_model()), device="cpu")
+        finally:
+            logic.shutdown()
+        self.assertEqual(seg.GetTransformNodeID(), transform.GetID())
+        for i in range(seg.GetSegmentation().GetNumberOfSegments()):
+            name = seg.GetSegmentation().GetNthSegment(i).GetName()
+            got = slicer.util.arrayFromSegmentBinaryLabelmap(seg, seg.GetSegmentation().GetNthSegmentID(i), volume)
+            self.assertTrue(np.array_equal(got, expected[name]), f"{name} moved with its volume")
         self.delayDisplay("Segmentation test passed")
 
     def test_click_and_qa(self) -> None:
