@@ -569,3 +569,40 @@ def test_a_worker_killed_as_the_out_of_memory_killer_does_says_so_and_the_next_a
     seg = run_until(panel, "segment", timeout=300)
     assert seg is not None and panel.state[C.SEGMENT].status == C.DONE, panel.state[C.SEGMENT].message
     assert panel.bridge.server.proc is not worker
+
+
+def test_the_next_patients_apply_never_replaces_the_last_patients_result(panel, scene) -> None:
+    """After Apply the panel keeps its result selected as the output segmentation. Until session 15 an Apply on
+    another volume (the next patient) then wrote into it: the first patient's segments were replaced by the second
+    one's, in a node named after the first. Now a segmentation the module made for another volume is left as it is
+    and the result goes into a new one (the message says so); the same volume again still replaces its own result."""
+    from DSDSegmentationLib.bridge.logic import segment_array
+
+    cases = list_cases(default_sample())[:2]
+    first = panel.bridge.load_volume(cases[0].images[0], "patient A")
+    second = panel.bridge.load_volume(cases[1].images[0], "patient B")
+    model = hippocampus_model()
+
+    def arrays(seg, volume):
+        s = seg.GetSegmentation()
+        return {s.GetNthSegment(i).GetName(): segment_array(seg, s.GetNthSegmentID(i), volume)
+                for i in range(s.GetNumberOfSegments())}
+
+    panel.params.inputVolume0 = first
+    panel.segment.apply(model)
+    seg_a = run_until(panel, "segment")
+    assert seg_a is not None and panel.params.outputSegmentation is seg_a
+    before = arrays(seg_a, first)
+    panel.params.inputVolume0 = second
+    panel.segment.apply(model)
+    seg_b = run_until(panel, "segment")
+    assert seg_b is not None and seg_b is not seg_a and panel.params.outputSegmentation is seg_b
+    assert seg_b.GetName() == "patient B segmentation"
+    message = panel.state[C.SEGMENT].message
+    assert ("'patient A segmentation' holds the result for 'patient A' and was left as it is; the result for "
+            "'patient B' is in a new segmentation") in message, message
+    after = arrays(seg_a, first)
+    assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)
+    panel.segment.apply(model)  # patient B again: its own (unedited) result is replaced in place
+    assert run_until(panel, "segment") is seg_b
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2

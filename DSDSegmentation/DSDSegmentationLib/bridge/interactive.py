@@ -168,7 +168,8 @@ class InteractiveLogic:
                 raise InputError(f"could not read the worker's result {run.output}")
             labels = slicer.util.arrayFromVolume(labelmap)
             earlier = previous.segmentation_node if previous is not None else None
-            region.segmentation_node = self.bridge.present(region.segmentation_node or earlier, run.import_notes)
+            region.segmentation_node = self.bridge.present(region.segmentation_node or earlier, run.import_notes,
+                                                           region.volume)
             if region.segmentation_node is not None:  # before anything is cleared or pasted
                 self.keep_edited(region.segmentation_node, run.card["preset"], region.side, region.volume,
                                  run.import_notes)
@@ -217,9 +218,7 @@ class InteractiveLogic:
         volume, lo, hi = region.volume, region.lo, region.hi
         seg = region.segmentation_node
         if seg is None:
-            seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
-            seg.CreateDefaultDisplayNodes()
-            follow_transform(seg, volume)
+            seg = self.bridge.new_segmentation(volume)
             seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             self.bridge.place_beside(seg, volume)
             region.segmentation_node = seg

@@ -41,6 +41,8 @@ def _entry_from_tag(tag: str) -> dict[str, str] | None:
 # on each segment a model wrote: a fingerprint of its voxels then, so that a later run into the same segmentation can
 # tell a segment the user has edited since (kept) from the model's own unchanged result (replaced)
 RESULT_TAG = "DSDSegmentation.ResultFingerprint"
+# on each segmentation node the module made: the ID of the input volume it was made for (saved with the scene)
+MADE_FOR = "DSDSegmentation.InputVolumeID"
 
 
 def segment_fingerprint(segment: Any) -> str | None:
@@ -641,7 +643,7 @@ class SegmentationBridge:
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             self.check_still_present(run.inputs)
-            target = self.present(run.segmentation_node, run.import_notes)
+            target = self.present(run.segmentation_node, run.import_notes, run.inputs[0])
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
             if run.uncertainty is not None:
                 from .qa_logic import QALogic
@@ -661,14 +663,35 @@ class SegmentationBridge:
                 raise InputError(f"the input volume '{volume.GetName()}' was removed from the scene while segmenting; "
                                  "nothing was added")
 
-    def present(self, segmentation_node: Any, notes: list[str]) -> Any:
-        """The chosen output segmentation if it is still in the scene; None (a new one) if the user removed it while
-        the worker ran, so that the result is not written into a node nobody can see any more; ``notes`` says so."""
-        if segmentation_node is None or self.scene.IsNodePresent(segmentation_node):
-            return segmentation_node
-        notes.append(f"the output segmentation '{segmentation_node.GetName()}' was removed meanwhile; the result is in "
-                     "a new segmentation")
-        return None
+    def present(self, segmentation_node: Any, notes: list[str], volume: Any = None) -> Any:
+        """The segmentation a result goes into: the chosen output segmentation, or None (a new one, ``notes`` says why)
+        if the user removed it while the worker ran (the result would go into a node nobody can see any more) or if
+        this module made it for another input volume (the panel keeps its last result selected as the output: a
+        result for the next patient must not replace that one's segments in a node named after it). A segmentation
+        the user made and chose is always written to."""
+        if segmentation_node is None:
+            return None
+        if not self.scene.IsNodePresent(segmentation_node):
+            notes.append(f"the output segmentation '{segmentation_node.GetName()}' was removed meanwhile; the result "
+                         "is in a new segmentation")
+            return None
+        made_for = segmentation_node.GetAttribute(MADE_FOR)
+        if volume is not None and made_for and made_for != volume.GetID():
+            other = self.scene.GetNodeByID(made_for)
+            notes.append(f"'{segmentation_node.GetName()}' holds the result for "
+                         f"'{other.GetName() if other is not None else 'another volume'}' and was left as it is; the "
+                         f"result for '{volume.GetName()}' is in a new segmentation")
+            return None
+        return segmentation_node
+
+    def new_segmentation(self, volume: Any) -> Any:
+        """A new segmentation for a result on ``volume``: named after it, under its transform, beside it in the subject
+        hierarchy, and marked as made for it (see :meth:`present`)."""
+        seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
+        seg.CreateDefaultDisplayNodes()
+        follow_transform(seg, volume)
+        seg.SetAttribute(MADE_FOR, volume.GetID())
+        return seg
 
     def segment(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
                 segmentation_node: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Any:
@@ -740,9 +763,7 @@ class SegmentationBridge:
             follow_transform(labelmap, reference_volume)  # the file is on the reference's grid, in its own RAS
             seg = segmentation_node
             if seg is None:
-                seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference_volume.GetName()} segmentation")
-                seg.CreateDefaultDisplayNodes()
-                follow_transform(seg, reference_volume)
+                seg = self.new_segmentation(reference_volume)
             else:
                 segmentation = seg.GetSegmentation()
                 for value, name in labels.items():
