@@ -139,6 +139,16 @@ def test_a_sequence_registered_by_a_linear_transform_reaches_the_model_on_the_fi
         if expected[name].sum() > 50:
             assert dice(got[name], expected[name]) > 0.99, (name, dice(got[name], expected[name]))
     assert stored.GetTransformNodeID() == transform.GetID(), "the user's node is untouched"
+    # a box around the tumour (the click path): each sequence is cropped where the user sees it
+    logic = InteractiveLogic(bridge)
+    tumour = np.argwhere(np.any(np.stack(list(expected.values())), 0)).mean(0)[::-1]  # KJI -> IJK
+    first.GetIJKToRASMatrix(ijk_to_ras)
+    center = list((slicer.util.arrayFromVTKMatrix(ijk_to_ras) @ np.array([*tumour, 1.0]))[:3])
+    boxed = masks(logic.segment_at(first, model, center, [90, 90, 90], device="cpu", others=[second])[0], first)
+    got = masks(logic.segment_at(first, model, center, [90, 90, 90], device="cpu", others=[stored])[0], first)
+    for name in boxed:
+        if boxed[name].sum() > 50:
+            assert dice(got[name], boxed[name]) > 0.99, (name, dice(got[name], boxed[name]))
 
 
 def test_a_warping_transform_between_sequences_is_refused_by_name(scene, bridge, tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
 from .terminology import get_segment_terminology, set_segment_terminology
-from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, is_unchanged_result,
-                    keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
+from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, frame_matrix,
+                    is_unchanged_result, keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
@@ -50,21 +50,23 @@ def _matrix(volume: Any, which: str) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(m)
 
 
-def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float],
+               frame: Any = None) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """IJK bounds [lo, hi) of the RAS box ``center ± size/2`` in ``volume``, clamped to the volume. ``center_ras`` is
-    in world (scene) coordinates, where the user clicked; the box is laid in the volume's own RAS (through its parent
-    transform, if the user moved or registered it). Raises if the centre is outside the volume."""
+    in world (scene) coordinates, where the user clicked; the box's axes are those of ``frame``'s own RAS (default:
+    the volume's), through parent transforms: a further sequence registered to the clicked one by a rotation gets
+    the voxels that cover the clicked one's box. Raises if the centre is outside the volume."""
     dims = volume.GetImageData().GetDimensions()
-    ras_to_ijk = _matrix(volume, "RASToIJK")
-    world = center_ras
-    center_ras = world_to_local(volume, world)
-    c = ras_to_ijk @ np.array([*center_ras, 1.0])
+    frame = volume if frame is None else frame
+    to_volume = frame_matrix(frame, volume)  # frame's own RAS -> the volume's own RAS (identity: the same)
+    ras_to_ijk = _matrix(volume, "RASToIJK") @ to_volume
+    center = world_to_local(frame, center_ras)
+    c = ras_to_ijk @ np.array([*center, 1.0])
     if any(v < -0.5 or v > d - 0.5 for v, d in zip(c[:3], dims)):
-        raise InputError(f"the point {tuple(round(float(v), 1) for v in world)} (RAS) is outside the volume "
+        raise InputError(f"the point {tuple(round(float(v), 1) for v in center_ras)} (RAS) is outside the volume "
                          f"'{volume.GetName()}'; click inside it")
     half = np.asarray(size_mm, float) / 2
-    corners = [ras_to_ijk @ np.array([*(np.asarray(center_ras) + np.array(s) * half), 1.0])
-               for s in itertools.product((-1, 1), repeat=3)]
+    corners = [ras_to_ijk @ np.array([*(center + np.array(s) * half), 1.0]) for s in itertools.product((-1, 1), repeat=3)]
     ijk = np.array([p[:3] for p in corners])
     lo = np.maximum(np.floor(ijk.min(0) + 0.5), 0).astype(int)
     hi = np.minimum(np.ceil(ijk.max(0) + 0.5), dims).astype(int)
@@ -123,7 +125,8 @@ class InteractiveLogic:
         if size is None:
             raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
         lo, hi = region_ijk(volume, center_ras, size)
-        boxes = [region_ijk(other, center_ras, size) for other in others]  # raises for a point outside any of them
+        # the clicked volume's box in each further sequence (raises for a point outside any of them)
+        boxes = [region_ijk(other, center_ras, size, frame=volume) for other in others]
         side = side_of(volume, center_ras, size) if roi.get("sides") else None
         crops: list[Any] = []
         try:
