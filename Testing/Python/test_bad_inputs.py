@@ -593,3 +593,30 @@ def test_a_one_shot_worker_killed_by_the_kernel_is_named(tmp_path: Path) -> None
     script.write_text("#!/bin/sh\nkill -15 $$\n")
     result = WorkerProcess(["finetune"], python=str(script)).wait(timeout=30)
     assert not result.out_of_memory and result.message == "the worker was ended by SIGTERM", result.message
+
+
+class _RunsCode:
+    """What a hostile (or merely foreign) pickle can do when it is loaded: call any function, here open a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unloaded(ws: Path, capsys) -> None:
+    """A checkpoint (``--model x.pt``, ``--init-from``, a resumed ``last.pt``) is read with torch's weights-only
+    unpickler: tensors, plain containers and numpy's random state only. Until session 15 checkpoints were read with
+    ``weights_only=False``: a checkpoint from someone else ran its code on loading (here: it created a file)."""
+    import torch
+
+    marker = ws / "ran.txt"
+    evil = ws / "colleague" / "best.pt"
+    evil.parent.mkdir()
+    torch.save({"model": {}, "network": {}, "dsd": {}, "preset": {}, "payload": _RunsCode(marker)}, evil)
+    out = ws / "out" / "seg.nii.gz"
+    assert cli(["predict", "--model", str(evil), "--progress", "none", "-i", img(ws), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "was not loaded: it holds Python objects other than tensors and numbers, which could run code" in err, err
+    assert not marker.exists() and not out.exists() and "Traceback" not in err

@@ -13,6 +13,7 @@ from monai.utils import set_determinism
 from DSDSegmentationLib.worker.cli import main as cli_main
 from DSDSegmentationLib.engine import DSDConfig, DSDLoss, DSDNet, NetworkConfig
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
+from DSDSegmentationLib.engine.models import load_checkpoint
 from DSDSegmentationLib.engine.smoke import case_loader, train_steps
 
 
@@ -71,7 +72,7 @@ def test_two_sequence_model_initialised_from_the_four_sequence_one(tmp_path: Pat
     assert len(same) > 20 and all(torch.allclose(n[k], b[k], atol=1e-6) for k in same if "running" not in k)
     # the base is a checkpoint with DSD heads of the same shapes: the run starts from them, not from fresh ones
     assert "DSD heads (" in log and "initialised from the base checkpoint" in log
-    hb, hn = ({k: v for k, v in torch.load(tmp_path / run / "last.pt", weights_only=False)["model"].items()
+    hb, hn = ({k: v for k, v in load_checkpoint(tmp_path / run / "last.pt")["model"].items()
                if k.startswith("heads.")} for run in ("four", "two"))
     assert hb and hb.keys() == hn.keys() and all(torch.allclose(hn[k], hb[k], atol=1e-6) for k in hb)
     # other heads (deep supervision only: decoder heads, no encoder heads) start fresh, and the log says so

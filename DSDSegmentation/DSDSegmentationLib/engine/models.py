@@ -69,11 +69,32 @@ class LoadedModel:
         return list(self.members) if self.members else [self.network]
 
 
-def _from_checkpoint(path: Path) -> LoadedModel:
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A training checkpoint (``best.pt``, ``last.pt``) read without running code from the file: torch's
+    ``weights_only`` unpickler, which builds only tensors and plain containers, plus what a checkpoint's numpy random
+    state needs (arrays of uint32). A checkpoint that holds anything else (a pickled object can run any code when it
+    is loaded: a file from someone else) is refused by name instead of being loaded."""
+    import pickle
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / 1
+    allowed = [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{path} was not loaded: it holds Python objects other than tensors and numbers, which could "
+                         "run code when loaded (a checkpoint from another source?); only checkpoints written by "
+                         "dsdseg train are read") from e
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def _from_checkpoint(path: Path) -> LoadedModel:
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise InputError(f"{path} is not a DSDSegmentation checkpoint (not a dictionary)")
     for key in ("model", "network", "dsd", "preset"):
         if key not in state:
             raise InputError(f"{path} is not a DSDSegmentation checkpoint (missing '{key}')")

@@ -733,7 +733,9 @@ class Trainer:
         }
 
     def _load_state(self, model: DSDNet, opt, sched, scaler) -> None:
-        state = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
+        from .models import load_checkpoint
+
+        state = load_checkpoint(self.out / "last.pt", map_location=self.device)
         if state.get("version") != CHECKPOINT_VERSION:
             raise InputError(f"{self.out / 'last.pt'}: checkpoint version {state.get('version')} is not supported")
         model.load_state_dict(state["model"])
