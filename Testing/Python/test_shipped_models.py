@@ -91,8 +91,9 @@ def test_what_a_researcher_sees_before_picking_a_model(tmp_path: Path, capsys) -
         assert f"{region} {card['validation']['per_class'][region]['dice']:.3f}" in tip
     assert "ensemble of 2 dynunet (DSD + plain)" in tip and card["licence"]["text"] in tip
     text, tip = model_summary(models["hippocampus-dsd"])
-    assert "non-commercial" not in text and "Network: basicunet, trained with DSD" in tip
-    assert "anterior hippocampus 0.8" in tip and "CC-BY-SA 4.0" in tip
+    assert "non-commercial" not in text and "Network: basicunet, trained plain (no DSD heads)" in tip
+    dice = models["hippocampus-dsd"]["card"]["validation"]["per_class"]["anterior hippocampus"]["dice"]
+    assert f"anterior hippocampus {dice:.3f}" in tip and "CC-BY-SA 4.0" in tip
     broken = {**models["hippocampus-dsd"], "status": "model package x: weights.pt is missing", "source": "user"}
     text, tip = model_summary(broken)
     assert text.endswith("(user) — unavailable: model package x: weights.pt is missing") and "missing" in tip

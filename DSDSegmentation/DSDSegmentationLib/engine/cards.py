@@ -215,7 +215,8 @@ def model_summary(model: dict[str, Any]) -> tuple[str, str]:
         lines.append(f"Network: ensemble of {len(members)} {network} ({' + '.join(kinds)}), probabilities averaged")
     elif network:
         mode = (card.get("training") or {}).get("dsd")
-        lines.append(f"Network: {network}" + (f", trained with {'DSD' if mode == 'dsd' else mode}" if mode else ""))
+        how = {"dsd": "trained with DSD", "plain": "trained plain (no DSD heads)", "ds": "trained with deep supervision"}
+        lines.append(f"Network: {network}" + (f", {how.get(mode, f'trained with {mode}')}" if mode else ""))
     seconds = (card.get("expected_seconds") or {}).get("cpu")
     if seconds:
         lines.append(f"About {seconds:.0f} s per case on a CPU" if seconds >= 1 else "Under a second per case on a CPU")
