@@ -387,11 +387,13 @@ def test_an_output_segmentation_removed_during_apply_does_not_swallow_the_result
     assert run.notes == ["the output segmentation 'my output' was removed meanwhile; the result is in a new segmentation"]
 
 
-def test_an_input_volume_removed_during_apply_adds_nothing(scene, model: Path, hippocampus_dir: Path,
-                                                           tmp_path: Path) -> None:
+def test_an_input_volume_removed_during_apply_adds_nothing(scene, hippocampus_dir: Path, tmp_path: Path) -> None:
     """The user deletes the input volume while the worker runs (Apply or a click): the result has nothing to lie on,
     so nothing is added (no segmentation for a volume that is gone), the message says why, no file is left."""
+    from DSDSegmentationLib.bridge.demo import default_model
     from DSDSegmentationLib.bridge.interactive import InteractiveLogic
+
+    model = default_model()  # the shipped one: no training in this process (runs in Slicer's Python lane too)
 
     vol, _, _ = oblique_volume(scene, hippocampus_dir)
     bridge = SegmentationBridge(scene, warm=False, temp_root=tmp_path)
