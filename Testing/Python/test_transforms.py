@@ -73,6 +73,14 @@ def test_apply_qa_and_uncertainty_on_a_moved_volume_stay_aligned(scene, bridge) 
         assert expected[name].any() and np.array_equal(got[name], expected[name]), name
     assert run.uncertainty_node.GetTransformNodeID() == transform.GetID()
     assert np.array_equal(slicer.util.arrayFromVolume(run.uncertainty_node), expected_uncertainty)
+    # into a segmentation the user chose that is under no transform: the labels are mapped into it, as exactly
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    mine.CreateDefaultDisplayNodes()
+    mine.GetSegmentation().AddEmptySegment("", "my own", [1.0, 0.0, 0.0])
+    into = bridge.segment([moved], model, device="cpu", segmentation_node=mine)
+    assert into is mine and mine.GetTransformNodeID() is None
+    got = masks(mine, moved)
+    assert "my own" in got and all(np.array_equal(got[name], expected[name]) for name in expected)
 
     # QA against the manual segmentation: the distance surfaces and worst-error points lie on the moved volume
     reference = bridge.import_labelmap(case.label, moved, preset, show_3d=False)
