@@ -43,10 +43,21 @@ def environment() -> str:
     cuda = torch.version.cuda or "none (CPU build)"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     line = f"torch {torch.__version__}, CUDA build {cuda}, device {device}"
-    mps = getattr(torch.backends, "mps", None)
-    if device == "CPU" and mps is not None and mps.is_available():
+    if device == "CPU" and mps_problem() is None:
         line += "; Apple GPU available: choose device mps"
     return line
+
+
+def mps_problem() -> str | None:
+    """Why the Apple-silicon GPU (Metal, ``mps``) cannot be used here, or None when it can."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_built():
+        return "this torch build has no Metal (MPS) support (it is a build for Linux/Windows or an Intel Mac)"
+    if not mps.is_available():
+        return "the Metal (MPS) GPU is not available on this machine (it needs an Apple-silicon Mac with macOS 14 or newer)"
+    return None
 
 
 # set in the worker's environment before torch is imported: an operator the Metal (MPS) backend lacks runs on the CPU

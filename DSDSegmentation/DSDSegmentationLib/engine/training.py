@@ -91,16 +91,6 @@ class TrainConfig:
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
-def mps_problem() -> str | None:
-    """Why the Apple-silicon GPU (Metal, ``mps``) cannot be used here, or None when it can."""
-    mps = getattr(torch.backends, "mps", None)
-    if mps is None or not mps.is_built():
-        return "this torch build has no Metal (MPS) support (it is a build for Linux/Windows or an Intel Mac)"
-    if not mps.is_available():
-        return "the Metal (MPS) GPU is not available on this machine (it needs an Apple-silicon Mac with macOS 14 or newer)"
-    return None
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (an Apple-silicon Mac's
     GPU: asked for by name, never chosen by ``auto``); anything else, or a device this machine lacks, is a
@@ -113,6 +103,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name == "mps":
+        from .runtime import mps_problem
+
         problem = mps_problem()
         if problem:
             raise ConfigError(f"device 'mps' requested but {problem}; use cpu")
