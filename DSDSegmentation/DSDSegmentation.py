@@ -101,6 +101,7 @@ class DSDSegmentationParameterNode:
     inputVolume2: vtkMRMLScalarVolumeNode
     inputVolume3: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    allFrames: bool = False
     modelPath: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
     tta: bool = False
@@ -422,6 +423,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         enabled, tip, needsClick = self.panel.segment.readiness(self.currentModel())
         self.ui.applyButton.enabled = enabled
         self.ui.applyButton.toolTip = tip
+        framesAvailable, framesTip = self.panel.segment.frames(self.currentModel())
+        self.ui.allFramesCheckBox.enabled = framesAvailable
+        self.ui.allFramesCheckBox.toolTip = framesTip
         if needsClick:
             self.ui.interactiveCollapsibleButton.collapsed = False
 

@@ -477,6 +477,57 @@ def test_warm_worker_answers_every_bad_request_and_stays_up(ws: Path) -> None:
         worker.wait(timeout=30)
 
 
+def test_warm_worker_checks_every_case_of_a_batch_before_the_first_runs(ws: Path) -> None:
+    """A request over several cases (the panel's 'All frames'): a bad case or output anywhere in it is refused before
+    any case is segmented, so nothing is half-written; a good one gives one bar over the cases and every output."""
+    from DSDSegmentationLib.worker.process import WorkerProcess
+
+    model, out = str(ws / "model"), ws / "out"
+    out.mkdir(exist_ok=True)
+    first = str(out / "first.nii.gz")
+    bad = [
+        {"id": 1, "command": "predict", "model": model, "cases": []},
+        {"id": 2, "command": "predict", "model": model, "inputs": [img(ws)], "output": first,
+         "cases": [{"inputs": [img(ws)], "output": first}]},
+        {"id": 3, "command": "predict", "model": model, "cases": [{"inputs": [img(ws)], "output": first},
+                                                                  {"inputs": [img(ws, 1)], "output": first}]},
+        {"id": 4, "command": "predict", "model": model, "cases": [{"inputs": [img(ws)], "output": first},
+                                                                  {"inputs": [img(ws, 1)], "output": lab(ws, 1)}]},
+        {"id": 5, "command": "predict", "model": model, "cases": [{"inputs": [img(ws)], "output": first},
+                                                                  {"inputs": [str(ws / "missing.nii.gz")],
+                                                                   "output": str(out / "b.nii.gz")}]},
+    ]
+    good = {"id": 6, "command": "predict", "model": model, "device": "cpu",
+            "cases": [{"inputs": [img(ws, i)], "output": str(out / f"case{i}.nii.gz"), "name": f"case {i}"}
+                      for i in range(2)]}
+    worker = WorkerProcess(["serve"], interactive=True)
+    try:
+        before = _digest(ws / "data")
+        for request in [*bad, good]:
+            worker.send(request)
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(r.get("id") == 6 and r.get("stage") in ("done", "error")
+                                                 for r in worker.records):
+            worker.poll()
+            time.sleep(0.05)
+        finals = {r["id"]: r for r in worker.records if r.get("stage") in ("done", "error", "cancelled")}
+        assert [finals[i]["stage"] for i in range(1, 6)] == ["error"] * 5, finals
+        assert "'cases' must be a non-empty list" in finals[1]["message"]
+        assert "either 'cases' or 'inputs' and 'output', not both" in finals[2]["message"]
+        assert "is given twice" in finals[3]["message"]
+        assert "is the input file" in finals[4]["message"] or "exists" in finals[4]["message"], finals[4]
+        assert "does not exist" in finals[5]["message"]
+        assert not Path(first).exists(), "no case of a refused batch was segmented"
+        assert _digest(ws / "data") == before
+        assert finals[6]["stage"] == "done" and finals[6]["outputs"] == [str(out / f"case{i}.nii.gz") for i in range(2)]
+        bars = [(r["stage"], r["done"], r["total"], r["message"]) for r in worker.records
+                if r.get("id") == 6 and r.get("total")]
+        assert bars == [("cases", 1, 2, "case 0"), ("cases", 2, 2, "case 1")]
+    finally:
+        worker.send({"command": "quit"})
+        worker.wait(timeout=30)
+
+
 def test_worker_failures_are_not_input_errors() -> None:
     from DSDSegmentationLib.engine.errors import Cancelled, InputError
     from DSDSegmentationLib.worker.process import WorkerError, WorkerResult

@@ -29,7 +29,7 @@ from ..worker.process import WorkerError
 # (a test compares them), and headless code may pass any object that has them.
 PARAMETERS: dict[str, Any] = {
     "inputVolume0": None, "inputVolume1": None, "inputVolume2": None, "inputVolume3": None,
-    "outputSegmentation": None, "modelPath": "", "device": "auto", "tta": False, "show3D": True,
+    "outputSegmentation": None, "allFrames": False, "modelPath": "", "device": "auto", "tta": False, "show3D": True,
     "liveRerun": True, "qaSegmentation": None, "qaReference": None, "qaVolume": None, "qaToleranceMm": 1.0,
     "finetuneVolume": None, "finetuneSegmentation": None, "finetuneFolder": "", "finetuneEpochs": 30,
     "finetuneLearningRate": 0.001, "finetuneDSD": False, "finetuneFreezeEncoder": False, "finetuneName": "",
@@ -236,6 +236,20 @@ class SegmentController:
                 return False, "This model segments a region around a click: use Click to segment", True
         return True, "Segment the input volume(s)", False
 
+    def frames(self, model: dict[str, Any] | None) -> tuple[bool, str]:
+        """('All frames' can be checked, its tooltip): the first input shows a sequence (a cine series) and the model
+        takes one input."""
+        from .sequences import cine_of
+
+        cine = cine_of(self.bridge.scene, self.params.inputVolume0)
+        if cine is None:
+            return False, "Segment every frame of a sequence (a cine series): pick a volume that shows one as the input"
+        if len(self.channels(model)) != 1:
+            return False, "Every frame of a sequence is segmented with one-input models only"
+        return True, (f"Segment all {cine.count} frames of '{cine.sequence.GetName()}' into a new segmentation sequence "
+                      "shown frame by frame, with a table of the segments' volumes per frame (unchecked: only the "
+                      "frame shown)")
+
     def apply(self, model: dict[str, Any] | None, uncertainty: bool = False) -> None:
         """Apply when idle, Cancel when running (one button)."""
         if self.run is not None:
@@ -248,9 +262,11 @@ class SegmentController:
             return
         self.state.set(self.kind, STARTING, "Starting the worker…")
         try:
+            all_frames = bool(self.params.allFrames) and not uncertainty and self.frames(model)[0]
             self.run = self.bridge.start(self.inputs(model), model["path"], device=self.params.device,
                                          tta=bool(self.params.tta) or uncertainty,
-                                         segmentation_node=self.params.outputSegmentation, uncertainty=uncertainty)
+                                         segmentation_node=self.params.outputSegmentation, uncertainty=uncertainty,
+                                         all_frames=all_frames)
         except Exception as e:  # noqa: BLE001 - shown to the user; nothing was created
             self.run = None
             _failure(self.state, self.kind, e)
@@ -278,6 +294,10 @@ class SegmentController:
         self.result = run
         n = seg.GetSegmentation().GetNumberOfSegments()
         message = f"Done: {n} segments in '{seg.GetName()}'."
+        if run.frames:
+            message = (f"Done: {len(run.frames)} frames segmented into a new segmentation sequence, shown frame by frame "
+                       f"in '{seg.GetName()}'; the segments' volumes per frame are in the table "
+                       f"'{run.volumes_table.GetName()}'.")
         if run.uncertainty_node is not None:
             message += " Uncertainty overlay: bright = the model is unsure; segments are listed most uncertain first."
         self.state.set(self.kind, DONE, with_notes(message, run))

@@ -22,7 +22,7 @@ class _Module:
 
 
 def setup_headless():
-    """Scene + application logic + Colors, Volumes, SubjectHierarchy and Segmentations logics."""
+    """Scene + application logic + Colors, Volumes, SubjectHierarchy, Segmentations and Sequences logics."""
     scene = slicer.vtkMRMLScene()
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
@@ -35,7 +35,8 @@ def setup_headless():
     mods = {}
     for key, name, cls in (("volumes", "Volumes", slicer.vtkSlicerVolumesLogic),
                            ("subjecthierarchy", "SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
-                           ("segmentations", "Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+                           ("segmentations", "Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                           ("sequences", "Sequences", slicer.vtkSlicerSequencesLogic)):
         logic = cls()
         logic.SetMRMLScene(scene)
         logic.SetMRMLApplicationLogic(app)

@@ -25,6 +25,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
+from .sequences import cine_of, ejection_fractions, segment_volumes_ml, volume_table
 from .terminology import get_segment_terminology, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
@@ -179,6 +180,11 @@ def input_file_name(index: int) -> str:
     return f"input_{index:04d}.nrrd"
 
 
+def frame_file_name(index: int) -> str:
+    """The temporary file the worker reads the index-th frame of a sequence from (all frames)."""
+    return f"frame_{index:04d}.nrrd"
+
+
 @dataclass
 class SegmentationRun:
     """A worker run started by :meth:`SegmentationBridge.start`; owns its temporary folder."""
@@ -194,6 +200,10 @@ class SegmentationRun:
     uncertainty_node: Any = None  # after finish: the overlay volume ...
     uncertainty_table: Any = None  # ... and the per-segment scores
     import_notes: list[str] = field(default_factory=list)  # what importing the result did that the user must know
+    cine: Any = None  # the first input is a sequence's proxy (bridge/sequences.Cine): the frame shown is checked ...
+    shown: str = ""  # ... at the end against this one, shown when the run started
+    frames: list[tuple[str, Path]] = field(default_factory=list)  # all frames: (index value, worker output) per frame
+    volumes_table: Any = None  # after an all-frames finish: the segments' volumes per frame
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -206,7 +216,10 @@ class SegmentationRun:
         notes = [str(n) for n in done[-1].get("notes", [])] if done else []
         for i, node in enumerate(self.inputs):  # the worker saw temporary files: name the user's volumes instead
             notes = [n.replace(input_file_name(i), f"'{node.GetName()}'") for n in notes]
-        return notes + self.import_notes
+        for i, (value, _) in enumerate(self.frames):
+            notes = [n.replace(frame_file_name(i), f"'{self.inputs[0].GetName()}' {self.cine.label(value)}")
+                     for n in notes]
+        return list(dict.fromkeys(notes + self.import_notes))
 
 
 class SegmentationBridge:
@@ -597,11 +610,17 @@ class SegmentationBridge:
 
     # ------------------------------------------------------------------------------------------------ worker
     def start(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
-              segmentation_node: Any = None, uncertainty: bool = False) -> SegmentationRun:
+              segmentation_node: Any = None, uncertainty: bool = False, all_frames: bool = False) -> SegmentationRun:
         """Write the inputs and start the worker; poll ``run.worker`` and call :meth:`finish` when it ends.
-        With ``uncertainty`` the worker also writes a voxel uncertainty map, loaded as an overlay by finish."""
+        With ``uncertainty`` the worker also writes a voxel uncertainty map, loaded as an overlay by finish.
+        With ``all_frames`` the first input must show a sequence (a cine series): every frame is segmented, and
+        finish makes a segmentation sequence shown frame by frame by the same browser (see :meth:`start_frames`)."""
         card = verify_package(model) if (Path(model) / "model.json").is_file() else read_model_card(model)
+        if all_frames:
+            return self.start_frames(volume_nodes, model, card, device, tta, uncertainty)
         self.check_inputs(volume_nodes, card)
+        cine = cine_of(self.scene, volume_nodes[0])
+        shown = cine.shown() if cine is not None else ""
         root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
         self.check_temp_space(root, volume_nodes)
         try:
@@ -628,7 +647,58 @@ class SegmentationBridge:
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
-        return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node, uncertainty=unc)
+        return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node, uncertainty=unc,
+                               cine=cine, shown=shown)
+
+    def start_frames(self, volume_nodes: Sequence[Any], model: str | Path, card: dict[str, Any], device: str,
+                     tta: bool, uncertainty: bool) -> SegmentationRun:
+        """Every frame of the sequence the first input shows, in one worker request (the model loads once; one
+        progress bar over the frames; Cancel stops between and within frames, and nothing is added)."""
+        volume = volume_nodes[0] if volume_nodes else None
+        cine = cine_of(self.scene, volume)
+        if cine is None:
+            raise InputError(f"'{volume.GetName() if volume is not None else 'the input'}' is not a sequence (a cine or "
+                             "other 4D series loaded as a sequence): 'All frames' needs one; uncheck it to segment "
+                             "this volume")
+        if len(card["preset"]["channels"]) != 1:
+            raise InputError("'All frames' works with one-input models; this model needs "
+                             f"{len(card['preset']['channels'])} input volumes")
+        if uncertainty:
+            raise InputError("the uncertainty map is made for one frame: uncheck 'All frames'")
+        frames = cine.frames()
+        if not frames:
+            raise InputError(f"the sequence '{cine.sequence.GetName()}' has no frames")
+        for value, node in frames:
+            if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+                raise InputError(f"{cine.label(value)} of '{cine.sequence.GetName()}' is not a scalar volume")
+            self.check_inputs([node], card)
+        root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
+        self.check_temp_space(root, [node for _, node in frames])
+        try:
+            temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=root))
+        except OSError as e:
+            raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
+        try:
+            # each frame in its own RAS: the proxy shows it there, under the proxy's transform
+            files = [self.write_volume(node, temp_dir / frame_file_name(i)) for i, (_, node) in enumerate(frames)]
+            outputs = [temp_dir / f"segmentation_{i:04d}.nrrd" for i in range(len(frames))]
+            names = [f"{cine.label(value)}, {i + 1} of {len(frames)}" for i, (value, _) in enumerate(frames)]
+            if self.server is not None:
+                worker = self.server.submit({"command": "predict", "model": str(model), "device": device, "tta": tta,
+                                             "cases": [{"inputs": [str(f)], "output": str(o), "name": n}
+                                                       for f, o, n in zip(files, outputs, names)]})
+            else:
+                listing = temp_dir / "frames.json"
+                listing.write_text(json.dumps([{"id": o.name[:-len(".nrrd")], "image": str(f)}
+                                               for f, o in zip(files, outputs)]), encoding="utf-8")
+                args = ["predict", "--model", str(model), "--batch", str(listing), "--output-dir", str(temp_dir),
+                        "--allow-input-folder", "--format", ".nrrd", "--device", device] + (["--tta"] if tta else [])
+                worker = WorkerProcess(args, python=self.python, env=self.env)
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        return SegmentationRun(worker, temp_dir, outputs[0], [volume], card, None, cine=cine,
+                               frames=[(value, o) for (value, _), o in zip(frames, outputs)])
 
     def cancel(self, run: SegmentationRun) -> None:
         """Stop the worker and its children and remove the temporary files; no node is created."""
@@ -643,6 +713,13 @@ class SegmentationBridge:
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             self.check_still_present(run.inputs)
+            if run.frames:
+                return self.import_frames(run)
+            if run.cine is not None and run.cine.shown() != run.shown:
+                raise InputError(f"'{run.inputs[0].GetName()}' went from {run.cine.label(run.shown)} to "
+                                 f"{run.cine.label(run.cine.shown())} while segmenting (the sequence browser moved); "
+                                 "nothing was added: stop playback on the frame you want and Apply again, or check "
+                                 "'All frames'")
             target = self.present(run.segmentation_node, run.import_notes, run.inputs[0])
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
             if run.uncertainty is not None:
@@ -654,6 +731,62 @@ class SegmentationBridge:
             return seg
         finally:
             run.cleanup()
+
+    def import_frames(self, run: SegmentationRun) -> Any:
+        """All frames: a new segmentation sequence (never an existing one), one segmentation per frame, shown by the
+        input's browser through a new proxy segmentation (named after the input, under its transform), with edits
+        in Segment Editor saved into the frame shown; a table of the segments' volumes per frame; for ventricles,
+        the ejection fraction in the notes. Returns the proxy segmentation."""
+        volume, cine, preset = run.inputs[0], run.cine, run.card["preset"]
+        if not self.scene.IsNodePresent(cine.sequence) or not self.scene.IsNodePresent(cine.browser):
+            raise InputError(f"the sequence of '{volume.GetName()}' was removed from the scene while segmenting; "
+                             "nothing was added")
+        frames = dict(cine.frames())
+        labels = [v for k, v in sorted((int(k), v) for k, v in preset["labels"].items()) if k]
+        made: list[Any] = []
+        try:
+            sequence = self.scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{volume.GetName()} segmentation sequence")
+            made.append(sequence)
+            sequence.SetIndexName(cine.sequence.GetIndexName())
+            sequence.SetIndexUnit(cine.sequence.GetIndexUnit())
+            sequence.SetIndexType(cine.sequence.GetIndexType())
+            volumes = []
+            for value, path in run.frames:
+                if frames.get(value) is None:
+                    raise InputError(f"{cine.label(value)} was removed from '{cine.sequence.GetName()}' while "
+                                     "segmenting; nothing was added")
+                item = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
+                item.SetAttribute(MADE_FOR, volume.GetID())  # the browser copies each item's attributes to the proxy
+                try:
+                    with no_leftover_nodes(self.scene):
+                        self._import_labelmap(path, frames[value], preset, item, show_3d=True, notes=None, place=False)
+                    volumes.append(segment_volumes_ml(item))
+                    sequence.SetDataNodeAtValue(item, value)  # a copy in the sequence's own scene
+                finally:
+                    self.scene.RemoveNode(item)
+            proxy = self.new_segmentation(volume)
+            made.append(proxy)
+            cine.browser.AddProxyNode(proxy, sequence, False)
+            cine.browser.SetOverwriteProxyName(sequence, False)
+            cine.browser.SetSaveChanges(sequence, True)  # corrections in Segment Editor stay with their frame
+            self.place_beside(sequence, volume)
+            sequences = getattr(slicer.modules, "sequences", None)
+            if sequences is not None:  # Slicer's logic does this on the browser's next change; show the frame now
+                sequences.logic().UpdateProxyNodesFromSequences(cine.browser)
+            values = [value for value, _ in run.frames]
+            run.volumes_table = volume_table(self.scene, f"{volume.GetName()} segment volumes per frame", cine, values,
+                                             volumes, labels)
+            made.append(run.volumes_table)
+            self.place_beside(run.volumes_table, volume)
+            run.import_notes.extend(ejection_fractions(cine, values, volumes, preset))
+            return proxy
+        except BaseException:  # nothing half-made stays: the browser lets go of the new sequence, its nodes go
+            if made and self.scene.IsNodePresent(cine.browser) and cine.browser.IsSynchronizedSequenceNode(made[0]):
+                cine.browser.RemoveSynchronizedSequenceNode(made[0].GetID())
+            for node in made:
+                if self.scene.IsNodePresent(node):
+                    self.scene.RemoveNode(node)
+            raise
 
     def check_still_present(self, volumes: Sequence[Any]) -> None:
         """Before a result is added: its input volumes are still in the scene. One the user deleted while the worker
@@ -694,9 +827,10 @@ class SegmentationBridge:
         return seg
 
     def segment(self, volume_nodes: Sequence[Any], model: str | Path, device: str = "auto", tta: bool = False,
-                segmentation_node: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Any:
+                segmentation_node: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                all_frames: bool = False) -> Any:
         """Blocking convenience (headless, scripts): start, forward progress, finish."""
-        run = self.start(volume_nodes, model, device, tta, segmentation_node)
+        run = self.start(volume_nodes, model, device, tta, segmentation_node, all_frames=all_frames)
         try:
             while run.worker.running:
                 for rec in run.worker.poll():
@@ -743,7 +877,7 @@ class SegmentationBridge:
             return self._import_labelmap(path, reference_volume, preset, segmentation_node, show_3d, notes)
 
     def _import_labelmap(self, path: str | Path, reference_volume: Any, preset: dict[str, Any], segmentation_node: Any,
-                         show_3d: bool, notes: list[str] | None) -> Any:
+                         show_3d: bool, notes: list[str] | None, place: bool = True) -> Any:
         labels = {int(k): v for k, v in preset["labels"].items()}
         colors = {int(k): v for k, v in (preset.get("label_colors") or {}).items()}
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "dsdseg_labelmap")
@@ -789,7 +923,8 @@ class SegmentationBridge:
                     segment = segmentation.GetSegment(sid)
                     segment.SetTag(RESULT_TAG, segment_fingerprint(segment) or "")
             self.apply_terminology(seg, preset)
-            self.place_beside(seg, reference_volume)
+            if place:
+                self.place_beside(seg, reference_volume)
             if show_3d:
                 seg.CreateClosedSurfaceRepresentation()
             return seg

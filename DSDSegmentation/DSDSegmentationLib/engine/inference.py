@@ -120,12 +120,13 @@ class Predictor:
         # so a warm worker cancels one request without being killed
         self.should_stop: Callable[[], bool] | None = None
 
-    def _check_stop(self) -> None:
+    def check_stop(self) -> None:
+        """Raise Cancelled when ``should_stop`` says so (between batches, before writing, between cases)."""
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("cancelled by the user")
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_stop()
+        self.check_stop()
         return self.network(x)
 
     @staticmethod
@@ -230,23 +231,29 @@ class Predictor:
         first = images if isinstance(images, (str, Path)) else images[0]
         if uncertainty_output:
             labels, affine, unc = self.predict(images, uncertainty=True)
-            self._check_stop()
+            self.check_stop()
             save_image(unc, affine, uncertainty_output, reference=first)
         else:
             labels, affine = self.predict(images)
-            self._check_stop()
+            self.check_stop()
         return save_labelmap(labels, affine, output, reference=first)
 
 
 def predict_cases(predictor: Predictor, cases: list[tuple[str, list[str]]], out_dir: Path, ext: str = ".nii.gz",
                   on_case: Callable[[str, Path], None] | None = None) -> list[Path]:
     """Segment many cases; one output file per case id, each written atomically."""
+    from .progress import CasesOnly
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (cid, images) in enumerate(cases):
-        path = predictor.predict_to_file(images, out_dir / f"{cid}{ext}")
-        written.append(path)
-        predictor.progress.update("cases", i + 1, len(cases), cid)
-        if on_case:
-            on_case(cid, path)
+    progress, predictor.progress = predictor.progress, CasesOnly(predictor.progress)  # one bar over the cases
+    try:
+        for i, (cid, images) in enumerate(cases):
+            path = predictor.predict_to_file(images, out_dir / f"{cid}{ext}")
+            written.append(path)
+            progress.update("cases", i + 1, len(cases), cid)
+            if on_case:
+                on_case(cid, path)
+    finally:
+        predictor.progress = progress
     return written

@@ -52,3 +52,21 @@ class Progress:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+
+
+class CasesOnly:
+    """Wraps a progress for a run over many cases: passes the per-case bar ("cases") and free-text lines, drops the
+    bars inside each case, so that a panel shows one bar from the first case to the last instead of one per case."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
+        if stage in ("cases", "log"):
+            self.inner.update(stage, done, total, message, **extra)
+
+    def log(self, message: str, json_record: bool = True) -> None:
+        self.inner.log(message, json_record)
+
+    def close(self) -> None:
+        self.inner.close()

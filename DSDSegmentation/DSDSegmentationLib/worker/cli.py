@@ -296,7 +296,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Warm worker: one JSON request per stdin line, JSON progress and results on stdout, models kept loaded.
 
     Requests: ``{"id": 1, "command": "predict", "model": M, "inputs": [..], "output": F, "device": "auto",
-    "tta": false, "uncertainty": F2, "overwrite": false}``, ``{"id": 2, "command": "qa", "folder": D}`` (the panel's
+    "tta": false, "uncertainty": F2, "overwrite": false}`` (or, instead of inputs and output, ``"cases": [{"inputs":
+    [..], "output": F, "name": "frame 1 of 25"}, ..]``: several cases in order, one progress bar over them, every output
+    checked before the first case runs, cancel between and within cases; the done line lists ``outputs``), ``{"id": 2, "command": "qa", "folder": D}`` (the panel's
     Compare on the masks in D, see ``qa_panel.run_panel_request``), ``{"command": "cancel", "target": 1}`` (stops request 1
     between two sliding-window batches, or before it starts; the worker and its loaded model stay) and
     ``{"command": "quit"}``. Every output line carries the request id; each request ends with exactly one line
@@ -309,6 +311,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ..engine.errors import Cancelled
     from ..engine.inference import Predictor, check_predict_options
     from ..engine.outputs import check_output_file
+    from ..engine.progress import CasesOnly
 
     predictors: dict[tuple, Predictor] = {}
     out_lock = threading.Lock()
@@ -384,25 +387,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 continue
             if command != "predict":
                 raise InputError(f"unknown request command {command!r} (predict, qa, cancel, quit)")
-            model, inputs, output = req.get("model"), req.get("inputs"), req.get("output")
+            model = req.get("model")
             if not isinstance(model, str) or not model:
                 raise InputError("bad request: 'model' must be a model path")
-            if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) and p for p in inputs):
-                raise InputError("bad request: 'inputs' must be a non-empty list of file paths")
-            if not isinstance(output, str) or not output:
-                raise InputError("bad request: 'output' must be a file path")
+            batch = req.get("cases")
+            if batch is not None:  # several cases (e.g. every frame of a cine series) with one model load
+                if "inputs" in req or "output" in req or "uncertainty" in req:
+                    raise InputError("bad request: give either 'cases' or 'inputs' and 'output', not both")
+                if not isinstance(batch, list) or not batch or not all(isinstance(c, dict) for c in batch):
+                    raise InputError("bad request: 'cases' must be a non-empty list of {inputs, output, name}")
+            else:
+                batch = [{"inputs": req.get("inputs"), "output": req.get("output")}]
             unc = req.get("uncertainty")
             if unc is not None and not isinstance(unc, str):
                 raise InputError("bad request: 'uncertainty' must be a file path")
             device = str(req.get("device", "auto"))
             check_predict_options(device, None, 4)
-            for p in inputs:
-                if not Path(p).is_file():
-                    raise InputError(f"input {p} does not exist")
             overwrite = bool(req.get("overwrite", False))
-            check_output_file(output, inputs, [unc], overwrite=overwrite, what="output")
+            outputs = [c.get("output") for c in batch]
+            for case in batch:  # every case and output checked before the first is segmented
+                inputs, output = case.get("inputs"), case.get("output")
+                if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) and p for p in inputs):
+                    raise InputError("bad request: 'inputs' must be a non-empty list of file paths")
+                if not isinstance(output, str) or not output:
+                    raise InputError("bad request: 'output' must be a file path")
+                for p in inputs:
+                    if not Path(p).is_file():
+                        raise InputError(f"input {p} does not exist")
+                others = [unc] + [o for o in outputs if o is not output]
+                if output in others:
+                    raise InputError(f"bad request: output {output} is given twice")
+                check_output_file(output, inputs, others, overwrite=overwrite, what="output")
             if unc:
-                check_output_file(unc, inputs, [output], overwrite=overwrite, what="uncertainty output")
+                check_output_file(unc, batch[0]["inputs"], outputs, overwrite=overwrite, what="uncertainty output")
             progress = _TaggedProgress(rid)
             key = (model, device)
             if key not in predictors:
@@ -411,10 +428,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 predictors[key] = Predictor(model, device=device, progress=progress)
                 progress.log(f"model loaded in {time.perf_counter() - t0:.2f} s")
             pred = predictors[key]
-            pred.progress, pred.tta, pred.notes = progress, bool(req.get("tta", False)), []
+            pred.tta, pred.notes = bool(req.get("tta", False)), []
             pred.should_stop = lambda rid=rid: rid in cancelled
-            out = pred.predict_to_file(inputs, output, uncertainty_output=unc)
-            emit({"stage": "done", "id": rid, "output": str(out), "uncertainty": unc, "notes": pred.notes})
+            if req.get("cases") is None:
+                pred.progress = progress
+                out = pred.predict_to_file(batch[0]["inputs"], batch[0]["output"], uncertainty_output=unc)
+                emit({"stage": "done", "id": rid, "output": str(out), "uncertainty": unc, "notes": pred.notes})
+                continue
+            pred.progress = CasesOnly(progress)  # one bar over the cases, not one per case
+            written = []
+            for i, case in enumerate(batch):
+                pred.check_stop()
+                written.append(str(pred.predict_to_file(case["inputs"], case["output"])))
+                progress.update("cases", i + 1, len(batch), str(case.get("name") or f"case {i + 1} of {len(batch)}"))
+            emit({"stage": "done", "id": rid, "outputs": written, "notes": list(dict.fromkeys(pred.notes))})
         except Cancelled:
             emit({"stage": "cancelled", "id": rid, "exit_code": EXIT_INTERRUPTED})
         except DSDError as e:

@@ -1,0 +1,125 @@
+"""Volumes that are frames of a sequence (a cine MRI series, any 4D series loaded into the Sequences module).
+
+In Slicer such a series is a sequence node (one volume per frame, in its own internal scene) shown through a
+*proxy* volume that a sequence browser fills with the selected frame. The panel's input is that proxy: a run on
+"the volume" segments the frame shown when it started, and a run over "all frames" segments each item of the
+sequence and gives back a segmentation sequence that the same browser shows frame by frame. MRML only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+# terminology type codes (SNOMED CT) of a ventricle's cavity: their largest and smallest volume give an ejection
+# fraction (a myocardium segment carries the ventricle as its region, not as its type)
+VENTRICLE_TYPES = {"53085002": "right ventricle", "87878005": "left ventricle"}
+
+
+@dataclass
+class Cine:
+    """The sequence a proxy volume shows, its browser, and the frame shown now."""
+
+    browser: Any
+    sequence: Any
+
+    @property
+    def count(self) -> int:
+        return int(self.sequence.GetNumberOfDataNodes())
+
+    def shown(self) -> str:
+        """The index value of the browser's selected item (the frame its proxies show now)."""
+        master = self.browser.GetMasterSequenceNode()
+        number = self.browser.GetSelectedItemNumber()
+        return master.GetNthIndexValue(number) if master is not None and number >= 0 else ""
+
+    def label(self, value: str) -> str:
+        """'frame 3 (time 80 ms)' for an index value, as the user reads it."""
+        number = self.sequence.GetItemNumberFromIndexValue(value)
+        name = self.sequence.GetIndexName() or "index"
+        unit = f" {self.sequence.GetIndexUnit()}" if self.sequence.GetIndexUnit() else ""
+        return f"frame {number + 1} ({name} {value}{unit})"
+
+    def frames(self) -> list[tuple[str, Any]]:
+        """(index value, frame volume) of every item, in order."""
+        return [(self.sequence.GetNthIndexValue(i), self.sequence.GetNthDataNode(i)) for i in range(self.count)]
+
+
+def cine_of(scene: Any, volume: Any) -> Cine | None:
+    """The sequence whose frames ``volume`` shows (it is a sequence browser's proxy), or None for a plain volume."""
+    if volume is None:
+        return None
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+        sequence = browser.GetSequenceNode(volume) if browser is not None else None
+        if sequence is not None:
+            return Cine(browser, sequence)
+    return None
+
+
+def segment_volumes_ml(segmentation_node: Any) -> dict[str, float]:
+    """Segment name → volume in mL, counted on each segment's binary labelmap (voxel count × voxel volume)."""
+    from .logic import _own_mask
+
+    segmentation = segmentation_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    volumes = {}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        image = segment.GetRepresentation(name)
+        mask = _own_mask(segment, image) if image is not None else None
+        matrix = vtk.vtkMatrix4x4()
+        if image is not None:
+            image.GetImageToWorldMatrix(matrix)
+        voxel_mm3 = abs(np.linalg.det(slicer.util.arrayFromVTKMatrix(matrix)[:3, :3])) if image is not None else 0.0
+        volumes[segment.GetName()] = float(mask.sum()) * voxel_mm3 / 1000.0 if mask is not None else 0.0
+    return volumes
+
+
+def volume_table(scene: Any, name: str, cine: Cine, values: list[str], volumes: list[dict[str, float]],
+                 labels: list[str]) -> Any:
+    """A table node: one row per frame (number, index value), one column per label with its volume in mL."""
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    index = cine.sequence.GetIndexName() or "index"
+    unit = f" ({cine.sequence.GetIndexUnit()})" if cine.sequence.GetIndexUnit() else ""
+    columns = [vtk.vtkIntArray(), vtk.vtkStringArray()] + [vtk.vtkDoubleArray() for _ in labels]
+    for column, title in zip(columns, ["Frame", f"{index}{unit}"] + [f"{label} (mL)" for label in labels]):
+        column.SetName(title)
+        table.GetTable().AddColumn(column)
+    t = table.GetTable()
+    t.SetNumberOfRows(len(values))
+    for row, (value, per_label) in enumerate(zip(values, volumes)):
+        t.SetValue(row, 0, vtk.vtkVariant(row + 1))
+        t.SetValue(row, 1, vtk.vtkVariant(value))
+        for c, label in enumerate(labels):
+            t.SetValue(row, 2 + c, vtk.vtkVariant(round(per_label.get(label, 0.0), 2)))
+    t.Modified()
+    return table
+
+
+def ejection_fractions(cine: Cine, values: list[str], volumes: list[dict[str, float]],
+                       preset: dict[str, Any]) -> list[str]:
+    """For each segment whose terminology type is a ventricle (its cavity): the largest (end-diastolic) and smallest
+    (end-systolic) volume over the frames and the ejection fraction (EDV - ESV) / EDV; an empty list for other models
+    or a single frame. A whole cycle must be among the frames for these to be the true end-diastole and end-systole."""
+    if len(values) < 2:
+        return []
+    labels = {int(k): v for k, v in preset["labels"].items()}
+    out = []
+    for value, entry in sorted((preset.get("terminology") or {}).items(), key=lambda kv: int(kv[0])):
+        code = entry.get("type", "^^").split("^")[1]
+        name = labels.get(int(value))
+        if code not in VENTRICLE_TYPES or entry.get("region") or name is None:
+            continue
+        series = [v.get(name, 0.0) for v in volumes]
+        ed, es = int(np.argmax(series)), int(np.argmin(series))
+        if series[ed] <= 0:
+            continue
+        ef = 100.0 * (series[ed] - series[es]) / series[ed]
+        out.append(f"{VENTRICLE_TYPES[code]} ejection fraction {ef:.0f} % (largest {series[ed]:.1f} mL in "
+                   f"{cine.label(values[ed])}, smallest {series[es]:.1f} mL in {cine.label(values[es])})")
+    return out
