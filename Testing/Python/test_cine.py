@@ -46,9 +46,13 @@ def cine(scene, bridge, name: str = "cine"):
     sequence.SetIndexName("time")
     sequence.SetIndexUnit("ms")
     for frame, time_ms in zip(FRAMES, TIMES):
-        node = bridge.load_volume(acdc() / "imagesTr" / f"{frame}.nii.gz", frame)
+        loaded = bridge.load_volume(acdc() / "imagesTr" / f"{frame}.nii.gz", frame)
+        node = slicer.vtkMRMLScalarVolumeNode()  # a frame as a series reader makes it: voxels and geometry only
+        node.SetName(frame)
+        node.CopyOrientation(loaded)
+        node.SetAndObserveImageData(loaded.GetImageData())
         sequence.SetDataNodeAtValue(node, time_ms)
-        scene.RemoveNode(node)
+        scene.RemoveNode(loaded)
     browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
     browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
     slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)

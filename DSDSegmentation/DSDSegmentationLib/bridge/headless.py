@@ -49,6 +49,9 @@ def setup_headless():
             scene.AddNode(node)
     slicer.mrmlScene = scene
     slicer.modules = types.SimpleNamespace(**{k: _Module(v) for k, v in mods.items()})
+    # the module logics hold the application logic by a plain pointer (Sequences calls it on every browser change):
+    # it must live as long as they do, whether or not the caller keeps it
+    slicer.modules.application_logic = app
     return scene, app, mods
 
 
