@@ -178,6 +178,26 @@ def test_a_frame_change_while_one_frame_is_segmented_adds_nothing(scene, bridge,
     assert seg.GetSegmentation().GetNumberOfSegments() == 3
 
 
+def test_a_click_whose_frame_changed_meanwhile_adds_nothing(scene, bridge, tmp_path: Path) -> None:
+    from DSDSegmentationLib.bridge.interactive import InteractiveLogic
+
+    sequence, browser, proxy = cine(scene, bridge)
+    browser.SetSelectedItemNumber(1)
+    interactive = InteractiveLogic(bridge)
+    model = builtin_models_dir() / "cardiac-dsd"
+    bounds = [0.0] * 6
+    proxy.GetRASBounds(bounds)
+    centre = [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)]
+    nodes = scene.GetNumberOfNodes()
+    region = interactive.start(proxy, model, centre, size_mm=[120, 120, 80], device="cpu")
+    browser.SetSelectedItemNumber(0)
+    wait(region.run)
+    with pytest.raises(InputError, match=r"'cine' went from frame 2 \(time 352 ms\) to frame 1 \(time 0 ms\)"):
+        interactive.finish(region)
+    assert scene.GetNumberOfNodes() == nodes, "no segmentation, no crop left"
+    assert list((tmp_path / "temp").iterdir()) == []
+
+
 def test_all_frames_is_refused_by_name_where_it_cannot_run(scene, tmp_path: Path) -> None:
     bridge = SegmentationBridge(scene, warm=False, temp_root=tmp_path)
     sequence, browser, proxy = cine(scene, bridge)

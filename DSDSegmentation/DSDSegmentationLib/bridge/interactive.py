@@ -24,6 +24,7 @@ import vtk
 from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
+from .sequences import cine_of
 from .terminology import get_segment_terminology, set_segment_terminology
 from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, frame_matrix,
                     is_unchanged_result, keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
@@ -136,6 +137,8 @@ class InteractiveLogic:
         except BaseException:
             self._remove(crops)
             raise
+        run.cine = cine_of(self.scene, volume)  # the crop is of the frame shown now: checked again at the end
+        run.shown = run.cine.shown() if run.cine is not None else ""
         return RegionRun(run, volume, crops, lo, hi, side, segmentation_node)
 
     def _remove(self, nodes: Sequence[Any]) -> None:
@@ -164,6 +167,7 @@ class InteractiveLogic:
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             self.bridge.check_still_present([region.volume])
+            self.bridge.check_same_frame(run, region.volume)
             labelmap = slicer.vtkMRMLLabelMapVolumeNode()
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(run.output))

@@ -715,11 +715,7 @@ class SegmentationBridge:
             self.check_still_present(run.inputs)
             if run.frames:
                 return self.import_frames(run)
-            if run.cine is not None and run.cine.shown() != run.shown:
-                raise InputError(f"'{run.inputs[0].GetName()}' went from {run.cine.label(run.shown)} to "
-                                 f"{run.cine.label(run.cine.shown())} while segmenting (the sequence browser moved); "
-                                 "nothing was added: stop playback on the frame you want and Apply again, or check "
-                                 "'All frames'")
+            self.check_same_frame(run, run.inputs[0])
             target = self.present(run.segmentation_node, run.import_notes, run.inputs[0])
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
             if run.uncertainty is not None:
@@ -787,6 +783,17 @@ class SegmentationBridge:
                 if self.scene.IsNodePresent(node):
                     self.scene.RemoveNode(node)
             raise
+
+    @staticmethod
+    def check_same_frame(run: SegmentationRun, volume: Any) -> None:
+        """Before a one-frame result is added: the sequence browser still shows the frame the run started on. A result
+        for a frame no longer shown (the user scrolled on, or playback ran) would land on another frame's image and,
+        in a segmentation synchronised with the browser, in that frame's item: nothing is added."""
+        if run.cine is not None and run.cine.shown() != run.shown:
+            raise InputError(f"'{volume.GetName()}' went from {run.cine.label(run.shown)} to "
+                             f"{run.cine.label(run.cine.shown())} while segmenting (the sequence browser moved); "
+                             "nothing was added: stop playback on the frame you want and try again, or check "
+                             "'All frames'")
 
     def check_still_present(self, volumes: Sequence[Any]) -> None:
         """Before a result is added: its input volumes are still in the scene. One the user deleted while the worker
