@@ -522,6 +522,8 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         self.test_segment_with_builtin_model()
         self.setUp()
         self.test_click_and_qa()
+        self.setUp()
+        self.test_all_frames_of_a_sequence()
 
     def test_models_listed(self) -> None:
         if MODULE_DIR not in sys.path:
@@ -648,3 +650,37 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
             self.delayDisplay(f"{name}: Dice {metrics['dice']:.3f}, HD95 {metrics['hd95']:.2f} mm")
             self.assertGreater(metrics["dice"], 0.7)
         self.delayDisplay("Click and QA test passed")
+
+    def test_all_frames_of_a_sequence(self) -> None:
+        """'All frames' on a two-frame sequence (the bundled sample case twice) with Slicer's own Sequences module: a
+        segmentation sequence synchronised with the browser, one result per frame, the volumes table."""
+        logic = DSDSegmentationLogic()
+        self.assertTrue(logic.ensureDependencies())
+        from DSDSegmentationLib.bridge.demo import default_model, default_sample
+        from DSDSegmentationLib.engine.data import list_cases
+
+        case = list_cases(default_sample())[0]
+        loaded = slicer.util.loadVolume(case.images[0])
+        sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "selftest cine")
+        for value in ("0", "40"):
+            sequence.SetDataNodeAtValue(loaded, value)
+        slicer.mrmlScene.RemoveNode(loaded)
+        browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "selftest cine browser")
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
+        proxy = browser.GetProxyNode(sequence)
+        try:
+            seg = logic.bridge().segment([proxy], str(default_model()), device="cpu", all_frames=True)
+        finally:
+            logic.shutdown()
+        results = browser.GetSequenceNode(seg)
+        self.assertIsNotNone(results, "the result is a proxy of the cine's browser")
+        self.assertEqual(results.GetNumberOfDataNodes(), 2)
+        self.assertTrue(browser.GetSaveChanges(results))
+        for item in (0, 1):
+            browser.SetSelectedItemNumber(item)
+            slicer.app.processEvents()
+            self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 2)
+        table = slicer.mrmlScene.GetFirstNodeByName(f"{proxy.GetName()} segment volumes per frame")
+        self.assertEqual(table.GetNumberOfRows(), 2)
+        self.delayDisplay("All-frames test passed")
