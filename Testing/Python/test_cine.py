@@ -18,7 +18,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test install (.ci/setup)")
 
 from DSDSegmentationLib.bridge.controllers import DONE, FAILED, PARAMETERS, ProcessingState, SegmentController  # noqa: E402
-from DSDSegmentationLib.bridge.logic import MADE_FOR, SegmentationBridge, segment_array  # noqa: E402
+from DSDSegmentationLib.bridge.logic import MADE_FOR, SegmentationBridge, no_leftover_nodes, segment_array  # noqa: E402
 from DSDSegmentationLib.bridge.sequences import cine_of  # noqa: E402
 from DSDSegmentationLib.engine.cards import builtin_models_dir  # noqa: E402
 from DSDSegmentationLib.engine.data import find_shared_data  # noqa: E402
@@ -62,11 +62,12 @@ def cine(scene, bridge, name: str = "cine"):
 
 
 def reference(bridge, frame: str) -> np.ndarray:
-    node = bridge.load_volume(acdc() / "labelsTr" / f"{frame}.nii.gz", f"{frame} reference", labelmap=True)
-    try:
-        return slicer.util.arrayFromVolume(node).copy()
-    finally:
-        bridge.scene.RemoveNode(node)
+    with no_leftover_nodes(bridge.scene):  # the loaded labelmap's display node goes with it
+        node = bridge.load_volume(acdc() / "labelsTr" / f"{frame}.nii.gz", f"{frame} reference", labelmap=True)
+        try:
+            return slicer.util.arrayFromVolume(node).copy()
+        finally:
+            bridge.scene.RemoveNode(node)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -148,6 +149,8 @@ def test_all_frames_become_a_segmentation_sequence_shown_frame_by_frame(scene, b
     new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()) if scene.GetNthNode(i).GetID() not in before]
     visible = sorted(n.GetClassName() for n in new if not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode"))
     assert visible == ["vtkMRMLSegmentationNode", "vtkMRMLSequenceNode", "vtkMRMLTableNode"], visible
+    display = [n for n in new if n.IsA("vtkMRMLDisplayNode")]
+    assert [n.GetDisplayableNode() for n in display] == [seg], "one display node, the result's: none left orphaned"
     assert list((tmp_path / "temp").iterdir()) == []
     # an edit on the frame shown stays with that frame (the browser saves the proxy into its item)
     browser.SetSelectedItemNumber(1)
@@ -246,6 +249,23 @@ def test_the_panel_segments_all_frames_and_says_what_it_made(scene, tmp_path: Pa
     params.inputVolume0, params.allFrames, params.device = proxy, True, "cpu"
     state = ProcessingState()
     controller = SegmentController(bridge, state, params)
+    # the frames are imported one per tick (Slicer's event loop runs in between); Cancel part-way adds nothing
+    nodes = scene.GetNumberOfNodes()
+    ids = {scene.GetNthNode(i).GetID() for i in range(nodes)}
+    controller.apply(model)
+    for _ in range(6000):
+        controller.tick()
+        if state["segment"].message.startswith("Importing frame"):
+            break
+        time.sleep(0.05)
+    assert (state["segment"].message, state["segment"].done, state["segment"].total) == ("Importing frame 1 of 2…", 1, 2)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode") == 2, "the result sequence is being filled"
+    controller.apply(model)  # the button says Cancel
+    assert state["segment"].status == "cancelled"
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())
+            if scene.GetNthNode(i).GetID() not in ids] == []
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == 0
+    assert list(tmp_path.iterdir()) == []
     controller.apply(model)
     seg = None
     for _ in range(6000):

@@ -178,6 +178,7 @@ class SegmentController:
         self.run: Any = None
         self.kind = SEGMENT
         self.result: Any = None  # the last finished run (its segmentation node, uncertainty overlay and table)
+        self.importing: Any = None  # (the bridge's finish_steps, its run) while a result is imported tick by tick
 
     def channels(self, model: dict[str, Any] | None) -> list[str]:
         card = card_of(model)
@@ -252,7 +253,7 @@ class SegmentController:
 
     def apply(self, model: dict[str, Any] | None, uncertainty: bool = False) -> None:
         """Apply when idle, Cancel when running (one button)."""
-        if self.run is not None:
+        if self.run is not None or self.importing is not None:
             self.cancel()
             return
         self.kind = UNCERTAINTY if uncertainty else SEGMENT
@@ -272,20 +273,31 @@ class SegmentController:
             _failure(self.state, self.kind, e)
 
     def tick(self, now: float | None = None) -> Any:
-        """Forward progress; when the worker has ended, import its result. Returns the segmentation when done."""
-        run = self.run
-        if run is None:
-            return None
-        _progress(self.state, self.kind, run.worker.poll())
-        if run.worker.running:
-            return None
-        self.run = None
-        self.state.set(self.kind, IMPORTING, "Importing the segments…")
+        """Forward progress; when the worker has ended, import its result (all frames: one frame per tick, so that
+        Slicer's event loop runs in between). Returns the segmentation when done."""
+        if self.importing is None:
+            run = self.run
+            if run is None:
+                return None
+            _progress(self.state, self.kind, run.worker.poll())
+            if run.worker.running:
+                return None
+            self.run = None
+            self.state.set(self.kind, IMPORTING, "Importing the segments…")
+            self.importing = (self.bridge.finish_steps(run), run)
+        steps, run = self.importing
         try:
-            seg = self.bridge.finish(run)
+            done, total = next(steps)
+        except StopIteration as finished:
+            seg = finished.value
         except Exception as e:  # noqa: BLE001
+            self.importing = None
             _failure(self.state, self.kind, e)
             return None
+        else:
+            self.state.set(self.kind, IMPORTING, f"Importing frame {done} of {total}…", done=done, total=total)
+            return None
+        self.importing = None
         self.params.outputSegmentation = seg
         if seg.GetDisplayNode():
             seg.GetDisplayNode().SetVisibility(True)
@@ -307,6 +319,11 @@ class SegmentController:
         if self.run is not None:
             run, self.run = self.run, None
             self.bridge.cancel(run)
+            self.state.set(self.kind, CANCELLED, "Cancelled; nothing was changed.")
+        if self.importing is not None:  # part-way through importing the frames: what was added goes again
+            (steps, run), self.importing = self.importing, None
+            steps.close()
+            run.cleanup()
             self.state.set(self.kind, CANCELLED, "Cancelled; nothing was changed.")
 
     def reset(self) -> None:

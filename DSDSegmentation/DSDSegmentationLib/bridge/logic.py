@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 import slicer
@@ -708,13 +708,25 @@ class SegmentationBridge:
 
     def finish(self, run: SegmentationRun) -> Any:
         """After the worker ended: import its labelmap (or raise with its message) and clean up."""
+        steps = self.finish_steps(run)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def finish_steps(self, run: SegmentationRun) -> Generator[tuple[int, int], None, Any]:
+        """:meth:`finish` one step at a time: yields (frames imported, frames) after each frame of an all-frames run
+        and returns the segmentation, so that the panel's timer imports one frame per tick and Slicer's event loop
+        runs in between (a one-frame result is imported in the first step). Closing the generator part-way removes
+        what it added."""
         try:
             result: WorkerResult = run.worker.wait()
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             self.check_still_present(run.inputs)
             if run.frames:
-                return self.import_frames(run)
+                return (yield from self.import_frames(run))
             self.check_same_frame(run, run.inputs[0])
             target = self.present(run.segmentation_node, run.import_notes, run.inputs[0])
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
@@ -728,11 +740,11 @@ class SegmentationBridge:
         finally:
             run.cleanup()
 
-    def import_frames(self, run: SegmentationRun) -> Any:
+    def import_frames(self, run: SegmentationRun) -> Generator[tuple[int, int], None, Any]:
         """All frames: a new segmentation sequence (never an existing one), one segmentation per frame, shown by the
         input's browser through a new proxy segmentation (named after the input, under its transform), with edits
         in Segment Editor saved into the frame shown; a table of the segments' volumes per frame; for ventricles,
-        the ejection fraction in the notes. Returns the proxy segmentation."""
+        the ejection fraction in the notes. Yields after each frame; returns the proxy segmentation."""
         volume, cine, preset = run.inputs[0], run.cine, run.card["preset"]
         if not self.scene.IsNodePresent(cine.sequence) or not self.scene.IsNodePresent(cine.browser):
             raise InputError(f"the sequence of '{volume.GetName()}' was removed from the scene while segmenting; "
@@ -751,15 +763,16 @@ class SegmentationBridge:
                 if frames.get(value) is None:
                     raise InputError(f"{cine.label(value)} was removed from '{cine.sequence.GetName()}' while "
                                      "segmenting; nothing was added")
-                item = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
-                item.SetAttribute(MADE_FOR, volume.GetID())  # the browser copies each item's attributes to the proxy
-                try:
-                    with no_leftover_nodes(self.scene):
+                with no_leftover_nodes(self.scene):  # the item's display node, made by the import, goes with it
+                    item = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
+                    item.SetAttribute(MADE_FOR, volume.GetID())  # the browser copies an item's attributes to the proxy
+                    try:
                         self._import_labelmap(path, frames[value], preset, item, show_3d=True, notes=None, place=False)
-                    volumes.append(segment_volumes_ml(item))
-                    sequence.SetDataNodeAtValue(item, value)  # a copy in the sequence's own scene
-                finally:
-                    self.scene.RemoveNode(item)
+                        volumes.append(segment_volumes_ml(item))
+                        sequence.SetDataNodeAtValue(item, value)  # a copy in the sequence's own scene
+                    finally:
+                        self.scene.RemoveNode(item)
+                yield len(volumes), len(run.frames)
             proxy = self.new_segmentation(volume)
             made.append(proxy)
             cine.browser.AddProxyNode(proxy, sequence, False)
