@@ -575,3 +575,56 @@ def test_model_registry_reports_problems_without_torch(trained_run: Path, tmp_pa
     assert "not valid JSON" in status["broken"]
     code = "import sys; from DSDSegmentationLib.engine.cards import list_models; list_models(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_predict_frames_segments_every_frame_of_a_4d_cine(hippocampus_dir: Path, tmp_path: Path, capsys) -> None:
+    """``predict --frames`` on a 4D series (ACDC patient001's end-diastolic and end-systolic frames stacked, as ACDC's
+    own 4D files hold a cine): a 4D labelmap whose every frame equals that frame segmented alone, the volumes per
+    frame as CSV and the ventricles' ejection fractions; every bad use refused before the model loads."""
+    from DSDSegmentationLib.engine.cards import builtin_models_dir
+
+    acdc = hippocampus_dir.parent / "ACDC_subset" / "imagesTr"
+    frames = [acdc / "patient001_frame01.nii.gz", acdc / "patient001_frame12.nii.gz"]
+    first = nib.load(frames[0])
+    data = np.stack([np.asanyarray(nib.load(f).dataobj) for f in frames], axis=-1)
+    cine = tmp_path / "patient001_4d.nii.gz"
+    nib.save(nib.Nifti1Image(data, first.affine, first.header), cine)  # the header as ACDC ships it (unit sform)
+    model = builtin_models_dir() / "cardiac-dsd"
+    out, csv_path = tmp_path / "seg_4d.nii.gz", tmp_path / "volumes.csv"
+    base = ["predict", "--model", model, "--progress", "none", "--device", "cpu"]
+
+    # a 4D file without --frames: the message says what to do
+    assert run_cli(*base, "-i", cine, "-o", out) == 2
+    assert "2 channel(s) given, the model expects 1 (cine MRI); a 4D series of 2 frames (a cine)? `dsdseg predict " \
+           "--frames` segments each frame" in capsys.readouterr().err
+    # refusals, nothing written
+    csv_path.write_text("the user's own table\n")
+    for extra, message in (
+        (["-i", cine, "-o", out, "--volumes", tmp_path / "v.csv"], "--volumes needs --frames"),
+        (["-i", cine, "-i", cine, "-o", out, "--frames"], "--frames takes one 4D file"),
+        (["-i", cine, "-o", tmp_path / "seg.nrrd", "--frames"], "the name must end in .nii.gz, .nii"),
+        (["-i", cine, "-o", out, "--frames", "--volumes", csv_path], "--volumes .* already exists"),
+        (["-i", frames[0], "-o", out, "--frames"], r"has shape \(216, 256, 10\); --frames needs a 4D series"),
+    ):
+        assert run_cli(*base, *extra) == 2, extra
+        assert re.search(message, capsys.readouterr().err), (extra, message)
+    assert not out.exists() and csv_path.read_text() == "the user's own table\n"
+    csv_path.unlink()
+
+    assert run_cli(*base, "-i", cine, "-o", out, "--frames", "--volumes", csv_path) == 0
+    printed = capsys.readouterr().out
+    labels, affine = load_volume(out)
+    assert labels.shape == (216, 256, 10, 2)
+    assert np.allclose(np.abs(np.diag(affine))[:3], [1.5625, 1.5625, 10.0]), "the true spacing (pixdim rule) kept"
+    alone = tmp_path / "es.nii.gz"
+    assert run_cli(*base, "-i", frames[1], "-o", alone) == 0
+    assert np.array_equal(labels[..., 1], load_volume(alone)[0]), "a frame of the series = that frame alone"
+    rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    assert rows[0] == ["frame", "right ventricle cavity (mL)", "left ventricle myocardium (mL)",
+                       "left ventricle cavity (mL)"]
+    voxel_ml = 1.5625 * 1.5625 * 10.0 / 1000
+    assert [float(r[3]) for r in rows[1:]] == pytest.approx([(labels[..., t] == 3).sum() * voxel_ml for t in (0, 1)],
+                                                            abs=0.01)
+    lv = [float(r[3]) for r in rows[1:]]
+    assert f"note: left ventricle ejection fraction {100 * (lv[0] - lv[1]) / lv[0]:.0f} % (largest {lv[0]:.1f} mL in " \
+           f"frame 1, smallest {lv[1]:.1f} mL in frame 2)" in printed

@@ -15,9 +15,7 @@ import numpy as np
 import slicer
 import vtk
 
-# terminology type codes (SNOMED CT) of a ventricle's cavity: their largest and smallest volume give an ejection
-# fraction (a myocardium segment carries the ventricle as its region, not as its type)
-VENTRICLE_TYPES = {"53085002": "right ventricle", "87878005": "left ventricle"}
+from ..engine.cine import ejection_fractions as engine_ejection_fractions
 
 
 @dataclass
@@ -103,23 +101,5 @@ def volume_table(scene: Any, name: str, cine: Cine, values: list[str], volumes: 
 
 def ejection_fractions(cine: Cine, values: list[str], volumes: list[dict[str, float]],
                        preset: dict[str, Any]) -> list[str]:
-    """For each segment whose terminology type is a ventricle (its cavity): the largest (end-diastolic) and smallest
-    (end-systolic) volume over the frames and the ejection fraction (EDV - ESV) / EDV; an empty list for other models
-    or a single frame. A whole cycle must be among the frames for these to be the true end-diastole and end-systole."""
-    if len(values) < 2:
-        return []
-    labels = {int(k): v for k, v in preset["labels"].items()}
-    out = []
-    for value, entry in sorted((preset.get("terminology") or {}).items(), key=lambda kv: int(kv[0])):
-        code = entry.get("type", "^^").split("^")[1]
-        name = labels.get(int(value))
-        if code not in VENTRICLE_TYPES or entry.get("region") or name is None:
-            continue
-        series = [v.get(name, 0.0) for v in volumes]
-        ed, es = int(np.argmax(series)), int(np.argmin(series))
-        if series[ed] <= 0:
-            continue
-        ef = 100.0 * (series[ed] - series[es]) / series[ed]
-        out.append(f"{VENTRICLE_TYPES[code]} ejection fraction {ef:.0f} % (largest {series[ed]:.1f} mL in "
-                   f"{cine.label(values[ed])}, smallest {series[es]:.1f} mL in {cine.label(values[es])})")
-    return out
+    """The ventricles' ejection fractions over the frames (``engine/cine.py``), each frame named as Slicer shows it."""
+    return engine_ejection_fractions([cine.label(v) for v in values], volumes, preset)

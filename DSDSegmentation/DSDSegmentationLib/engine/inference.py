@@ -51,11 +51,15 @@ def check_geometry(affine: np.ndarray, what: str) -> None:
                          "the file's header is probably wrong (check its units and pixdim)")
 
 
-def check_input_image(image: np.ndarray, n_channels: int, what: str, names: list[str] | None = None) -> None:
-    """Clear errors for images the model cannot segment (``names``: the model's input names, for the messages)."""
+def check_input_image(image: np.ndarray, n_channels: int, what: str, names: list[str] | None = None,
+                      one_file: bool = False) -> None:
+    """Clear errors for images the model cannot segment (``names``: the model's input names, for the messages;
+    ``one_file``: the channels came from one 4D file, which for a one-input model is most likely a series of frames)."""
     if image.shape[0] != n_channels:
         listed = f" ({', '.join(names)})" if names else ""
-        raise InputError(f"{what}: {image.shape[0]} channel(s) given, the model expects {n_channels}{listed}")
+        hint = (f"; a 4D series of {image.shape[0]} frames (a cine)? `dsdseg predict --frames` segments each frame"
+                if n_channels == 1 and one_file else "")
+        raise InputError(f"{what}: {image.shape[0]} channel(s) given, the model expects {n_channels}{listed}{hint}")
     if any(s < 2 for s in image.shape[1:]):
         raise InputError(f"{what}: shape {image.shape[1:]} is not a 3D volume (a 2D image?)")
     if not np.all(np.isfinite(image)):
@@ -187,7 +191,8 @@ class Predictor:
         paths = [images] if isinstance(images, (str, Path)) else [str(p) for p in images]
         what = f"input {Path(paths[0]).name}"
         raw, affine = load_channels(paths, what=what, resample=True, notes=self.notes)
-        check_input_image(raw, len(self.model.preset.channels), what, list(self.model.preset.channels))
+        check_input_image(raw, len(self.model.preset.channels), what, list(self.model.preset.channels),
+                          one_file=len(paths) == 1)
         check_geometry(affine, what)
         channels = list(self.model.preset.channels)
         order_note = check_order(raw, self.model.card.get("input_check"), channels,

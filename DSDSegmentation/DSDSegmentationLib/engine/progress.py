@@ -58,11 +58,11 @@ class CasesOnly:
     """Wraps a progress for a run over many cases: passes the per-case bar ("cases") and free-text lines, drops the
     bars inside each case, so that a panel shows one bar from the first case to the last instead of one per case."""
 
-    def __init__(self, inner: Any):
-        self.inner = inner
+    def __init__(self, inner: Any, keep: tuple[str, ...] = ("cases", "log")):
+        self.inner, self.keep = inner, keep
 
     def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
-        if stage in ("cases", "log"):
+        if stage in self.keep:
             self.inner.update(stage, done, total, message, **extra)
 
     def log(self, message: str, json_record: bool = True) -> None:

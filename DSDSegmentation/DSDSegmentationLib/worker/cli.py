@@ -164,6 +164,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.input) == bool(args.batch):
         raise InputError("give either --input (one case; repeat it per channel) or --batch (a dataset folder or list)")
     check_predict_options(args.device, args.overlap, args.sw_batch_size)
+    if args.frames or args.volumes:
+        return _predict_frames(args)
     # every output is checked before the model is loaded: nothing the user had is overwritten, and a bad output
     # path fails now, not after minutes of inference
     if args.input:
@@ -194,6 +196,33 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_OK
     written = predict_cases(predictor, cases, out_dir, ext=args.format)
     _report(args, {"stage": "done", "outputs": [str(p) for p in written], "notes": predictor.notes})
+    return EXIT_OK
+
+
+def _predict_frames(args: argparse.Namespace) -> int:
+    """``predict --frames``: every frame of one 4D series (a cine) into a 4D labelmap, volumes per frame as CSV."""
+    from ..engine.cine import predict_frames
+    from ..engine.inference import Predictor
+    from ..engine.outputs import check_output_file
+
+    if not args.frames:
+        raise InputError("--volumes needs --frames (the segments' volumes per frame of a 4D series)")
+    if not args.input or len(args.input) != 1 or args.uncertainty:
+        raise InputError("--frames takes one 4D file with --input (and no --batch or --uncertainty)")
+    if not args.output:
+        raise InputError("--output is required with --input (a .nii.gz file)")
+    if not Path(args.input[0]).is_file():
+        raise InputError(f"input {args.input[0]} does not exist")
+    check_output_file(args.output, args.input, [args.volumes], overwrite=args.overwrite, what="--output",
+                      suffixes=(".nii.gz", ".nii"))
+    if args.volumes:
+        check_output_file(args.volumes, args.input, [args.output], overwrite=args.overwrite, what="--volumes",
+                          suffixes=(".csv",))
+    predictor = Predictor(args.model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                          tta=args.tta, progress=_progress(args))
+    out, summary = predict_frames(predictor, args.input[0], args.output, args.volumes)
+    _report(args, {"stage": "done", "output": str(out), "volumes": args.volumes,
+                   "notes": list(dict.fromkeys(predictor.notes)) + summary})
     return EXIT_OK
 
 
@@ -630,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace output files that exist (never an input file)")
     pr.add_argument("--allow-input-folder", action="store_true",
                     help="--batch: allow --output-dir to be a folder that holds inputs (inputs are still never replaced)")
+    pr.add_argument("--frames", action="store_true",
+                    help="--input is one 4D series (a cine: x, y, z, frames) for a one-input model: segment every frame "
+                         "into a 4D labelmap (.nii.gz); the ventricles' ejection fractions are noted")
+    pr.add_argument("--volumes", metavar="CSV", help="with --frames: also write each segment's volume per frame (mL)")
     pr.add_argument("--uncertainty", help="also write a voxel uncertainty map (normalised entropy of the class "
                     "probabilities, with --tta of their flip average) to this file (--input only)")
     progress_arg(pr)
