@@ -281,3 +281,45 @@ def test_the_panel_segments_all_frames_and_says_what_it_made(scene, tmp_path: Pa
                               "'cine segment volumes per frame'.")
     assert "left ventricle ejection fraction" in message
     assert browser.GetSequenceNode(seg).GetNumberOfDataNodes() == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_each_corrected_frame_of_a_cine_is_its_own_fine_tuning_case(scene, bridge, tmp_path: Path) -> None:
+    """Fine-tune from the scene on a cine: 'Add case' on frame 1 and again on frame 2 of the same proxy volume and
+    synchronised segmentation gives two cases, each written with its own frame's voxels and segments (until session
+    16 the second was taken for the first, and the one case was written at whatever frame was shown at the start)."""
+    from DSDSegmentationLib.bridge.controllers import FinetuneController
+    from DSDSegmentationLib.engine.cards import read_model_card
+    from DSDSegmentationLib.engine.io import load_volume
+
+    sequence, browser, proxy = cine(scene, bridge)
+    model = builtin_models_dir() / "cardiac-dsd"
+    run = bridge.start([proxy], model, device="cpu", all_frames=True)
+    wait(run)
+    seg = bridge.finish(run)
+    params = type("Params", (), dict(PARAMETERS))()
+    params.finetuneVolume, params.finetuneSegmentation = proxy, seg
+    controller = FinetuneController(bridge, ProcessingState(), params, lambda: tmp_path / "work")
+    expected = []
+    for item in (0, 1):
+        browser.SetSelectedItemNumber(item)
+        controller.add_case()
+        controller.add_case()  # the same frame twice is one case
+        expected.append((slicer.util.arrayFromVolume(proxy).copy(), {
+            seg.GetSegmentation().GetNthSegment(j).GetName(): segment_array(seg, seg.GetSegmentation().GetNthSegmentID(j),
+                                                                           proxy) > 0 for j in range(3)}))
+    assert len(controller.cases) == 2
+    model_entry = {"card": read_model_card(model)}
+    rows = controller.case_rows(model_entry)
+    assert [r[0] for r in rows] == ["cine frame 1 (time 0 ms)", "cine frame 2 (time 352 ms)"]
+    assert all("left ventricle cavity → left ventricle cavity" in r[2] for r in rows)
+    assert browser.GetSelectedItemNumber() == 1, "the rows were read at their frames and the frame shown restored"
+    built = bridge.build_finetune_dataset(controller.scene_cases(), model_entry["card"]["preset"], tmp_path / "dataset")
+    assert browser.GetSelectedItemNumber() == 1
+    assert [c["volume"] for c in built["cases"]] == ["cine frame 1 (time 0 ms)", "cine frame 2 (time 352 ms)"]
+    for i, (voxels, segments) in enumerate(expected):
+        image, _ = load_volume(tmp_path / "dataset" / "imagesTr" / f"case_{i + 1:03d}.nrrd")
+        label, _ = load_volume(tmp_path / "dataset" / "labelsTr" / f"case_{i + 1:03d}.nrrd")
+        assert np.array_equal(image.transpose(2, 1, 0), voxels), f"case {i + 1}: its own frame's voxels"
+        for value, name in ((1, "right ventricle cavity"), (2, "left ventricle myocardium"), (3, "left ventricle cavity")):
+            assert np.array_equal(label.transpose(2, 1, 0) == value, segments[name]), (i, name)
+    assert not np.array_equal(expected[0][0], expected[1][0])

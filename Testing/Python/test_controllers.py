@@ -334,7 +334,7 @@ def test_scene_close_resets_every_section(panel, scene, tmp_path: Path) -> None:
     click(panel, [17, 25, 17])
     assert panel.prompt.region is not None
     panel.segment.apply(panel.model_entry)
-    panel.finetune.cases.append(("vtkMRMLScalarVolumeNode1", "x"))
+    panel.finetune.cases.append(("vtkMRMLScalarVolumeNode1", "x", ""))
     scene.Clear(0)  # StartCloseEvent, as File → Close scene
     assert panel.prompt.region is None and panel.prompt.nodes == {} and panel.segment.run is None
     assert panel.finetune.cases == [] and panel.qa.result is None

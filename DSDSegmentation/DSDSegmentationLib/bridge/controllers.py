@@ -606,7 +606,7 @@ class FinetuneController:
 
     def __init__(self, bridge: Any, state: ProcessingState, params: Any, work_root: Callable[[], Path]):
         self.bridge, self.state, self.params, self.work_root = bridge, state, params, work_root
-        self.cases: list[tuple[str, str]] = []  # (volume id, segmentation id)
+        self.cases: list[tuple[str, str, str]] = []  # (volume id, segmentation id, frame: a cine's index value or "")
         self.worker: Any = None
         self.run: dict[str, str] | None = None  # base, data, output of the current or stopped fine-tune
         self.plot_table: Any = None
@@ -618,12 +618,21 @@ class FinetuneController:
 
     # cases -------------------------------------------------------------------------------------------------
     def add_case(self) -> None:
+        """The picked volume and segmentation as a case; a volume that shows a sequence (a cine) adds the frame shown
+        now, so that each corrected frame of a cine is its own case."""
+        from .sequences import cine_of
+
         volume, seg = self.params.finetuneVolume, self.params.finetuneSegmentation
         if volume is None or seg is None:
             raise InputError("Pick a volume and its corrected segmentation first.")
-        pair = (volume.GetID(), seg.GetID())
-        if pair not in self.cases:
-            self.cases.append(pair)
+        cine = cine_of(self.bridge.scene, volume)
+        case = (volume.GetID(), seg.GetID(), cine.shown() if cine is not None else "")
+        if case not in self.cases:
+            self.cases.append(case)
+
+    def scene_cases(self) -> list[tuple[Any, Any, str]]:
+        """(volume, segmentation, frame) of each case, as the bridge builds the dataset from them."""
+        return [(self.bridge.scene.GetNodeByID(v), self.bridge.scene.GetNodeByID(s), f) for v, s, f in self.cases]
 
     def remove_cases(self, rows: list[int]) -> None:
         for row in sorted(set(rows), reverse=True):
@@ -634,20 +643,21 @@ class FinetuneController:
         """(volume, segmentation, label → segment mapping) per case, as the table shows them."""
         rows = []
         card = card_of(model)
-        for vid, sid in self.cases:
-            volume, seg = self.bridge.scene.GetNodeByID(vid), self.bridge.scene.GetNodeByID(sid)
+        for volume, seg, frame in self.scene_cases():
             mapping = ""
-            if card and seg is not None:
+            if card and seg is not None and volume is not None:
                 preset = card["preset"]
-                found = self.bridge.match_segments(seg, preset)
+                with self.bridge.at_frame(volume, frame):
+                    found = self.bridge.match_segments(seg, preset)
+                    extra = [s.GetName() for _, s in self.bridge.unmatched_segments(seg, preset)]
                 mapping = "; ".join(f"{preset['labels'][str(v)]} → {m['segment']} ({m['by']})" for v, m in found.items())
                 missing = [n for k, n in preset["labels"].items() if k != "0" and int(k) not in found]
                 if missing:
                     mapping += ("; " if mapping else "") + "not annotated: " + ", ".join(missing)
-                extra = [s.GetName() for _, s in self.bridge.unmatched_segments(seg, preset)]
                 if extra:
                     mapping += ("; " if mapping else "") + "new label: " + ", ".join(extra)
-            rows.append((volume.GetName() if volume else "?", seg.GetName() if seg else "?", mapping))
+            rows.append((self.bridge.case_name(volume, frame) if volume else "?", seg.GetName() if seg else "?",
+                         mapping))
         return rows
 
     # runs --------------------------------------------------------------------------------------------------
@@ -735,8 +745,8 @@ class FinetuneController:
                 if folder and folder != ".":
                     data = folder
                 else:
-                    pairs = [(self.bridge.scene.GetNodeByID(v), self.bridge.scene.GetNodeByID(s)) for v, s in self.cases]
-                    built = self.bridge.build_finetune_dataset(pairs, card_of(model)["preset"], work / "data")
+                    built = self.bridge.build_finetune_dataset(self.scene_cases(), card_of(model)["preset"],
+                                                               work / "data")
                     data, label_map = built["folder"], built["label_map"]
                     self.mapping_lines = built["mapping"]
                 self.run = {"base": model["path"], "data": str(data), "output": str(work / "run"),

@@ -429,17 +429,52 @@ class SegmentationBridge:
         return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i))
                 for i in range(segmentation.GetNumberOfSegments()) if segmentation.GetNthSegmentID(i) not in found]
 
-    def plan_finetune_labels(self, pairs: Sequence[tuple[Any, Any]], preset: dict[str, Any]) -> dict[str, Any]:
+    @contextmanager
+    def at_frame(self, volume: Any, frame: str):
+        """With ``frame`` (a cine's index value, as a case of a cine was added): the volume's sequence browser shows
+        that frame inside the block (its proxies, the volume and a segmentation synchronised with it, hold that
+        frame's voxels and segments), and the frame shown before afterwards. Without a frame: nothing changes."""
+        cine = cine_of(self.scene, volume) if frame else None
+        if cine is None:
+            yield
+            return
+        master = cine.browser.GetMasterSequenceNode()
+        number = master.GetItemNumberFromIndexValue(frame) if master is not None else -1
+        if number < 0:
+            raise InputError(f"{cine.label(frame)} of '{volume.GetName()}' is no longer in its sequence")
+        before = cine.browser.GetSelectedItemNumber()
+        cine.browser.SetSelectedItemNumber(number)
+        try:
+            yield
+        finally:
+            cine.browser.SetSelectedItemNumber(before)
+
+    def case_name(self, volume: Any, frame: str = "") -> str:
+        """A case's volume as the user reads it: its name, and for a frame of a cine which frame."""
+        cine = cine_of(self.scene, volume) if frame else None
+        return f"{volume.GetName()} {cine.label(frame)}" if cine is not None else volume.GetName()
+
+    @staticmethod
+    def _with_frames(pairs: Sequence[tuple[Any, ...]]) -> list[tuple[Any, Any, str]]:
+        """(volume, segmentation) or (volume, segmentation, frame) cases as (volume, segmentation, frame)."""
+        return [(p[0], p[1], p[2] if len(p) > 2 else "") for p in pairs]
+
+    def plan_finetune_labels(self, pairs: Sequence[tuple[Any, ...]], preset: dict[str, Any]) -> dict[str, Any]:
         """The user's label set from the cases' segments: a model label matched (terminology, then name) in every
         case is kept; one matched in no case is dropped; a segment that matches no model label is a new label —
         or a merge, when its name covers several model labels ("Hippocampus" ← anterior + posterior) — if a segment
-        of that name is in every case. A label or segment in some cases only is refused, naming the case."""
+        of that name is in every case. A label or segment in some cases only is refused, naming the case. A case
+        of a cine (volume, segmentation, frame) is read at its frame."""
         from ..engine.labelmapping import derive_mapping, describe
 
         base = {int(k): v for k, v in preset["labels"].items()}
-        found = [self.match_segments(seg, preset) for _, seg in pairs]
-        others = [self.unmatched_segments(seg, preset) for _, seg in pairs]
-        names = [f"case_{i + 1:03d} ({v.GetName()} / {s.GetName()})" for i, (v, s) in enumerate(pairs)]
+        pairs = self._with_frames(pairs)
+        found, others = [], []
+        for volume, seg, frame in pairs:
+            with self.at_frame(volume, frame):
+                found.append(self.match_segments(seg, preset))
+                others.append(self.unmatched_segments(seg, preset))
+        names = [f"case_{i + 1:03d} ({self.case_name(v, f)} / {s.GetName()})" for i, (v, s, f) in enumerate(pairs)]
         keep = []
         for value in sorted(v for v in base if v):
             have = [value in f for f in found]
@@ -480,7 +515,7 @@ class SegmentationBridge:
         mapping = derive_mapping(base, labels, spec)
         return {"labels": labels, "spec": spec, "per_case": per_case, "lines": describe(mapping, base)}
 
-    def build_finetune_dataset(self, pairs: Sequence[tuple[Any, Any]], preset: dict[str, Any], folder: str | Path,
+    def build_finetune_dataset(self, pairs: Sequence[tuple[Any, ...]], preset: dict[str, Any], folder: str | Path,
                                mappings: Sequence[dict[int, str]] | None = None) -> dict[str, Any]:
         """Write (volume, segmentation) pairs as an MSD-layout dataset for ``dsdseg finetune``, with the user's label
         set (:meth:`plan_finetune_labels`) in ``dataset.json`` and the explicit mapping in ``label_map.json``.
@@ -488,13 +523,15 @@ class SegmentationBridge:
         Each segmentation is exported on its volume's grid through a colour table (values never depend on segment
         order), or by ``mappings[i]`` (label value → segment id, model labels only). Refuses, naming the case and the
         problem: fewer than 2 cases, a missing or multi-channel volume, a label or segment in some cases only, an
-        empty segment (or one that does not overlap its volume). Nothing is written unless every case passes."""
+        empty segment (or one that does not overlap its volume). Nothing is written unless every case passes.
+        A case of a cine, (volume, segmentation, frame), is written at its frame (:meth:`at_frame`)."""
+        pairs = self._with_frames(pairs)
         if len(pairs) < 2:
             raise InputError(f"fine-tuning needs at least 2 annotated cases (one is held out for validation), got {len(pairs)}")
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} is not empty; choose a new folder for the fine-tuning dataset")
-        for i, (volume, seg) in enumerate(pairs):
+        for i, (volume, seg, _) in enumerate(pairs):
             if seg is None or volume is None:
                 raise InputError(f"case_{i + 1:03d}: both a volume and a segmentation are needed")
             self.check_inputs([volume], {"preset": {"channels": preset["channels"][:1]}})
@@ -509,25 +546,28 @@ class SegmentationBridge:
             plan = self.plan_finetune_labels(pairs, preset)
         labels = plan["labels"]
         export_preset = {**preset, "labels": {str(k): v for k, v in labels.items()}}
-        plans = [(f"case_{i + 1:03d}", volume, seg, plan["per_case"][i],
-                  f"case_{i + 1:03d} ({volume.GetName()} / {seg.GetName()})") for i, (volume, seg) in enumerate(pairs)]
+        plans = [(f"case_{i + 1:03d}", volume, seg, frame, plan["per_case"][i],
+                  f"case_{i + 1:03d} ({self.case_name(volume, frame)} / {seg.GetName()})")
+                 for i, (volume, seg, frame) in enumerate(pairs)]
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-dataset-", dir=folder.parent))
         try:
             (tmp / "imagesTr").mkdir()
             (tmp / "labelsTr").mkdir()
             cases = []
-            for case, volume, seg, mapping, what in plans:
-                self.write_volume(volume, tmp / "imagesTr" / f"{case}.nrrd")
-                label = self.export_labelmap(seg, volume, export_preset, tmp / "labelsTr" / f"{case}.nrrd", mapping)
+            for case, volume, seg, frame, mapping, what in plans:
+                with self.at_frame(volume, frame):
+                    self.write_volume(volume, tmp / "imagesTr" / f"{case}.nrrd")
+                    label = self.export_labelmap(seg, volume, export_preset, tmp / "labelsTr" / f"{case}.nrrd", mapping)
+                    names = {str(v): seg.GetSegmentation().GetSegment(sid).GetName() for v, sid in mapping.items()}
                 counts = self._label_counts(label)
                 empty = [labels[v] for v in mapping if counts.get(v, 0) == 0]
                 if empty:
                     raise InputError(f"{what}: segment(s) {', '.join(repr(e) for e in empty)} are empty on the volume's "
                                      "grid (nothing painted, or the segmentation does not overlap the volume)")
                 cases.append({"image": f"./imagesTr/{case}.nrrd", "label": f"./labelsTr/{case}.nrrd",
-                              "volume": volume.GetName(), "segmentation": seg.GetName(),
-                              "mapping": {str(v): seg.GetSegmentation().GetSegment(sid).GetName() for v, sid in mapping.items()}})
+                              "volume": self.case_name(volume, frame), "segmentation": seg.GetName(),
+                              "mapping": names})
             dataset = {"name": f"fine-tuning cases for {preset['name']}", "labels": {str(k): v for k, v in labels.items()},
                        "modality": {str(i): c for i, c in enumerate(preset["channels"])}, "numTraining": len(cases),
                        "training": [{"image": c["image"], "label": c["label"]} for c in cases]}
