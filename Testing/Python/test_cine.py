@@ -201,6 +201,25 @@ def test_a_click_whose_frame_changed_meanwhile_adds_nothing(scene, bridge, tmp_p
     assert list((tmp_path / "temp").iterdir()) == []
 
 
+def test_a_compare_whose_frame_changed_meanwhile_shows_nothing(scene, bridge, tmp_path: Path) -> None:
+    from DSDSegmentationLib.bridge.qa_logic import QALogic
+    from DSDSegmentationLib.engine.cards import read_model_card
+
+    sequence, browser, proxy = cine(scene, bridge)
+    preset = read_model_card(builtin_models_dir() / "cardiac-dsd")["preset"]
+    label = acdc() / "labelsTr" / f"{FRAMES[0]}.nii.gz"
+    ours, reference = (bridge.import_labelmap(label, proxy, preset, show_3d=False) for _ in range(2))
+    nodes = scene.GetNumberOfNodes()
+    qa = QALogic(scene, bridge)
+    run = qa.start_compare(ours, reference, proxy)
+    browser.SetSelectedItemNumber(1)
+    wait(run)
+    with pytest.raises(InputError, match=r"'cine' went from frame 1 \(time 0 ms\) to frame 2 \(time 352 ms\) while "
+                                         "comparing"):
+        qa.finish_compare(run)
+    assert scene.GetNumberOfNodes() == nodes and list((tmp_path / "temp").iterdir()) == []
+
+
 def test_all_frames_is_refused_by_name_where_it_cannot_run(scene, tmp_path: Path) -> None:
     bridge = SegmentationBridge(scene, warm=False, temp_root=tmp_path)
     sequence, browser, proxy = cine(scene, bridge)

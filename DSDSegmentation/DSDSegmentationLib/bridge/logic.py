@@ -838,15 +838,15 @@ class SegmentationBridge:
             raise
 
     @staticmethod
-    def check_same_frame(run: SegmentationRun, volume: Any) -> None:
-        """Before a one-frame result is added: the sequence browser still shows the frame the run started on. A result
-        for a frame no longer shown (the user scrolled on, or playback ran) would land on another frame's image and,
-        in a segmentation synchronised with the browser, in that frame's item: nothing is added."""
+    def check_same_frame(run: Any, volume: Any, doing: str = "segmenting", more: str = ", or check 'All frames'") -> None:
+        """Before a one-frame result is added: the sequence browser still shows the frame the run (anything with
+        ``cine`` and ``shown``) started on. A result for a frame no longer shown (the user scrolled on, or playback
+        ran) would land on another frame's image and, in a segmentation synchronised with the browser, in that
+        frame's item: nothing is added."""
         if run.cine is not None and run.cine.shown() != run.shown:
             raise InputError(f"'{volume.GetName()}' went from {run.cine.label(run.shown)} to "
-                             f"{run.cine.label(run.cine.shown())} while segmenting (the sequence browser moved); "
-                             "nothing was added: stop playback on the frame you want and try again, or check "
-                             "'All frames'")
+                             f"{run.cine.label(run.cine.shown())} while {doing} (the sequence browser moved); "
+                             f"nothing was added: stop playback on the frame you want and try again{more}")
 
     def check_still_present(self, volumes: Sequence[Any]) -> None:
         """Before a result is added: its input volumes are still in the scene. One the user deleted while the worker

@@ -23,7 +23,8 @@ import vtk
 
 from ..engine.errors import InputError
 from ..worker.process import WorkerProcess
-from .logic import follow_transform, segment_array, segment_has_voxels
+from .logic import SegmentationBridge, follow_transform, segment_array, segment_has_voxels
+from .sequences import cine_of
 from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
@@ -54,6 +55,8 @@ class QARun:
     volume: Any
     pairs: list[tuple[str, str, str]]
     clamp_mm: float
+    cine: Any = None  # a cine's browser shows one of the three nodes: the frame compared, checked again at the end
+    shown: str = ""
 
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -140,7 +143,9 @@ class QALogic:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return QARun(worker, folder, segmentation, reference, volume, pairs, clamp_mm)
+        cine = next((c for c in (cine_of(self.scene, n) for n in (volume, segmentation, reference)) if c), None)
+        return QARun(worker, folder, segmentation, reference, volume, pairs, clamp_mm, cine,
+                     cine.shown() if cine is not None else "")
 
     def cancel_compare(self, run: QARun) -> None:
         """Stop the worker's comparison (a warm worker goes on) and remove its files; the scene is unchanged."""
@@ -158,6 +163,7 @@ class QALogic:
             for node in (segmentation, reference, run.volume):
                 if not self.scene.IsNodePresent(node):
                     raise InputError(f"'{node.GetName()}' was removed from the scene while comparing; nothing was shown")
+            SegmentationBridge.check_same_frame(run, run.volume, "comparing", more="")
             metrics = out["metrics"]
             table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
             display_before = self.show_outlines(segmentation, reference)
