@@ -174,6 +174,13 @@ def test_a_frame_change_while_one_frame_is_segmented_adds_nothing(scene, bridge,
         bridge.finish(run)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segs
     assert list((tmp_path / "temp").iterdir()) == []
+    # while the browser plays, a one-frame Apply is refused at once, naming what to do
+    browser.SetPlaybackActive(True)
+    with pytest.raises(InputError, match="'cine' is playing .*stop playback on the frame you want first, or check "
+                                         "'All frames'"):
+        bridge.start([proxy], model, device="cpu")
+    browser.SetPlaybackActive(False)
+    assert list((tmp_path / "temp").iterdir()) == []
     # on the frame it started from, the same Apply lands
     run = bridge.start([proxy], model, device="cpu")
     wait(run)

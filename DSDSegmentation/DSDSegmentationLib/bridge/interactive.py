@@ -24,7 +24,7 @@ import vtk
 from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
-from .sequences import cine_of
+from .sequences import check_not_playing
 from .terminology import get_segment_terminology, set_segment_terminology
 from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, frame_matrix,
                     is_unchanged_result, keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
@@ -125,6 +125,7 @@ class InteractiveLogic:
         size = size_mm or roi.get("size_mm")
         if size is None:
             raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
+        cine = check_not_playing(self.scene, volume)
         lo, hi = region_ijk(volume, center_ras, size)
         # the clicked volume's box in each further sequence (raises for a point outside any of them)
         boxes = [region_ijk(other, center_ras, size, frame=volume) for other in others]
@@ -137,8 +138,8 @@ class InteractiveLogic:
         except BaseException:
             self._remove(crops)
             raise
-        run.cine = cine_of(self.scene, volume)  # the crop is of the frame shown now: checked again at the end
-        run.shown = run.cine.shown() if run.cine is not None else ""
+        run.cine = cine  # the crop is of the frame shown now: checked again at the end
+        run.shown = cine.shown() if cine is not None else ""
         return RegionRun(run, volume, crops, lo, hi, side, segmentation_node)
 
     def _remove(self, nodes: Sequence[Any]) -> None:

@@ -25,7 +25,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
-from .sequences import cine_of, ejection_fractions, segment_volumes_ml, volume_table
+from .sequences import check_not_playing, cine_of, ejection_fractions, segment_volumes_ml, volume_table
 from .terminology import get_segment_terminology, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
@@ -659,7 +659,7 @@ class SegmentationBridge:
         if all_frames:
             return self.start_frames(volume_nodes, model, card, device, tta, uncertainty)
         self.check_inputs(volume_nodes, card)
-        cine = cine_of(self.scene, volume_nodes[0])
+        cine = check_not_playing(self.scene, volume_nodes[0])
         shown = cine.shown() if cine is not None else ""
         root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
         self.check_temp_space(root, volume_nodes)

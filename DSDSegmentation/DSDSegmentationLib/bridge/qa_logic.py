@@ -24,7 +24,7 @@ import vtk
 from ..engine.errors import InputError
 from ..worker.process import WorkerProcess
 from .logic import SegmentationBridge, follow_transform, segment_array, segment_has_voxels
-from .sequences import cine_of
+from .sequences import check_not_playing
 from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
@@ -115,6 +115,7 @@ class QALogic:
         each pair) and start the worker on them; nothing in the scene changes until :meth:`finish_compare`."""
         if volume is None or volume.GetImageData() is None:
             raise InputError("QA needs the volume both segmentations lie on (its grid is where metrics are computed)")
+        cine = check_not_playing(self.scene, volume, segmentation, reference)
         pairs = self.common_segments(segmentation, reference)
         masks = [(name, segment_array(segmentation, sid, volume) > 0,
                   segment_array(reference, rid, volume) > 0) for name, sid, rid in pairs]
@@ -143,7 +144,6 @@ class QALogic:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        cine = next((c for c in (cine_of(self.scene, n) for n in (volume, segmentation, reference)) if c), None)
         return QARun(worker, folder, segmentation, reference, volume, pairs, clamp_mm, cine,
                      cine.shown() if cine is not None else "")
 

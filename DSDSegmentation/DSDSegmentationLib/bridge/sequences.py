@@ -59,6 +59,21 @@ def cine_of(scene: Any, volume: Any) -> Cine | None:
     return None
 
 
+def check_not_playing(scene: Any, *nodes: Any) -> Cine | None:
+    """The cine one of ``nodes`` shows (None if none does); refused while its browser plays: the frame changes
+    several times a second and a one-frame result would belong to a frame long gone by the time it is ready."""
+    from ..engine.errors import InputError
+
+    for node in nodes:
+        cine = cine_of(scene, node)
+        if cine is not None:
+            if cine.browser.GetPlaybackActive():
+                raise InputError(f"'{node.GetName()}' is playing (sequence browser '{cine.browser.GetName()}'): stop "
+                                 "playback on the frame you want first, or check 'All frames' to segment every frame")
+            return cine
+    return None
+
+
 def segment_volumes_ml(segmentation_node: Any) -> dict[str, float]:
     """Segment name → volume in mL, counted on each segment's binary labelmap (voxel count × voxel volume)."""
     from .logic import _own_mask
