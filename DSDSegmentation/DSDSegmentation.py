@@ -556,6 +556,7 @@ class DSDSegmentationTest(ScriptedLoadableModuleTest):
         params = widget._parameterNode
         picked = [getattr(params, f"inputVolume{i}").GetName() for i in range(4)]
         self.assertEqual(picked, [f"BraTS_selftest_{s}" for s in ("flair", "t1", "t1ce", "t2")])
+        self.assertFalse(ui.allFramesCheckBox.enabled, "'All frames' is offered only for a sequence and a one-input model")
         self.delayDisplay("Panel bindings as designed")
 
     def test_segment_with_builtin_model(self) -> None:
