@@ -16,6 +16,7 @@ import slicer
 import vtk
 
 from ..engine.cine import ejection_fractions as engine_ejection_fractions
+from ..engine.errors import InputError
 
 
 @dataclass
@@ -62,8 +63,6 @@ def cine_of(scene: Any, volume: Any) -> Cine | None:
 def check_not_playing(scene: Any, *nodes: Any) -> Cine | None:
     """The cine one of ``nodes`` shows (None if none does); refused while its browser plays: the frame changes
     several times a second and a one-frame result would belong to a frame long gone by the time it is ready."""
-    from ..engine.errors import InputError
-
     for node in nodes:
         cine = cine_of(scene, node)
         if cine is not None:
