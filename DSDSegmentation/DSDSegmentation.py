@@ -352,13 +352,17 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFinetune(self, action) -> None:
         self._run(action, self.currentModel())
-        chart = self.panel.finetune.plot_chart
-        if chart is not None:
-            view = self.ui.plotWidget.mrmlPlotViewNode()
-            if view is None:
-                view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "DSD fine-tune plot view")
-                self.ui.plotWidget.setMRMLPlotViewNode(view)
-            view.SetPlotChartNodeID(chart.GetID())
+        self._showChart(self.panel.finetune.plot_chart)
+
+    def _showChart(self, chart) -> None:
+        """A plot chart (fine-tune curves, a cine's volumes per frame) in the panel's plot view."""
+        if chart is None:
+            return
+        view = self.ui.plotWidget.mrmlPlotViewNode()
+        if view is None:
+            view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "DSD fine-tune plot view")
+            self.ui.plotWidget.setMRMLPlotViewNode(view)
+        view.SetPlotChartNodeID(chart.GetID())
 
     # ------------------------------------------------------------------------------------------------ display
     def _tick(self) -> None:
@@ -375,6 +379,9 @@ class DSDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if run.uncertainty_node is not None:
                 slicer.util.setSliceViewerLayers(foreground=run.uncertainty_node, foregroundOpacity=0.5)
                 self.ui.qaTableView.setMRMLTableNode(run.uncertainty_table)
+            if run.volumes_table is not None:  # all frames of a cine: the volumes per frame, as a table and a plot
+                self.ui.qaTableView.setMRMLTableNode(run.volumes_table)
+                self._showChart(run.volumes_chart)
         if done["qa"] is not None:
             self._showComparison(done["qa"])
         if done["finetune"] is not None:

@@ -148,7 +148,12 @@ def test_all_frames_become_a_segmentation_sequence_shown_frame_by_frame(scene, b
     # nothing else left behind: the proxy, its sequence and the table are the only new nodes with a name a user sees
     new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()) if scene.GetNthNode(i).GetID() not in before]
     visible = sorted(n.GetClassName() for n in new if not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode"))
-    assert visible == ["vtkMRMLSegmentationNode", "vtkMRMLSequenceNode", "vtkMRMLTableNode"], visible
+    assert visible == ["vtkMRMLPlotChartNode"] + ["vtkMRMLPlotSeriesNode"] * 3 + [
+        "vtkMRMLSegmentationNode", "vtkMRMLSequenceNode", "vtkMRMLTableNode"], visible
+    chart = run.volumes_chart
+    assert [(chart.GetNthPlotSeriesNode(i).GetTableNodeID(), chart.GetNthPlotSeriesNode(i).GetYColumnName())
+            for i in range(3)] == [(run.volumes_table.GetID(), f"{n} (mL)") for n in (
+                "right ventricle cavity", "left ventricle myocardium", "left ventricle cavity")]
     display = [n for n in new if n.IsA("vtkMRMLDisplayNode")]
     assert [n.GetDisplayableNode() for n in display] == [seg], "one display node, the result's: none left orphaned"
     assert list((tmp_path / "temp").iterdir()) == []

@@ -25,7 +25,8 @@ from vtk.util.numpy_support import vtk_to_numpy
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
-from .sequences import check_not_playing, cine_of, ejection_fractions, segment_volumes_ml, volume_table
+from .sequences import (check_not_playing, cine_of, ejection_fractions, segment_volumes_ml, volume_chart,
+                        volume_table)
 from .terminology import get_segment_terminology, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
@@ -203,7 +204,8 @@ class SegmentationRun:
     cine: Any = None  # the first input is a sequence's proxy (bridge/sequences.Cine): the frame shown is checked ...
     shown: str = ""  # ... at the end against this one, shown when the run started
     frames: list[tuple[str, Path]] = field(default_factory=list)  # all frames: (index value, worker output) per frame
-    volumes_table: Any = None  # after an all-frames finish: the segments' volumes per frame
+    volumes_table: Any = None  # after an all-frames finish: the segments' volumes per frame ...
+    volumes_chart: Any = None  # ... and their plot over the frames
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -827,6 +829,12 @@ class SegmentationBridge:
                                              volumes, labels)
             made.append(run.volumes_table)
             self.place_beside(run.volumes_table, volume)
+            colors = {preset["labels"][k]: tuple(v) for k, v in (preset.get("label_colors") or {}).items()
+                      if k in preset["labels"]}
+            run.volumes_chart = volume_chart(self.scene, run.volumes_table, labels, colors)
+            made.append(run.volumes_chart)
+            made.extend(run.volumes_chart.GetNthPlotSeriesNode(i)
+                        for i in range(run.volumes_chart.GetNumberOfPlotSeriesNodes()))
             run.import_notes.extend(ejection_fractions(cine, values, volumes, preset))
             return proxy
         except BaseException:  # nothing half-made stays: the browser lets go of the new sequence, its nodes go

@@ -113,6 +113,24 @@ def volume_table(scene: Any, name: str, cine: Cine, values: list[str], volumes: 
     return table
 
 
+def volume_chart(scene: Any, table: Any, labels: list[str], colors: dict[str, tuple[int, int, int]]) -> Any:
+    """A plot chart of the volumes table: one line per label (its segment colour) over the frames."""
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", table.GetName())
+    chart.SetTitle(table.GetName())
+    chart.SetXAxisTitle("frame")
+    chart.SetYAxisTitle("volume (mL)")
+    for label in labels:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{table.GetName()}: {label}")
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("Frame")
+        series.SetYColumnName(f"{label} (mL)")
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        if label in colors:
+            series.SetColor(*(c / 255.0 for c in colors[label]))
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    return chart
+
+
 def ejection_fractions(cine: Cine, values: list[str], volumes: list[dict[str, float]],
                        preset: dict[str, Any]) -> list[str]:
     """The ventricles' ejection fractions over the frames (``engine/cine.py``), each frame named as Slicer shows it."""
