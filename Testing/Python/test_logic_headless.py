@@ -232,7 +232,7 @@ def test_bad_inputs(scene, make_logic, model: Path, hippocampus_dir: Path, tmp_p
         logic.start([vol, vol], model)
     vec = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
     slicer.util.updateVolumeFromArray(vec, np.zeros((4, 5, 6, 3), np.uint8))
-    with pytest.raises(InputError, match="3-component .* not supported"):
+    with pytest.raises(InputError, match="3-component .* not supported; a time series \\(a cine\\) loaded as a sequence is segmented frame by frame"):
         logic.start([vec], model)
     with pytest.raises(InputError, match="does not exist"):
         logic.start([vol], tmp_path / "no_model")

@@ -270,7 +270,9 @@ class SegmentationBridge:
                 raise InputError(f"input '{channel}' ({node.GetName()}): the volume has no image data")
             if image.GetNumberOfScalarComponents() != 1:
                 raise InputError(f"input '{channel}' ({node.GetName()}): {image.GetNumberOfScalarComponents()}-component "
-                                 "(vector or 4D) volumes are not supported; extract one frame or component first")
+                                 "(vector or 4D) volumes are not supported; a time series (a cine) loaded as a sequence "
+                                 "is segmented frame by frame ('All frames'); otherwise extract one frame or component "
+                                 "first")
             if min(image.GetDimensions()) < 2:
                 raise InputError(f"input '{channel}' ({node.GetName()}): dimensions {image.GetDimensions()} are not 3D")
         for i, (node, channel) in enumerate(zip(volume_nodes, channels)):
