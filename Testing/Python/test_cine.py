@@ -164,6 +164,23 @@ def test_all_frames_become_a_segmentation_sequence_shown_frame_by_frame(scene, b
     assert seg.GetSegmentation().GetNumberOfSegments() == 3
     browser.SetSelectedItemNumber(1)
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    # saved as a scene bundle (storage nodes added as Slicer's Save dialog does) and opened again: every frame's
+    # result, the edit included, comes back
+    from DSDSegmentationLib.bridge.headless import read_mrb, setup_headless
+
+    for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+        if node.IsA("vtkMRMLStorableNode") and node.GetStorageNode() is None and not node.IsA("vtkMRMLTableNode"):
+            node.AddDefaultStorageNode()
+    assert scene.WriteToMRB(str(tmp_path / "cine.mrb"))
+    reopened, app, _ = setup_headless()
+    try:
+        assert read_mrb(reopened, app, tmp_path / "cine.mrb", tmp_path / "cache")
+        (saved,) = [n for n in (reopened.GetNthNodeByClass(i, "vtkMRMLSequenceNode")
+                                for i in range(reopened.GetNumberOfNodesByClass("vtkMRMLSequenceNode")))
+                    if n.GetName() == "cine segmentation sequence"]
+        assert [saved.GetNthDataNode(i).GetSegmentation().GetNumberOfSegments() for i in range(2)] == [3, 2]
+    finally:
+        reopened.Clear(1)
 
 
 def test_a_frame_change_while_one_frame_is_segmented_adds_nothing(scene, bridge, tmp_path: Path) -> None:
