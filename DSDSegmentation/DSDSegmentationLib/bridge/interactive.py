@@ -24,7 +24,7 @@ import vtk
 from ..engine.cards import read_model_card
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
-from .sequences import check_not_playing
+from .sequences import pin_frame
 from .terminology import get_segment_terminology, set_segment_terminology
 from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, frame_matrix,
                     is_unchanged_result, keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
@@ -125,7 +125,7 @@ class InteractiveLogic:
         size = size_mm or roi.get("size_mm")
         if size is None:
             raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
-        cine = check_not_playing(self.scene, volume)
+        pinned = pin_frame(self.scene, volume)
         lo, hi = region_ijk(volume, center_ras, size)
         # the clicked volume's box in each further sequence (raises for a point outside any of them)
         boxes = [region_ijk(other, center_ras, size, frame=volume) for other in others]
@@ -138,8 +138,7 @@ class InteractiveLogic:
         except BaseException:
             self._remove(crops)
             raise
-        run.cine = cine  # the crop is of the frame shown now: checked again at the end
-        run.shown = cine.shown() if cine is not None else ""
+        run.pinned = pinned  # the crop is of the frame shown now: checked again at the end
         return RegionRun(run, volume, crops, lo, hi, side, segmentation_node)
 
     def _remove(self, nodes: Sequence[Any]) -> None:
@@ -168,7 +167,8 @@ class InteractiveLogic:
             run.records = result.records
             result.raise_for_status("segmentation")  # bad input: InputError; out of memory / crash: WorkerError
             self.bridge.check_still_present([region.volume])
-            self.bridge.check_same_frame(run, region.volume)
+            if run.pinned is not None:
+                run.pinned.check(region.volume)
             labelmap = slicer.vtkMRMLLabelMapVolumeNode()
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(run.output))

@@ -25,8 +25,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 from ..engine.cards import read_model_card, verify_package
 from ..engine.errors import InputError
 from ..engine.terminology import tag_string
-from .sequences import (check_not_playing, cine_of, ejection_fractions, segment_volumes_ml, volume_chart,
-                        volume_table)
+from .sequences import cine_of, ejection_fractions, pin_frame, segment_volumes_ml, volume_chart, volume_table
 from .terminology import get_segment_terminology, set_segment_terminology
 from ..worker.process import ServeWorker, WorkerProcess, WorkerResult
 
@@ -201,9 +200,9 @@ class SegmentationRun:
     uncertainty_node: Any = None  # after finish: the overlay volume ...
     uncertainty_table: Any = None  # ... and the per-segment scores
     import_notes: list[str] = field(default_factory=list)  # what importing the result did that the user must know
-    cine: Any = None  # the first input is a sequence's proxy (bridge/sequences.Cine): the frame shown is checked ...
-    shown: str = ""  # ... at the end against this one, shown when the run started
-    frames: list[tuple[str, Path]] = field(default_factory=list)  # all frames: (index value, worker output) per frame
+    pinned: Any = None  # one frame of a cine (bridge/sequences.PinnedFrame): still shown when the result is added?
+    cine: Any = None  # all frames: the sequence (bridge/sequences.Cine) and ...
+    frames: list[tuple[str, Path]] = field(default_factory=list)  # ... (index value, worker output) per frame
     volumes_table: Any = None  # after an all-frames finish: the segments' volumes per frame ...
     volumes_chart: Any = None  # ... and their plot over the frames
 
@@ -301,6 +300,15 @@ class SegmentationBridge:
         if free < need:
             raise InputError(f"the temporary folder {folder} has {free / 2**20:.0f} MB free; {need / 2**20:.0f} MB are "
                              f"needed for this run ({self.temp_hint})")
+
+    def run_folder(self, nodes: Sequence[Any]) -> Path:
+        """A new temporary folder for one run, once the temporary root has room for these volumes and the outputs."""
+        root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
+        self.check_temp_space(root, nodes)
+        try:
+            return Path(tempfile.mkdtemp(prefix="dsdseg-", dir=root))
+        except OSError as e:
+            raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
 
     def write_volume(self, node: Any, path: Path, frame: Any = None) -> Path:
         """Write a volume node with a storage node (geometry in the file header). Free space and writability are
@@ -663,14 +671,8 @@ class SegmentationBridge:
         if all_frames:
             return self.start_frames(volume_nodes, model, card, device, tta, uncertainty)
         self.check_inputs(volume_nodes, card)
-        cine = check_not_playing(self.scene, volume_nodes[0])
-        shown = cine.shown() if cine is not None else ""
-        root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
-        self.check_temp_space(root, volume_nodes)
-        try:
-            temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=root))
-        except OSError as e:
-            raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
+        pinned = pin_frame(self.scene, volume_nodes[0])
+        temp_dir = self.run_folder(volume_nodes)
         try:
             # every input in the first one's frame: the result comes back on its grid and follows its transform
             files = [self.write_volume(n, temp_dir / input_file_name(i), frame=volume_nodes[0])
@@ -692,7 +694,7 @@ class SegmentationBridge:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
         return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node, uncertainty=unc,
-                               cine=cine, shown=shown)
+                               pinned=pinned)
 
     def start_frames(self, volume_nodes: Sequence[Any], model: str | Path, card: dict[str, Any], device: str,
                      tta: bool, uncertainty: bool) -> SegmentationRun:
@@ -716,12 +718,7 @@ class SegmentationBridge:
             if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
                 raise InputError(f"{cine.label(value)} of '{cine.sequence.GetName()}' is not a scalar volume")
             self.check_inputs([node], card)
-        root = Path(self.temp_root) if self.temp_root else Path(tempfile.gettempdir())
-        self.check_temp_space(root, [node for _, node in frames])
-        try:
-            temp_dir = Path(tempfile.mkdtemp(prefix="dsdseg-", dir=root))
-        except OSError as e:
-            raise InputError(f"cannot create a temporary folder in {root}: {e.strerror or e}") from e
+        temp_dir = self.run_folder([node for _, node in frames])
         try:
             # each frame in its own RAS: the proxy shows it there, under the proxy's transform
             files = [self.write_volume(node, temp_dir / frame_file_name(i)) for i, (_, node) in enumerate(frames)]
@@ -771,7 +768,8 @@ class SegmentationBridge:
             self.check_still_present(run.inputs)
             if run.frames:
                 return (yield from self.import_frames(run))
-            self.check_same_frame(run, run.inputs[0])
+            if run.pinned is not None:
+                run.pinned.check(run.inputs[0])
             target = self.present(run.segmentation_node, run.import_notes, run.inputs[0])
             seg = self.import_labelmap(run.output, run.inputs[0], run.card["preset"], target, notes=run.import_notes)
             if run.uncertainty is not None:
@@ -846,17 +844,6 @@ class SegmentationBridge:
                 if self.scene.IsNodePresent(node):
                     self.scene.RemoveNode(node)
             raise
-
-    @staticmethod
-    def check_same_frame(run: Any, volume: Any, doing: str = "segmenting", more: str = ", or check 'All frames'") -> None:
-        """Before a one-frame result is added: the sequence browser still shows the frame the run (anything with
-        ``cine`` and ``shown``) started on. A result for a frame no longer shown (the user scrolled on, or playback
-        ran) would land on another frame's image and, in a segmentation synchronised with the browser, in that
-        frame's item: nothing is added."""
-        if run.cine is not None and run.cine.shown() != run.shown:
-            raise InputError(f"'{volume.GetName()}' went from {run.cine.label(run.shown)} to "
-                             f"{run.cine.label(run.cine.shown())} while {doing} (the sequence browser moved); "
-                             f"nothing was added: stop playback on the frame you want and try again{more}")
 
     def check_still_present(self, volumes: Sequence[Any]) -> None:
         """Before a result is added: its input volumes are still in the scene. One the user deleted while the worker

@@ -23,8 +23,8 @@ import vtk
 
 from ..engine.errors import InputError
 from ..worker.process import WorkerProcess
-from .logic import SegmentationBridge, follow_transform, segment_array, segment_has_voxels
-from .sequences import check_not_playing
+from .logic import follow_transform, segment_array, segment_has_voxels
+from .sequences import pin_frame
 from ..worker.qa_panel import PANEL_RESULT, write_panel_request
 
 PRED_OUTLINE = (1.0, 0.85, 0.1)  # yellow
@@ -55,8 +55,7 @@ class QARun:
     volume: Any
     pairs: list[tuple[str, str, str]]
     clamp_mm: float
-    cine: Any = None  # a cine's browser shows one of the three nodes: the frame compared, checked again at the end
-    shown: str = ""
+    pinned: Any = None  # a cine's browser shows one of the three nodes: the frame compared (sequences.PinnedFrame)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -115,7 +114,7 @@ class QALogic:
         each pair) and start the worker on them; nothing in the scene changes until :meth:`finish_compare`."""
         if volume is None or volume.GetImageData() is None:
             raise InputError("QA needs the volume both segmentations lie on (its grid is where metrics are computed)")
-        cine = check_not_playing(self.scene, volume, segmentation, reference)
+        pinned = pin_frame(self.scene, volume, segmentation, reference)
         pairs = self.common_segments(segmentation, reference)
         masks = [(name, segment_array(segmentation, sid, volume) > 0,
                   segment_array(reference, rid, volume) > 0) for name, sid, rid in pairs]
@@ -144,8 +143,7 @@ class QALogic:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return QARun(worker, folder, segmentation, reference, volume, pairs, clamp_mm, cine,
-                     cine.shown() if cine is not None else "")
+        return QARun(worker, folder, segmentation, reference, volume, pairs, clamp_mm, pinned)
 
     def cancel_compare(self, run: QARun) -> None:
         """Stop the worker's comparison (a warm worker goes on) and remove its files; the scene is unchanged."""
@@ -163,7 +161,8 @@ class QALogic:
             for node in (segmentation, reference, run.volume):
                 if not self.scene.IsNodePresent(node):
                     raise InputError(f"'{node.GetName()}' was removed from the scene while comparing; nothing was shown")
-            SegmentationBridge.check_same_frame(run, run.volume, "comparing", more="")
+            if run.pinned is not None:
+                run.pinned.check(run.volume, "comparing", more="")
             metrics = out["metrics"]
             table = self._metrics_table(f"QA {segmentation.GetName()} vs {reference.GetName()}", metrics)
             display_before = self.show_outlines(segmentation, reference)

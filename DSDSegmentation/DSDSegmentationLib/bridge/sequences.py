@@ -60,16 +60,35 @@ def cine_of(scene: Any, volume: Any) -> Cine | None:
     return None
 
 
-def check_not_playing(scene: Any, *nodes: Any) -> Cine | None:
-    """The cine one of ``nodes`` shows (None if none does); refused while its browser plays: the frame changes
-    several times a second and a one-frame result would belong to a frame long gone by the time it is ready."""
+@dataclass
+class PinnedFrame:
+    """The frame a cine showed when a one-frame run (Apply, a click, a Compare) started."""
+
+    cine: Cine
+    value: str
+
+    def check(self, volume: Any, doing: str = "segmenting", more: str = ", or check 'All frames'") -> None:
+        """Before the run's result is added: the browser still shows that frame. A result for a frame no longer shown
+        (the user scrolled on) would land on another frame's image and, in a segmentation synchronised with the
+        browser, in that frame's item: nothing is added."""
+        now = self.cine.shown()
+        if now != self.value:
+            raise InputError(f"'{volume.GetName()}' went from {self.cine.label(self.value)} to {self.cine.label(now)} "
+                             f"while {doing} (the sequence browser moved); nothing was added: stop playback on the "
+                             f"frame you want and try again{more}")
+
+
+def pin_frame(scene: Any, *nodes: Any) -> PinnedFrame | None:
+    """The frame shown now by the cine one of ``nodes`` shows (None if none does); refused while its browser plays:
+    the frame changes several times a second and a one-frame result would belong to a frame long gone by the time it
+    is ready."""
     for node in nodes:
         cine = cine_of(scene, node)
         if cine is not None:
             if cine.browser.GetPlaybackActive():
                 raise InputError(f"'{node.GetName()}' is playing (sequence browser '{cine.browser.GetName()}'): stop "
                                  "playback on the frame you want first, or check 'All frames' to segment every frame")
-            return cine
+            return PinnedFrame(cine, cine.shown())
     return None
 
 

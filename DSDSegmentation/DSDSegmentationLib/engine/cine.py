@@ -76,6 +76,7 @@ def predict_frames(predictor: Any, source: str | Path, output: str | Path,
     input's header kept), optionally with the volumes per frame as CSV. Returns the output and the notes (the
     ventricles' ejection fractions)."""
     from .io import load_volume, save_image, save_labelmap
+    from .progress import only_stages
 
     preset = predictor.model.preset
     if len(preset.channels) != 1:
@@ -88,23 +89,18 @@ def predict_frames(predictor: Any, source: str | Path, output: str | Path,
     if not str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: a 4D result is written as NIfTI; the name must end in .nii.gz or .nii")
     names = {int(k): v for k, v in preset.labels.items()}
-    from .progress import CasesOnly
-
     count = data.shape[3]
     frames = [f"frame {t + 1}" for t in range(count)]
     results, volumes = [], []
-    progress, predictor.progress = predictor.progress, CasesOnly(predictor.progress, keep=("frames", "log"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="dsdseg-frames-") as tmp:
-            for t in range(count):
-                predictor.check_stop()
-                frame_file = save_image(np.ascontiguousarray(data[..., t]), affine, Path(tmp) / f"frame_{t:04d}.nii.gz")
-                labels, _ = predictor.predict(str(frame_file))
-                results.append(labels)
-                volumes.append(label_volumes_ml(labels, affine, names))
-                progress.update("frames", t + 1, count, f"frame {t + 1} of {count}")
-    finally:
-        predictor.progress = progress
+    with tempfile.TemporaryDirectory(prefix="dsdseg-frames-") as tmp, \
+            only_stages(predictor, ("frames", "log")) as progress:  # one bar over the frames
+        for t in range(count):
+            predictor.check_stop()
+            frame_file = save_image(np.ascontiguousarray(data[..., t]), affine, Path(tmp) / f"frame_{t:04d}.nii.gz")
+            labels, _ = predictor.predict(str(frame_file))
+            results.append(labels)
+            volumes.append(label_volumes_ml(labels, affine, names))
+            progress.update("frames", t + 1, count, f"frame {t + 1} of {count}")
     predictor.check_stop()
     out = save_labelmap(np.stack(results, axis=-1), affine, output, reference=source)
     if volumes_csv:

@@ -247,18 +247,23 @@ class Predictor:
 def predict_cases(predictor: Predictor, cases: list[tuple[str, list[str]]], out_dir: Path, ext: str = ".nii.gz",
                   on_case: Callable[[str, Path], None] | None = None) -> list[Path]:
     """Segment many cases; one output file per case id, each written atomically."""
-    from .progress import CasesOnly
-
     out_dir.mkdir(parents=True, exist_ok=True)
+    return predict_each(predictor, [(cid, images, out_dir / f"{cid}{ext}") for cid, images in cases], on_case)
+
+
+def predict_each(predictor: Predictor, items: list[tuple[str, list[str], str | Path]],
+                 on_case: Callable[[str, Path], None] | None = None) -> list[Path]:
+    """Segment (name, images, output) in order with one progress bar over them (named by each case), stopping between
+    and within cases when the predictor is told to; each output written atomically."""
+    from .progress import only_stages
+
     written = []
-    progress, predictor.progress = predictor.progress, CasesOnly(predictor.progress)  # one bar over the cases
-    try:
-        for i, (cid, images) in enumerate(cases):
-            path = predictor.predict_to_file(images, out_dir / f"{cid}{ext}")
+    with only_stages(predictor) as progress:
+        for i, (name, images, output) in enumerate(items):
+            predictor.check_stop()
+            path = predictor.predict_to_file(images, output)
             written.append(path)
-            progress.update("cases", i + 1, len(cases), cid)
+            progress.update("cases", i + 1, len(items), name)
             if on_case:
-                on_case(cid, path)
-    finally:
-        predictor.progress = progress
+                on_case(name, path)
     return written

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
 
 
 class Progress:
@@ -70,3 +71,15 @@ class CasesOnly:
 
     def close(self) -> None:
         self.inner.close()
+
+
+@contextmanager
+def only_stages(holder: Any, keep: tuple[str, ...] = ("cases", "log")) -> Iterator[Any]:
+    """While the block runs over many cases, ``holder.progress`` (a predictor's) passes only the ``keep`` stages; the
+    block gets the original progress for its own per-case bar, which is put back afterwards."""
+    progress = holder.progress
+    holder.progress = CasesOnly(progress, keep)
+    try:
+        yield progress
+    finally:
+        holder.progress = progress

@@ -338,9 +338,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     from ..engine.errors import Cancelled
-    from ..engine.inference import Predictor, check_predict_options
+    from ..engine.inference import Predictor, check_predict_options, predict_each
     from ..engine.outputs import check_output_file
-    from ..engine.progress import CasesOnly
 
     predictors: dict[tuple, Predictor] = {}
     out_lock = threading.Lock()
@@ -457,20 +456,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 predictors[key] = Predictor(model, device=device, progress=progress)
                 progress.log(f"model loaded in {time.perf_counter() - t0:.2f} s")
             pred = predictors[key]
-            pred.tta, pred.notes = bool(req.get("tta", False)), []
+            pred.progress, pred.tta, pred.notes = progress, bool(req.get("tta", False)), []
             pred.should_stop = lambda rid=rid: rid in cancelled
             if req.get("cases") is None:
-                pred.progress = progress
                 out = pred.predict_to_file(batch[0]["inputs"], batch[0]["output"], uncertainty_output=unc)
                 emit({"stage": "done", "id": rid, "output": str(out), "uncertainty": unc, "notes": pred.notes})
                 continue
-            pred.progress = CasesOnly(progress)  # one bar over the cases, not one per case
-            written = []
-            for i, case in enumerate(batch):
-                pred.check_stop()
-                written.append(str(pred.predict_to_file(case["inputs"], case["output"])))
-                progress.update("cases", i + 1, len(batch), str(case.get("name") or f"case {i + 1} of {len(batch)}"))
-            emit({"stage": "done", "id": rid, "outputs": written, "notes": list(dict.fromkeys(pred.notes))})
+            written = predict_each(pred, [(str(c.get("name") or f"case {i + 1} of {len(batch)}"), c["inputs"],
+                                           c["output"]) for i, c in enumerate(batch)])
+            emit({"stage": "done", "id": rid, "outputs": [str(p) for p in written],
+                  "notes": list(dict.fromkeys(pred.notes))})
         except Cancelled:
             emit({"stage": "cancelled", "id": rid, "exit_code": EXIT_INTERRUPTED})
         except DSDError as e:
