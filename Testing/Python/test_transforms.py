@@ -159,23 +159,100 @@ def test_a_sequence_registered_by_a_linear_transform_reaches_the_model_on_the_fi
             assert dice(got[name], boxed[name]) > 0.99, (name, dice(got[name], boxed[name]))
 
 
-def test_a_warping_transform_between_sequences_is_refused_by_name(scene, bridge, tmp_path: Path) -> None:
+def warp(scene, name: str, source, target):
+    """A non-linear transform node as a deformable registration leaves one: a thin-plate spline through landmarks
+    (child -> parent: source -> target)."""
+    node = scene.AddNewNodeByClass("vtkMRMLTransformNode", name)
+    tps = vtk.vtkThinPlateSplineTransform()
+    points = vtk.vtkPoints(), vtk.vtkPoints()
+    for p, q in zip(source, target):
+        points[0].InsertNextPoint(p)
+        points[1].InsertNextPoint(q)
+    tps.SetSourceLandmarks(points[0])
+    tps.SetTargetLandmarks(points[1])
+    tps.SetBasisToR()
+    node.SetAndObserveTransformToParent(tps)
+    assert not node.IsLinear()
+    return node
+
+
+def stored_under_warp(bridge, scene, path: str, shift_mm) -> tuple:
+    """The sequence stored displaced by ``shift_mm`` and brought back by a warping transform: in the views (world) it
+    lies exactly where the same file loaded plainly lies, but only through a non-linear transform node."""
+    stored = bridge.load_volume(path, "t1ce stored elsewhere")
+    m = vtk.vtkMatrix4x4()
+    stored.GetIJKToRASMatrix(m)
+    a = slicer.util.arrayFromVTKMatrix(m)
+    a[:3, 3] += shift_mm
+    stored.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(a))
+    corners = [np.array(c, float) for c in ((0, 0, 0), (100, 0, 0), (0, 100, 0), (0, 0, 100), (100, 100, 100),
+                                              (-80, 120, 30), (60, -40, 90))]
+    node = warp(scene, "deformable registration", [c + shift_mm for c in corners], corners)
+    stored.SetAndObserveTransformNodeID(node.GetID())
+    return stored, node
+
+
+def test_a_sequence_registered_by_a_warping_transform_is_resampled_through_it(scene, bridge, tmp_path: Path) -> None:
+    """A second sequence related to the first by a non-linear (deformable) registration reaches the model as the
+    views show it: sampled through the warp onto the first one's grid, the user's node untouched, and the Done message
+    says so. Until session 17 this was refused ("harden it first"), which changes the user's volume."""
+    from DSDSegmentationLib.bridge.logic import resampled_onto
+
     model, case = _two_sequences(bridge)
     first = bridge.load_volume(case.images[0], "flair")
     second = bridge.load_volume(case.images[1], "t1ce")
-    warp = scene.AddNewNodeByClass("vtkMRMLTransformNode", "nonrigid registration")
-    tps = vtk.vtkThinPlateSplineTransform()
-    source, target = vtk.vtkPoints(), vtk.vtkPoints()
-    for p, q in (((0, 0, 0), (0, 0, 0)), ((50, 0, 0), (52, 1, 0)), ((0, 50, 0), (0, 50, 2)), ((0, 0, 50), (1, 0, 50))):
-        source.InsertNextPoint(p)
-        target.InsertNextPoint(q)
-    tps.SetSourceLandmarks(source)
-    tps.SetTargetLandmarks(target)
-    tps.SetBasisToR()
-    warp.SetAndObserveTransformToParent(tps)
-    second.SetAndObserveTransformNodeID(warp.GetID())
-    nodes = scene.GetNumberOfNodes()
-    with pytest.raises(InputError, match=r"'t1ce' and 'flair' are related by a non-linear \(warping\) transform "
-                                         r"\(nonrigid registration\): harden it first"):
-        bridge.start([first, second], model, device="cpu")
-    assert scene.GetNumberOfNodes() == nodes and not list(tmp_path.iterdir()), "nothing made, nothing left"
+    expected = masks(bridge.segment([first, second], model, device="cpu"), first)
+
+    shift = np.array([6.0, -8.0, 4.0])  # whole voxels of BraTS 2018 at 2 mm: the sampling itself is exact
+    stored, node = stored_under_warp(bridge, scene, case.images[1], shift)
+    voxels = slicer.util.arrayFromVolume(resampled_onto(stored, first))
+    original = slicer.util.arrayFromVolume(second)
+    inner = (slice(4, -4),) * 3  # the border where the displaced volume ends is background (0)
+    assert np.allclose(voxels[inner], original[inner], atol=1e-3 * float(np.abs(original).max())), \
+        float(np.abs(voxels[inner] - original[inner]).max())
+
+    run = bridge.start([first, stored], model, device="cpu")
+    seg = bridge.finish(run)
+    assert any("'t1ce stored elsewhere' was resampled through the non-linear transform 'deformable registration' onto "
+               "the grid of 'flair'" in n for n in run.notes), run.notes
+    got = masks(seg, first)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        if expected[name].sum() > 50:
+            assert dice(got[name], expected[name]) > 0.99, (name, dice(got[name], expected[name]))
+    assert stored.GetTransformNodeID() == node.GetID() and np.array_equal(slicer.util.arrayFromVolume(stored), original)
+    assert not list(tmp_path.iterdir()), "the run's temporary files are gone"
+
+    # the click path: the warped sequence is given whole and sampled onto the clicked box's grid
+    logic = InteractiveLogic(bridge)
+    tumour = np.argwhere(np.any(np.stack(list(expected.values())), 0)).mean(0)[::-1]  # KJI -> IJK
+    m = vtk.vtkMatrix4x4()
+    first.GetIJKToRASMatrix(m)
+    center = list((slicer.util.arrayFromVTKMatrix(m) @ np.array([*tumour, 1.0]))[:3])
+    boxed = masks(logic.segment_at(first, model, center, [90, 90, 90], device="cpu", others=[second])[0], first)
+    region = logic.start(first, model, center, [90, 90, 90], device="cpu", others=[stored])
+    got = masks(logic.finish(region), first)
+    assert any("resampled through the non-linear transform 'deformable registration'" in n
+               for n in region.run.notes), region.run.notes
+    for name in boxed:
+        if boxed[name].sum() > 50:
+            assert dice(got[name], boxed[name]) > 0.99, (name, dice(got[name], boxed[name]))
+    assert scene.IsNodePresent(stored) and np.array_equal(slicer.util.arrayFromVolume(stored), original), \
+        "the user's volume is not a crop to remove"
+
+
+def test_a_deformable_registration_gives_the_model_what_the_views_show(scene, bridge) -> None:
+    """A truly non-linear warp (up to 2 mm): the tumour found with the warped sequence matches the one found without
+    it closely, the first input's grid is kept, and nothing is added to the scene but the result."""
+    model, case = _two_sequences(bridge)
+    first = bridge.load_volume(case.images[0], "flair")
+    second = bridge.load_volume(case.images[1], "t1ce")
+    expected = masks(bridge.segment([first, second], model, device="cpu"), first)
+    warp(scene, "nonrigid registration", ((0, 0, 0), (50, 0, 0), (0, 50, 0), (0, 0, 50)),
+         ((0, 0, 0), (52, 1, 0), (0, 50, 2), (1, 0, 50)))
+    second.SetAndObserveTransformNodeID(scene.GetFirstNodeByName("nonrigid registration").GetID())
+    run = bridge.start([first, second], model, device="cpu")
+    got = masks(bridge.finish(run), first)
+    assert any("'t1ce' was resampled through the non-linear transform 'nonrigid registration'" in n for n in run.notes)
+    whole = lambda ms: np.any(np.stack(list(ms.values())), 0)  # noqa: E731
+    assert dice(whole(got), whole(expected)) > 0.9, dice(whole(got), whole(expected))

@@ -27,7 +27,8 @@ from ..engine.terminology import tag_string
 from .sequences import pin_frame
 from .terminology import get_segment_terminology, set_segment_terminology
 from .logic import (DEFAULT_COLORS, RESULT_TAG, SegmentationBridge, SegmentationRun, follow_transform, frame_matrix,
-                    is_unchanged_result, keep_name, segment_array, segment_fingerprint, set_segment_array, world_to_local)
+                    is_unchanged_result, keep_name, segment_array, segment_fingerprint, set_segment_array,
+                    warping_transforms, world_to_local)
 
 SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
@@ -38,7 +39,8 @@ class RegionRun:
 
     run: SegmentationRun
     volume: Any
-    crops: list[Any]  # one per model input: the clicked volume's first, then the other sequences'
+    crops: list[Any]  # the volumes made for the run (removed after it): the clicked volume's box, then the
+    # other sequences' (one related by a warping transform is given whole, not cropped)
     lo: tuple[int, int, int]  # IJK start (inclusive)
     hi: tuple[int, int, int]  # IJK end (exclusive)
     side: str | None
@@ -59,13 +61,10 @@ def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float
     the voxels that cover the clicked one's box. Raises if the centre is outside the volume."""
     dims = volume.GetImageData().GetDimensions()
     frame = volume if frame is None else frame
+    inside(volume, center_ras)
     to_volume = frame_matrix(frame, volume)  # frame's own RAS -> the volume's own RAS (identity: the same)
     ras_to_ijk = _matrix(volume, "RASToIJK") @ to_volume
     center = world_to_local(frame, center_ras)
-    c = ras_to_ijk @ np.array([*center, 1.0])
-    if any(v < -0.5 or v > d - 0.5 for v, d in zip(c[:3], dims)):
-        raise InputError(f"the point {tuple(round(float(v), 1) for v in center_ras)} (RAS) is outside the volume "
-                         f"'{volume.GetName()}'; click inside it")
     half = np.asarray(size_mm, float) / 2
     corners = [ras_to_ijk @ np.array([*(center + np.array(s) * half), 1.0]) for s in itertools.product((-1, 1), repeat=3)]
     ijk = np.array([p[:3] for p in corners])
@@ -74,6 +73,14 @@ def region_ijk(volume: Any, center_ras: Sequence[float], size_mm: Sequence[float
     if np.any(hi - lo < 2):
         raise InputError("the region is too thin inside the volume; click further from the border")
     return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
+
+
+def inside(volume: Any, point_ras: Sequence[float]) -> None:
+    """Raise if the world point (through ``volume``'s parent transforms, warping ones included) is outside it."""
+    c = _matrix(volume, "RASToIJK") @ np.array([*world_to_local(volume, point_ras), 1.0])
+    if any(v < -0.5 or v > d - 0.5 for v, d in zip(c[:3], volume.GetImageData().GetDimensions())):
+        raise InputError(f"the point {tuple(round(float(v), 1) for v in point_ras)} (RAS) is outside the volume "
+                         f"'{volume.GetName()}'; click inside it")
 
 
 def side_of(volume: Any, point_ras: Sequence[float], size_mm: Sequence[float]) -> str | None:
@@ -127,14 +134,22 @@ class InteractiveLogic:
             raise InputError("this model's card gives no field of view; draw an ROI instead of a single click")
         pinned = pin_frame(self.scene, volume)
         lo, hi = region_ijk(volume, center_ras, size)
-        # the clicked volume's box in each further sequence (raises for a point outside any of them)
-        boxes = [region_ijk(other, center_ras, size, frame=volume) for other in others]
+        # the clicked volume's box in each further sequence (raises for a point outside any of them); one related to
+        # the clicked volume by a warping registration goes whole: the bridge samples it onto the box's grid
+        boxes = [region_ijk(other, center_ras, size, frame=volume) if warping_transforms(other, volume) is None
+                 else inside(other, center_ras) for other in others]
         side = side_of(volume, center_ras, size) if roi.get("sides") else None
         crops: list[Any] = []
         try:
             crops.append(self.crop(volume, lo, hi))
-            crops += [self.crop(other, olo, ohi) for other, (olo, ohi) in zip(others, boxes)]
-            run = self.bridge.start(crops, model, device=device)
+            inputs = [crops[0]]
+            for other, box in zip(others, boxes):
+                if box is None:
+                    inputs.append(other)
+                else:
+                    crops.append(self.crop(other, *box))
+                    inputs.append(crops[-1])
+            run = self.bridge.start(inputs, model, device=device)
         except BaseException:
             self._remove(crops)
             raise

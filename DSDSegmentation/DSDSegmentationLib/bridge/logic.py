@@ -130,21 +130,74 @@ def set_segment_array(array: np.ndarray, segmentation_node: Any, segment_id: str
         slicer.util.updateSegmentBinaryLabelmapFromArray(array, segmentation_node, segment_id, volume)
 
 
+def warping_transforms(node: Any, frame: Any) -> list[str] | None:
+    """None when ``node``'s own RAS maps to ``frame``'s by a matrix (the same parent transforms, or only linear ones
+    between them); otherwise the names of the non-linear (warping) transforms between them (a deformable
+    registration's result: B-spline, grid, thin-plate spline). Transforms above both are shared: not between them."""
+    def chain(n: Any) -> list[Any]:
+        out, t = [], n.GetParentTransformNode()
+        while t is not None:
+            out.append(t)
+            t = t.GetParentTransformNode()
+        return out
+
+    up, down = chain(node), chain(frame)
+    shared = {t.GetID() for t in up} & {t.GetID() for t in down}
+    names = [t.GetName() for t in up + down if t.GetID() not in shared and not t.IsLinear()]
+    return list(dict.fromkeys(names)) or None
+
+
 def frame_matrix(node: Any, frame: Any) -> np.ndarray:
     """The 4x4 that maps ``node``'s own RAS (before its parent transforms) to ``frame``'s own RAS: identity when both
     sit under the same transform (or none). A volume the user registered to another by a linear transform is written
     in the other's frame with this folded into its geometry (exact, no resampling); a non-linear (warping) transform
-    between them cannot be folded and is refused by name."""
-    src, dst = node.GetParentTransformNode(), frame.GetParentTransformNode()
+    cannot be folded into a matrix: callers check :func:`warping_transforms` first and resample (:func:`resampled_onto`)."""
     matrix = vtk.vtkMatrix4x4()
-    if src is dst:
+    if node.GetParentTransformNode() is frame.GetParentTransformNode():
         return np.eye(4)
-    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(src, dst, matrix):
-        warped = [t.GetName() for t in (src, dst) if t is not None and not t.IsTransformToWorldLinear()]
-        raise InputError(f"'{node.GetName()}' and '{frame.GetName()}' are related by a non-linear (warping) transform"
-                         f"{' (' + warped[0] + ')' if warped else ''}: harden it first (Data module: right-click the "
-                         "volume → Harden transform), so that both volumes reach the model on one grid")
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(),
+                                                                      frame.GetParentTransformNode(), matrix):
+        raise InputError(f"'{node.GetName()}' and '{frame.GetName()}' are related by a non-linear (warping) transform "
+                         f"({', '.join(warping_transforms(node, frame) or [])}), which a matrix cannot describe")
     return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def resampled_onto(node: Any, frame: Any) -> Any:
+    """``node``'s voxels on ``frame``'s grid (its dimensions and IJKToRAS, in its own RAS), sampled through every
+    transform between them, non-linear ones included, with linear interpolation (0 outside ``node``): what the user
+    sees of ``node`` where ``frame`` lies, as Slicer's views show it. A new volume node outside the scene; ``node`` is
+    not touched."""
+    between = vtk.vtkGeneralTransform()  # frame's own RAS -> node's own RAS
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(frame.GetParentTransformNode(), node.GetParentTransformNode(),
+                                                         between)
+    frame_ijk_to_ras, node_ras_to_ijk = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    frame.GetIJKToRASMatrix(frame_ijk_to_ras)
+    node.GetRASToIJKMatrix(node_ras_to_ijk)
+    resample = vtk.vtkGeneralTransform()  # output (frame) IJK -> input (node) IJK, as vtkImageReslice asks
+    resample.PostMultiply()
+    resample.Concatenate(frame_ijk_to_ras)
+    resample.Concatenate(between)
+    resample.Concatenate(node_ras_to_ijk)
+    reslice = vtk.vtkImageReslice()
+    reslice.SetInputData(node.GetImageData())
+    reslice.SetResliceTransform(resample)
+    reslice.SetInterpolationModeToLinear()
+    reslice.SetBackgroundLevel(0.0)
+    reslice.SetOutputOrigin(0.0, 0.0, 0.0)
+    reslice.SetOutputSpacing(1.0, 1.0, 1.0)
+    reslice.SetOutputExtent(frame.GetImageData().GetExtent())
+    reslice.Update()
+    target = slicer.vtkMRMLScalarVolumeNode()
+    target.SetName(node.GetName())
+    target.SetIJKToRASMatrix(frame_ijk_to_ras)
+    target.SetAndObserveImageData(reslice.GetOutput())
+    return target
+
+
+def warp_note(node: Any, frame: Any, names: Sequence[str]) -> str:
+    """What the Done message says of a sequence that reached the model resampled through a warping transform."""
+    return (f"'{node.GetName()}' was resampled through the non-linear transform {', '.join(repr(n) for n in names)} onto "
+            f"the grid of '{frame.GetName()}' (linear interpolation), as the views show it")
 
 
 def world_to_local(node: Any, point_ras: Sequence[float]) -> np.ndarray:
@@ -314,11 +367,15 @@ class SegmentationBridge:
         """Write a volume node with a storage node (geometry in the file header). Free space and writability are
         checked first: slicer-core's writer must never see a full or read-only folder. With ``frame`` (a model's
         first input) the geometry is written in that volume's own RAS: a linear transform between them (a
-        registration) is folded into the header, the voxels and the user's node are not touched."""
+        registration) is folded into the header, the voxels and the user's node are not touched; through a
+        non-linear (warping) one the voxels are resampled onto ``frame``'s grid (:func:`resampled_onto`)."""
         self.check_temp_space(Path(path).parent, [node], outputs=0)
         target = node
-        matrix = frame_matrix(node, frame) if frame is not None else np.eye(4)
-        if not np.allclose(matrix, np.eye(4)):
+        warped = warping_transforms(node, frame) if frame is not None else None
+        matrix = frame_matrix(node, frame) if frame is not None and warped is None else np.eye(4)
+        if warped is not None:
+            target = resampled_onto(node, frame)  # a warping registration: sampled through it onto frame's grid
+        elif not np.allclose(matrix, np.eye(4)):
             target = slicer.vtkMRMLScalarVolumeNode()  # outside the scene; shares the image data
             target.SetName(node.GetName())
             target.SetAndObserveImageData(node.GetImageData())
@@ -693,8 +750,10 @@ class SegmentationBridge:
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
+        notes = [warp_note(n, volume_nodes[0], names) for n in volume_nodes[1:]
+                 if (names := warping_transforms(n, volume_nodes[0])) is not None]
         return SegmentationRun(worker, temp_dir, output, list(volume_nodes), card, segmentation_node, uncertainty=unc,
-                               pinned=pinned)
+                               import_notes=notes, pinned=pinned)
 
     def start_frames(self, volume_nodes: Sequence[Any], model: str | Path, card: dict[str, Any], device: str,
                      tta: bool, uncertainty: bool) -> SegmentationRun:
