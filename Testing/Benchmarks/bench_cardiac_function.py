@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""What a cardiac model gives a researcher in clinical indices: end-diastolic and end-systolic volumes, ejection
+fractions and left-ventricular mass, model against the manual reference, per validation patient.
+
+Usage:  .venv/bin/python Testing/Benchmarks/bench_cardiac_function.py [--model Resources/Models/cardiac-dsd]
+                                                                       [--json results.json]
+
+The model card's validation patients (ACDC: the ED and the ES frame of each, frames named in the patient's Info.cfg)
+from ../shared/data, predicted on their original grids with the true spacing (the loader's unit-sform rule). Volumes
+are voxel counts x voxel volume (the same code as ``dsdseg predict --frames`` and the panel's 'All frames': Slicer
+counts a segment's voxels the same way); LV mass = myocardium volume at ED x 1.05 g/mL. Printed per index: the
+reference's and the model's mean, the bias (model - reference) with its standard deviation and 95 % limits of
+agreement (Bland-Altman), the mean absolute difference and Pearson's r; then each patient's EF. Ten patients: read
+the limits as indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from DSDSegmentationLib.engine.cine import label_volumes_ml
+from DSDSegmentationLib.engine.data import find_shared_data, list_cases
+from DSDSegmentationLib.engine.inference import Predictor
+from DSDSegmentationLib.engine.io import load_volume
+
+REPO = Path(__file__).resolve().parents[2]
+MYOCARDIUM_DENSITY = 1.05  # g/mL
+INDICES = (("LV EDV (mL)", "lv", "ed"), ("LV ESV (mL)", "lv", "es"), ("LV EF (%)", "lv", "ef"),
+           ("RV EDV (mL)", "rv", "ed"), ("RV ESV (mL)", "rv", "es"), ("RV EF (%)", "rv", "ef"),
+           ("LV mass (g)", "myo", "mass"))
+
+
+def info(folder: Path, patient: str) -> dict[str, str]:
+    """The patient's Info.cfg (ED, ES, Group, ...) as strings."""
+    text = (folder / "info" / f"{patient}_Info.cfg").read_text(encoding="utf-8")
+    return dict(re.findall(r"^(\w+):\s*(.+?)\s*$", text, flags=re.M))
+
+
+def indices(ed: dict[str, float], es: dict[str, float], names: dict[str, str]) -> dict[str, float]:
+    """EDV, ESV, EF of each ventricle and the LV mass from the ED and ES volumes (mL) per label name."""
+    out: dict[str, float] = {}
+    for key in ("lv", "rv"):
+        edv, esv = ed[names[key]], es[names[key]]
+        out[f"{key} ed"], out[f"{key} es"] = edv, esv
+        out[f"{key} ef"] = 100.0 * (edv - esv) / edv if edv > 0 else float("nan")
+    out["myo mass"] = ed[names["myo"]] * MYOCARDIUM_DENSITY
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(REPO / "Resources" / "Models" / "cardiac-dsd"))
+    ap.add_argument("--json", type=Path, help="also write every patient's indices here (a new file)")
+    args = ap.parse_args()
+    card = json.loads((Path(args.model) / "model.json").read_text(encoding="utf-8"))
+    labels = {int(k): v for k, v in card["preset"]["labels"].items() if int(k)}
+    by_type = {"53085002": "rv", "87878005": "lv"}
+    names: dict[str, str] = {}
+    for value, entry in (card["preset"].get("terminology") or {}).items():
+        code = (entry.get("type") or "^^").split("^")[1]
+        key = "myo" if entry.get("region") else by_type.get(code)
+        if key:
+            names[key] = labels[int(value)]
+    if sorted(names) != ["lv", "myo", "rv"]:
+        raise SystemExit(f"{args.model}: not a model of both ventricles' cavities and the LV myocardium")
+    folder = find_shared_data() / "ACDC_subset"
+    val = set(card["split"]["val_ids"])
+    cases = {c.id: c for c in list_cases(folder) if c.id in val}
+    patients = sorted({cid.split("_")[0] for cid in cases})
+    predictor = Predictor(args.model, device="cpu")
+    rows = []
+    for patient in patients:
+        cfg = info(folder, patient)
+        volumes = {}
+        for phase in ("ED", "ES"):
+            case = cases.get(f"{patient}_frame{int(cfg[phase]):02d}")
+            if case is None:
+                raise SystemExit(f"{patient}: the {phase} frame {cfg[phase]} is not among the card's validation cases")
+            pred, affine = predictor.predict(case.images)
+            ref, ref_affine = load_volume(case.label, "label")
+            if not np.allclose(affine, ref_affine, atol=1e-4):
+                raise SystemExit(f"{case.id}: image and label geometry differ")
+            volumes[phase] = (label_volumes_ml(pred, affine, labels),
+                              label_volumes_ml(np.rint(ref).astype(np.int64), ref_affine, labels))
+        rows.append({"patient": patient, "group": cfg.get("Group", "?"),
+                     "model": indices(volumes["ED"][0], volumes["ES"][0], names),
+                     "reference": indices(volumes["ED"][1], volumes["ES"][1], names)})
+        print(f"{patient} ({rows[-1]['group']}): LV EF {rows[-1]['model']['lv ef']:.1f} (ref "
+              f"{rows[-1]['reference']['lv ef']:.1f}), RV EF {rows[-1]['model']['rv ef']:.1f} (ref "
+              f"{rows[-1]['reference']['rv ef']:.1f})", flush=True)
+
+    print(f"\n# {card['id']} {card.get('version', '')}: clinical indices on {len(rows)} validation patients "
+          "(ED and ES frames), model vs manual reference")
+    print("| index | reference mean | model mean | bias (model − ref) ± SD | 95 % limits of agreement | "
+          "mean abs. difference | Pearson r |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for title, key, what in INDICES:
+        k = f"{key} {what}"
+        m = np.array([r["model"][k] for r in rows])
+        r_ = np.array([r["reference"][k] for r in rows])
+        d = m - r_
+        sd = float(np.std(d, ddof=1))
+        r = float(np.corrcoef(m, r_)[0, 1])
+        print(f"| {title} | {r_.mean():.1f} | {m.mean():.1f} | {d.mean():+.1f} ± {sd:.1f} | "
+              f"{d.mean() - 1.96 * sd:+.1f} to {d.mean() + 1.96 * sd:+.1f} | {np.abs(d).mean():.1f} | {r:.3f} |")
+    print("\n| patient | group | LV EF ref / model | RV EF ref / model | RV ESV ref / model (mL) |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        m, r_ = row["model"], row["reference"]
+        print(f"| {row['patient']} | {row['group']} | {r_['lv ef']:.1f} / {m['lv ef']:.1f} | {r_['rv ef']:.1f} / "
+              f"{m['rv ef']:.1f} | {r_['rv es']:.1f} / {m['rv es']:.1f} |")
+    if args.json:
+        with open(args.json, "x", encoding="utf-8") as f:  # never replaces an earlier result
+            json.dump({"model": card["id"], "version": card.get("version"), "patients": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
