@@ -4,6 +4,9 @@ fractions and left-ventricular mass, model against the manual reference, per val
 
 Usage:  .venv/bin/python Testing/Benchmarks/bench_cardiac_function.py [--model Resources/Models/cardiac-dsd]
                                                                        [--json results.json]
+The JSON's ``clinical_indices`` (bias, SD, r per index) is what a card's ``validation.clinical_indices`` holds
+(``package_model.py --from-package ... --clinical-indices results.json``): the panel and ``dsdseg predict --frames``
+then give each ejection fraction with this model's agreement with the reference.
 
 The model card's validation patients (ACDC: the ED and the ES frame of each, frames named in the patient's Info.cfg)
 from ../shared/data, predicted on their original grids with the true spacing (the loader's unit-sform rule). Volumes
@@ -30,9 +33,14 @@ from DSDSegmentationLib.engine.io import load_volume
 
 REPO = Path(__file__).resolve().parents[2]
 MYOCARDIUM_DENSITY = 1.05  # g/mL
-INDICES = (("LV EDV (mL)", "lv", "ed"), ("LV ESV (mL)", "lv", "es"), ("LV EF (%)", "lv", "ef"),
-           ("RV EDV (mL)", "rv", "ed"), ("RV ESV (mL)", "rv", "es"), ("RV EF (%)", "rv", "ef"),
-           ("LV mass (g)", "myo", "mass"))
+# (table row, key, card name: the words ``engine/cine.py`` uses for the index)
+INDICES = (("LV EDV (mL)", "lv ed", "left ventricle end-diastolic volume"),
+           ("LV ESV (mL)", "lv es", "left ventricle end-systolic volume"),
+           ("LV EF (%)", "lv ef", "left ventricle ejection fraction"),
+           ("RV EDV (mL)", "rv ed", "right ventricle end-diastolic volume"),
+           ("RV ESV (mL)", "rv es", "right ventricle end-systolic volume"),
+           ("RV EF (%)", "rv ef", "right ventricle ejection fraction"),
+           ("LV mass (g)", "myo mass", "left ventricle mass"))
 
 
 def info(folder: Path, patient: str) -> dict[str, str]:
@@ -99,13 +107,18 @@ def main() -> None:
     print("| index | reference mean | model mean | bias (model − ref) ± SD | 95 % limits of agreement | "
           "mean abs. difference | Pearson r |")
     print("|---|---:|---:|---:|---|---:|---:|")
-    for title, key, what in INDICES:
-        k = f"{key} {what}"
+    agreement = {}
+    for title, k, card_name in INDICES:
         m = np.array([r["model"][k] for r in rows])
         r_ = np.array([r["reference"][k] for r in rows])
         d = m - r_
         sd = float(np.std(d, ddof=1))
         r = float(np.corrcoef(m, r_)[0, 1])
+        agreement[card_name] = {"bias": round(float(d.mean()), 3), "sd": round(sd, 3), "r": round(r, 3),
+                                "limits_of_agreement": [round(float(d.mean()) - 1.96 * sd, 3),
+                                                        round(float(d.mean()) + 1.96 * sd, 3)],
+                                "mean_abs": round(float(np.abs(d).mean()), 3), "reference_mean": round(float(r_.mean()), 3),
+                                "patients": len(rows)}
         print(f"| {title} | {r_.mean():.1f} | {m.mean():.1f} | {d.mean():+.1f} ± {sd:.1f} | "
               f"{d.mean() - 1.96 * sd:+.1f} to {d.mean() + 1.96 * sd:+.1f} | {np.abs(d).mean():.1f} | {r:.3f} |")
     print("\n| patient | group | LV EF ref / model | RV EF ref / model | RV ESV ref / model (mL) |")
@@ -116,7 +129,8 @@ def main() -> None:
               f"{m['rv ef']:.1f} | {r_['rv es']:.1f} / {m['rv es']:.1f} |")
     if args.json:
         with open(args.json, "x", encoding="utf-8") as f:  # never replaces an earlier result
-            json.dump({"model": card["id"], "version": card.get("version"), "patients": rows}, f, indent=1)
+            json.dump({"model": card["id"], "version": card.get("version"), "patients": rows,
+                       "clinical_indices": agreement}, f, indent=1)
 
 
 if __name__ == "__main__":

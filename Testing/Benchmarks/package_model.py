@@ -157,6 +157,14 @@ def from_package(args) -> None:
             raise SystemExit(f"--set {key}: only {PRESET_KEYS} may change without retraining")
         changes[key] = json.loads(value)
     preset_dict = {**card["preset"], **changes}
+    if args.clinical_indices:
+        measured = json.loads(args.clinical_indices.read_text(encoding="utf-8"))
+        if (measured.get("model"), measured.get("version")) != (card["id"], card.get("version")):
+            raise SystemExit(f"{args.clinical_indices} was measured on {measured.get('model')} "
+                             f"{measured.get('version')}, not on {card['id']} {card.get('version')}")
+        added = {"validation.clinical_indices": f"{args.clinical_indices.name} (bench_cardiac_function.py)"}
+    else:
+        added = {}
     task = card["task"]
     ids = set(card["split"]["val_ids"])
     folder = find_shared_data() / FOLDERS[task]
@@ -167,6 +175,8 @@ def from_package(args) -> None:
         staged = Path(tmp) / "staged"
         export_package(src, staged, {"preset": preset_dict}, weights_dtype=card.get("weights_dtype", "float32"))
         validation, secs = evaluate(Predictor(staged, device="cpu"), val, load_preset(task))
+    if added:
+        validation["clinical_indices"] = measured["clinical_indices"]
     history = list(card.get("history_of_versions", []))
     history.append({"version": card.get("version"), "validation_mean_dice": card.get("validation", {}).get("mean_dice")})
     extra = {"preset": preset_dict, "version": args.version, "validation": validation,
@@ -174,7 +184,7 @@ def from_package(args) -> None:
                                   "cpu_note": f"median per validation case, {torch.get_num_threads()} torch thread(s) "
                                               f"on a {os.cpu_count()}-core CPU" + (f"; {args.note}" if args.note else "")},
              "changes": {"from_version": card.get("version"), "preset": changes, "weights": "unchanged",
-                         "note": args.note},
+                         "note": args.note, **({"card": added} if added else {})},
              "history_of_versions": history,
              "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
                           "numpy": numpy.__version__}}
@@ -191,6 +201,8 @@ def main() -> None:
     ap.add_argument("--run", help="training run folder (config.json, best.pt, history.json, split.json)")
     ap.add_argument("--from-package", help="a package to re-issue with new preprocessing (see --set)")
     ap.add_argument("--set", action="append", help="with --from-package: preset key=json value, e.g. 'spacing=[1,1,1]'")
+    ap.add_argument("--clinical-indices", type=Path, help="with --from-package: bench_cardiac_function.py's --json "
+                    "for this model; its agreement with the reference goes into the card's validation")
     ap.add_argument("--id", help="model id, e.g. hippocampus-dsd (with --run)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--version", default="1.0.0")

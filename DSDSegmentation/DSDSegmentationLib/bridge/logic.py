@@ -894,7 +894,7 @@ class SegmentationBridge:
             made.append(run.volumes_chart)
             made.extend(run.volumes_chart.GetNthPlotSeriesNode(i)
                         for i in range(run.volumes_chart.GetNumberOfPlotSeriesNodes()))
-            run.import_notes.extend(ejection_fractions(cine, values, volumes, preset))
+            run.import_notes.extend(ejection_fractions(cine, values, volumes, run.card))
             return proxy
         except BaseException:  # nothing half-made stays: the browser lets go of the new sequence, its nodes go
             if made and self.scene.IsNodePresent(cine.browser) and cine.browser.IsSynchronizedSequenceNode(made[0]):

@@ -151,6 +151,8 @@ def volume_chart(scene: Any, table: Any, labels: list[str], colors: dict[str, tu
 
 
 def ejection_fractions(cine: Cine, values: list[str], volumes: list[dict[str, float]],
-                       preset: dict[str, Any]) -> list[str]:
-    """The ventricles' ejection fractions over the frames (``engine/cine.py``), each frame named as Slicer shows it."""
-    return engine_ejection_fractions([cine.label(v) for v in values], volumes, preset)
+                       card: dict[str, Any]) -> list[str]:
+    """The ventricles' ejection fractions over the frames (``engine/cine.py``), each frame named as Slicer shows it,
+    with the model's agreement with the manual reference where its card has it."""
+    return engine_ejection_fractions([cine.label(v) for v in values], volumes, card["preset"],
+                                     card.get("validation", {}).get("clinical_indices"))

@@ -26,11 +26,26 @@ def label_volumes_ml(labels: np.ndarray, affine: np.ndarray, names: dict[int, st
     return {name: float(counts[value]) * voxel_ml for value, name in sorted(names.items()) if value}
 
 
-def ejection_fractions(frames: list[str], volumes: list[dict[str, float]], preset: dict[str, Any]) -> list[str]:
+def agreement_words(entry: dict[str, Any] | None, unit: str) -> str:
+    """How an index of this model agreed with the manual reference on its validation patients (the card's
+    ``validation.clinical_indices``, from ``Testing/Benchmarks/bench_cardiac_function.py``), in words; "" if unknown."""
+    if not entry:
+        return ""
+    bias, sd = float(entry["bias"]), float(entry["sd"])
+    lo, hi = entry.get("limits_of_agreement") or (bias - 1.96 * sd, bias + 1.96 * sd)
+    return (f"; against the manual reference on this model's {int(entry['patients'])} validation patients: "
+            f"{bias:+.1f} ± {sd:.1f} {unit} (95 % limits of agreement {float(lo):+.1f} to {float(hi):+.1f}), "
+            f"r = {float(entry['r']):.2f}")
+
+
+def ejection_fractions(frames: list[str], volumes: list[dict[str, float]], preset: dict[str, Any],
+                       agreement: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """For each label whose terminology type is a ventricle (its cavity): the largest (end-diastolic) and smallest
     (end-systolic) volume over the frames and the ejection fraction (EDV - ESV) / EDV, in words; ``frames`` names each
     frame as the user reads it. Empty for other models or a single frame. Only true end-diastole and end-systole if a
-    whole heart cycle is among the frames."""
+    whole heart cycle is among the frames. ``agreement``: the model card's ``validation.clinical_indices`` — each EF
+    then says how this model's EF agreed with the manual reference on its validation patients, so that a number
+    the model gets wrong (the right ventricle's) is read with its error."""
     if len(frames) < 2:
         return []
     labels = {int(k): v for k, v in preset["labels"].items()}
@@ -45,8 +60,9 @@ def ejection_fractions(frames: list[str], volumes: list[dict[str, float]], prese
         if series[ed] <= 0:
             continue
         ef = 100.0 * (series[ed] - series[es]) / series[ed]
-        out.append(f"{VENTRICLE_TYPES[code]} ejection fraction {ef:.0f} % (largest {series[ed]:.1f} mL in "
-                   f"{frames[ed]}, smallest {series[es]:.1f} mL in {frames[es]})")
+        index = f"{VENTRICLE_TYPES[code]} ejection fraction"
+        out.append(f"{index} {ef:.0f} % (largest {series[ed]:.1f} mL in {frames[ed]}, smallest {series[es]:.1f} mL in "
+                   f"{frames[es]}{agreement_words((agreement or {}).get(index), 'points')})")
     return out
 
 
@@ -105,4 +121,5 @@ def predict_frames(predictor: Any, source: str | Path, output: str | Path,
     out = save_labelmap(np.stack(results, axis=-1), affine, output, reference=source)
     if volumes_csv:
         write_volumes_csv(volumes_csv, frames, volumes, [n for v, n in sorted(names.items()) if v])
-    return out, ejection_fractions(frames, volumes, preset.to_dict())
+    return out, ejection_fractions(frames, volumes, preset.to_dict(),
+                                   predictor.model.card.get("validation", {}).get("clinical_indices"))
