@@ -94,6 +94,10 @@ def test_what_a_researcher_sees_before_picking_a_model(tmp_path: Path, capsys) -
     assert "non-commercial" not in text and "Network: basicunet, trained plain (no DSD heads)" in tip
     dice = models["hippocampus-dsd"]["card"]["validation"]["per_class"]["anterior hippocampus"]["dice"]
     assert f"anterior hippocampus {dice:.3f}" in tip and "CC-BY-SA 4.0" in tip
+    assert "Ejection fraction" not in tip
+    text, tip = model_summary(models["cardiac-dsd"])  # the card's agreement with the reference (bench_cardiac_function)
+    assert ("Ejection fraction, model − manual reference (10 held-out patients): left ventricle -0.5 ± 5.0 points "
+            "(r = 0.97), right ventricle -6.6 ± 11.4 points (r = 0.59)") in tip, tip
     broken = {**models["hippocampus-dsd"], "status": "model package x: weights.pt is missing", "source": "user"}
     text, tip = model_summary(broken)
     assert text.endswith("(user) — unavailable: model package x: weights.pt is missing") and "missing" in tip

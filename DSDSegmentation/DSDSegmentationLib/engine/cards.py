@@ -207,6 +207,12 @@ def model_summary(model: dict[str, Any]) -> tuple[str, str]:
             and per_class[name].get("dice") is not None]
     if dice:
         lines.append(f"Validation Dice ({validation.get('cases', '?')} held-out cases): " + ", ".join(dice))
+    indices = validation.get("clinical_indices") or {}
+    ef = [f"{name[:-len(' ejection fraction')]} {entry['bias']:+.1f} ± {entry['sd']:.1f} points (r = {entry['r']:.2f})"
+          for name, entry in sorted(indices.items()) if name.endswith(" ejection fraction")]
+    if ef:
+        patients = max(int(e.get("patients", 0)) for e in indices.values())
+        lines.append(f"Ejection fraction, model − manual reference ({patients} held-out patients): " + ", ".join(ef))
     network = (card.get("network") or {}).get("backbone", "")
     members = card.get("ensemble") or []
     if members:
