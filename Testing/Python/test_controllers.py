@@ -606,3 +606,82 @@ def test_the_next_patients_apply_never_replaces_the_last_patients_result(panel, 
     panel.segment.apply(model)  # patient B again: its own (unedited) result is replaced in place
     assert run_until(panel, "segment") is seg_b
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+
+
+def test_every_controller_call_of_the_widget_exists(panel) -> None:
+    """The widget (never run here: no Slicer binary) reaches the controllers as ``self.panel.<section>.<name>`` or
+    ``self._controllers().<section>.<name>`` and the bridge as ``self.logic.bridge().<name>``: each such name must exist
+    on the real objects, or the button fails only in a real Slicer (a renamed controller method is otherwise caught
+    by nothing but a user)."""
+    tree = ast.parse((ROOT / "DSDSegmentation" / "DSDSegmentation.py").read_text(encoding="utf-8"))
+
+    def chain(node: ast.AST) -> list[str] | None:
+        """['panel', 'segment', 'apply'] for self.panel.segment.apply; _controllers() and bridge() count as names."""
+        names: list[str] = []
+        while True:
+            if isinstance(node, ast.Attribute):
+                names.append(node.attr)
+                node = node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.args:
+                names.append(node.func.attr + "()")
+                node = node.func.value
+            elif isinstance(node, ast.Name) and node.id == "self":
+                return names[::-1]
+            else:
+                return None
+
+    roots = {"panel": panel, "_controllers()": panel}
+    checked, missing = set(), []
+    for node in ast.walk(tree):
+        names = chain(node)
+        if not names or len(names) < 2:
+            continue
+        if names[0] in roots:
+            obj, rest = roots[names[0]], names[1:3]  # a section and its member (or a member of the panel)
+        elif names[:2] == ["logic", "bridge()"] and len(names) > 2:
+            obj, rest = panel.bridge, names[2:3]
+        else:
+            continue
+        path = ".".join(names[: len(rest) + 1 + (names[0] == "logic")])
+        if path in checked:
+            continue
+        checked.add(path)
+        for name in (n.removesuffix("()") for n in rest):
+            if not hasattr(obj, name):
+                missing.append(path)
+                break
+            obj = getattr(obj, name)
+    assert len(checked) > 25, sorted(checked)
+    assert not missing, f"the widget calls what the controllers do not have: {missing}"
+
+    # and each call passes what the method takes (positional count, keyword names)
+    import inspect
+
+    wrong, calls = [], 0
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(isinstance(a, ast.Starred) for a in node.args) or \
+                any(k.arg is None for k in node.keywords):
+            continue
+        if chain(node.func) == ["_run"] and node.args:  # self._run(action, *args) calls action(*args)
+            node = ast.Call(func=node.args[0], args=node.args[1:], keywords=[], lineno=node.lineno)
+        names = chain(node.func)
+        if not names or len(names) < 2:
+            continue
+        if names[0] in roots:
+            obj, rest = roots[names[0]], names[1:]
+        elif names[:2] == ["logic", "bridge()"] and len(names) > 2:
+            obj, rest = panel.bridge, names[2:]
+        else:
+            continue
+        if len(rest) > 2 or any(n.endswith("()") for n in rest[:-1]):
+            continue  # a call on what a controller returned or holds: not the controller's own method
+        for name in (n.removesuffix("()") for n in rest):
+            obj = getattr(obj, name)
+        if not callable(obj) or isinstance(obj, type):
+            continue
+        calls += 1
+        try:
+            inspect.signature(obj).bind(*node.args, **{k.arg: k.value for k in node.keywords})
+        except TypeError as e:
+            wrong.append(f"line {node.lineno}: {'.'.join(names)}(...): {e}")
+    assert calls > 12 and not wrong, wrong
