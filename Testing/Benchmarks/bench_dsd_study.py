@@ -6,6 +6,15 @@ Usage:  .venv/bin/python Testing/Benchmarks/bench_dsd_study.py [--task hippocamp
             [--precision auto|fp32|bf16] [--out ~/dsdseg-runs/dsd-study]
             (runs in <out>/<task>/<backbone>/steps<N>[-bf16]/frac<f>/<arm>_seed<s>)
         ... --report        # the tables from finished runs only
+The transformer arm on a lent GPU (one device call; SwinUNETR needs patch sizes in multiples of 32; prepare here with
+``Testing/Device/pack.py --dataset Task04_Hippocampus``, carry [".device"], timeout_s 600):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl &&
+    PYTHONPATH=/tmp/site:$PWD/DSDSegmentation DSDSEG_DATA=$PWD/.device/data timeout 520 python3 \
+        Testing/Benchmarks/bench_dsd_study.py --task hippocampus --backbones swinunetr --patch 32 64 32 --fractions 0.1 \
+        --seeds 0 1 --steps 1000 --precision bf16 --device cuda --workers 12 --out /tmp/study;
+    cp -r Testing/Benchmarks/results/dsd-study/hippocampus/swinunetr-p32x64x32 $OUT/
+(every finished run's result is archived as it ends, so a run cut by the timeout loses only itself; back here, copy
+the folder into Testing/Benchmarks/results/dsd-study/hippocampus/ and run --report with the same flags but --device).
 
 Design (every arm gets the same): one validation split by patient (split seed 0) for all runs, so comparisons are
 paired per validation case; per (fraction, seed) the same seeded share of the training patients; the same number of
@@ -52,7 +61,7 @@ ABLATIONS = {"dsd-detached": ("dsd", {"detach_teacher": True})}
 
 
 def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, steps: int, out: Path,
-            precision: str = "fp32") -> dict:
+            precision: str = "fp32", device: str = "cpu", patch: list[int] | None = None, workers: int = 0) -> dict:
     if (out / "result.json").is_file():
         keep(out)
         return json.loads((out / "result.json").read_text())
@@ -67,8 +76,9 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
     cfg = TrainConfig(task=task, data=str(data), output=str(train_dir), dsd=terms, dsd_overrides=dict(overrides),
                       backbone=backbone,
                       backbone_options=BACKBONE_OPTIONS.get(backbone, {}) if backbone != preset.network["backbone"] else None,
-                      seed=seed, split_seed=0, train_fraction=fraction if fraction < 1 else None, device="cpu",
-                      epochs=1, val_every=1, precision=precision)
+                      seed=seed, split_seed=0, train_fraction=fraction if fraction < 1 else None, device=device,
+                      epochs=1, val_every=1, precision=precision, num_workers=workers,
+                      preset={**preset.to_dict(), "patch_size": list(patch)} if patch else None)
     resume = (train_dir / "last.pt").is_file()
     if not resume:
         shutil.rmtree(train_dir, ignore_errors=True)
@@ -84,7 +94,7 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
     Trainer(cfg, resume=resume).fit()
     split = json.loads((train_dir / "split.json").read_text())
     val = [Case(**c) for c in split["val"]]
-    predictor = Predictor(train_dir, device="cpu")
+    predictor = Predictor(train_dir, device=device)
     labels = {int(k): v for k, v in preset.labels.items()}
     with tempfile.TemporaryDirectory() as tmp:
         pairs = []
@@ -95,7 +105,8 @@ def run_one(task: str, backbone: str, arm: str, seed: int, fraction: float, step
         rows = evaluate_files(pairs, labels)
     dice = {r["case"]: float(np.mean([m["dice"] for m in r["classes"].values()])) for r in rows}
     result = {"task": task, "backbone": backbone, "arm": arm, "seed": seed, "fraction": fraction, "steps": steps,
-              "epochs": cfg.epochs, "precision": precision,
+              "epochs": cfg.epochs, "precision": precision, "device": device,
+              **({"patch_size": list(patch)} if patch else {}),
               "train_cases": len(split["train"]), "dice": dice, "mean": float(np.mean(list(dice.values())))}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     keep(out)
@@ -125,7 +136,7 @@ def load_result(out: Path) -> dict | None:
 def run_dir(root: Path, task: str, backbone: str, steps: int, fraction: float, arm: str, seed: int,
             precision: str = "fp32") -> Path:
     """One run's folder: the step budget and the arithmetic (fp32, or bf16 autocast) are part of it, so neither
-    ever mixes in a table."""
+    ever mixes in a table (a patch other than the preset's is part of ``backbone``'s folder name: see main)."""
     budget = f"steps{steps}" + ("" if precision == "fp32" else f"-{precision}")
     return root / task / backbone / budget / f"frac{fraction:g}" / f"{arm}_seed{seed}"
 
@@ -186,11 +197,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path.home() / "dsdseg-runs" / "dsd-study"))
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="training arithmetic of every run (auto: bf16 on a CPU with native bf16, else fp32)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run trains and is "
+                    "evaluated (cuda: the GPU session's transformer arm; the folders do not say it, the results do)")
+    ap.add_argument("--patch", type=int, nargs=3, help="training patch instead of the preset's, e.g. 32 64 32 for "
+                    "SwinUNETR (its sizes must be multiples of 32); part of the backbone's folder name")
+    ap.add_argument("--workers", type=int, default=0, help="data-loader processes per run (GPU: 8-12)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     root = Path(args.out).expanduser()
-    precision = resolve_precision(args.precision, torch.device("cpu"))
-    if precision == "bf16" and not args.report:  # the check training runs, before the folders are named bf16
+    precision = resolve_precision(args.precision, torch.device(args.device))
+    folder = {b: b + (f"-p{'x'.join(map(str, args.patch))}" if args.patch else "") for b in args.backbones}
+    if precision == "bf16" and args.device == "cpu" and not args.report:  # the check training runs, before the folders are named bf16
         preset = load_preset(args.task)
         for backbone in args.backbones:
             net = preset.network_config(backbone=backbone, options=BACKBONE_OPTIONS.get(backbone, {})) \
@@ -209,10 +226,12 @@ def main() -> None:
                 for seed in args.seeds:
                     for arm in args.arms:
                         r = run_one(args.task, backbone, arm, seed, f, args.steps,
-                                    run_dir(root, args.task, backbone, args.steps, f, arm, seed, precision), precision)
+                                    run_dir(root, args.task, folder[backbone], args.steps, f, arm, seed, precision),
+                                    precision, args.device, args.patch, args.workers)
                         print(f"{args.task} {backbone} share {f:g} seed {seed} {arm}: Dice {r['mean']:.4f} "
                               f"({r['train_cases']} training cases, {r['epochs']} epochs)", flush=True)
-    report(root, args.task, args.backbones, args.arms, args.seeds, args.fractions, args.steps, precision)
+    report(root, args.task, [folder[b] for b in args.backbones], args.arms, args.seeds, args.fractions, args.steps,
+           precision)
 
 
 if __name__ == "__main__":
