@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from DSDSegmentationLib.engine.cine import label_volumes_ml
+from DSDSegmentationLib.engine.cine import MYOCARDIUM_DENSITY, label_volumes_ml
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
 from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.io import load_volume
 
 REPO = Path(__file__).resolve().parents[2]
-MYOCARDIUM_DENSITY = 1.05  # g/mL
 # (table row, key, card name: the words ``engine/cine.py`` uses for the index)
 INDICES = (("LV EDV (mL)", "lv ed", "left ventricle end-diastolic volume"),
            ("LV ESV (mL)", "lv es", "left ventricle end-systolic volume"),

@@ -146,7 +146,10 @@ def test_all_frames_become_a_segmentation_sequence_shown_frame_by_frame(scene, b
     (rv_note,) = [n for n in run.notes if n.startswith("right ventricle ejection fraction")]
     assert rv_note.endswith("against the manual reference on this model's 10 validation patients: -6.6 ± 11.4 points "
                             "(95 % limits of agreement -28.9 to +15.7), r = 0.59)"), rv_note
-    assert not any("myocardium" in n for n in run.notes)
+    (mass,) = [n for n in run.notes if n.startswith("left ventricle mass")]  # the myocardium at end-diastole
+    assert mass.startswith("left ventricle mass ") and " g (myocardium at 1.05 g/mL in frame 1 (time 0 ms); " in mass
+    assert float(mass.split()[3]) == pytest.approx(table.GetValue(0, 3).ToDouble() * 1.05, abs=0.5), mass
+    assert not any(n.startswith("left ventricle myocardium") for n in run.notes)
     # nothing else left behind: the proxy, its sequence and the table are the only new nodes with a name a user sees
     new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()) if scene.GetNthNode(i).GetID() not in before]
     visible = sorted(n.GetClassName() for n in new if not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode"))

@@ -629,6 +629,10 @@ def test_predict_frames_segments_every_frame_of_a_4d_cine(hippocampus_dir: Path,
     assert f"note: left ventricle ejection fraction {100 * (lv[0] - lv[1]) / lv[0]:.0f} % (largest {lv[0]:.1f} mL in " \
            f"frame 1, smallest {lv[1]:.1f} mL in frame 2; against the manual reference on this model's 10 validation " \
            "patients: -0.5 ± 5.0 points (95 % limits of agreement -10.2 to +9.3), r = 0.97)" in printed
+    myo_ed = float(rows[1][2])  # the LV mass at end-diastole (the cavity's largest frame), with its agreement
+    assert f"note: left ventricle mass {myo_ed * 1.05:.0f} g (myocardium at 1.05 g/mL in frame 1; against the manual " \
+           "reference on this model's 10 validation patients: +10.5 ± 8.6 g (95 % limits of agreement -6.4 to +27.4), " \
+           "r = 0.99)" in printed, printed
     # the right ventricle's EF comes with the error that makes it unreliable (bench_cardiac_function.py, in the card)
     assert re.search(r"note: right ventricle ejection fraction \d+ % \(.*; against the manual reference on this model's "
                      r"10 validation patients: -6\.6 ± 11\.4 points \(95 % limits of agreement -28\.9 to \+15\.7\), "

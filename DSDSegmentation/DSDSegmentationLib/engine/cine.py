@@ -63,7 +63,27 @@ def ejection_fractions(frames: list[str], volumes: list[dict[str, float]], prese
         index = f"{VENTRICLE_TYPES[code]} ejection fraction"
         out.append(f"{index} {ef:.0f} % (largest {series[ed]:.1f} mL in {frames[ed]}, smallest {series[es]:.1f} mL in "
                    f"{frames[es]}{agreement_words((agreement or {}).get(index), 'points')})")
+        if code == "87878005":  # the left ventricle: its myocardium's mass at end-diastole (the cavity's largest)
+            out += left_ventricle_mass(frames, volumes, preset, ed, agreement)
     return out
+
+
+MYOCARDIUM_DENSITY = 1.05  # g/mL, the convention of cardiac MRI analysis (as bench_cardiac_function.py measures it)
+
+
+def left_ventricle_mass(frames: list[str], volumes: list[dict[str, float]], preset: dict[str, Any], ed: int,
+                        agreement: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The left-ventricular myocardium's mass (volume x 1.05 g/mL) in frame ``ed`` (end-diastole), in words, for a
+    model with a myocardium segment whose region is the left ventricle; with the model's agreement with the manual
+    reference where its card has it."""
+    labels = {int(k): v for k, v in preset["labels"].items()}
+    for value, entry in sorted((preset.get("terminology") or {}).items(), key=lambda kv: int(kv[0])):
+        if (entry.get("type") or "^^").split("^")[1] == "74281007" and \
+                (entry.get("region") or "^^").split("^")[1] == "87878005" and int(value) in labels:
+            mass = volumes[ed].get(labels[int(value)], 0.0) * MYOCARDIUM_DENSITY
+            return [f"left ventricle mass {mass:.0f} g (myocardium at 1.05 g/mL in {frames[ed]}"
+                    f"{agreement_words((agreement or {}).get('left ventricle mass'), 'g')})"]
+    return []
 
 
 def write_volumes_csv(path: str | Path, frames: list[str], volumes: list[dict[str, float]], names: list[str]) -> Path:
