@@ -45,7 +45,8 @@ def ejection_fractions(frames: list[str], volumes: list[dict[str, float]], prese
     frame as the user reads it. Empty for other models or a single frame. Only true end-diastole and end-systole if a
     whole heart cycle is among the frames. ``agreement``: the model card's ``validation.clinical_indices`` — each EF
     then says how this model's EF agreed with the manual reference on its validation patients, so that a number
-    the model gets wrong (the right ventricle's) is read with its error."""
+    the model gets wrong (the right ventricle's) is read with its error. The left ventricle's note is followed by its
+    mass (:func:`left_ventricle_mass`)."""
     if len(frames) < 2:
         return []
     labels = {int(k): v for k, v in preset["labels"].items()}
@@ -110,7 +111,7 @@ def predict_frames(predictor: Any, source: str | Path, output: str | Path,
                    volumes_csv: str | Path | None = None) -> tuple[Path, list[str]]:
     """Segment every frame of a 4D file (x, y, z, t) with a one-input model into a 4D labelmap on the same grid (the
     input's header kept), optionally with the volumes per frame as CSV. Returns the output and the notes (the
-    ventricles' ejection fractions)."""
+    ventricles' ejection fractions, the left ventricle's mass)."""
     from .io import load_volume, save_image, save_labelmap
     from .progress import only_stages
 
