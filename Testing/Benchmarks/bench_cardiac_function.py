@@ -13,8 +13,9 @@ from ../shared/data, predicted on their original grids with the true spacing (th
 are voxel counts x voxel volume (the same code as ``dsdseg predict --frames`` and the panel's 'All frames': Slicer
 counts a segment's voxels the same way); LV mass = myocardium volume at ED x 1.05 g/mL. Printed per index: the
 reference's and the model's mean, the bias (model - reference) with its standard deviation and 95 % limits of
-agreement (Bland-Altman), the mean absolute difference and Pearson's r; then each patient's EF. Ten patients: read
-the limits as indicative.
+agreement (Bland-Altman), the mean absolute difference and Pearson's r; then each patient's EF, and how much of the
+model's end-systolic RV lies in slices where the reference has no RV (above the valve, below the apex). Ten
+patients: read the limits as indicative.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> None:
     rows = []
     for patient in patients:
         cfg = info(folder, patient)
-        volumes = {}
+        volumes, beyond = {}, {}
         for phase in ("ED", "ES"):
             case = cases.get(f"{patient}_frame{int(cfg[phase]):02d}")
             if case is None:
@@ -92,11 +93,18 @@ def main() -> None:
             ref, ref_affine = load_volume(case.label, "label")
             if not np.allclose(affine, ref_affine, atol=1e-4):
                 raise SystemExit(f"{case.id}: image and label geometry differ")
-            volumes[phase] = (label_volumes_ml(pred, affine, labels),
-                              label_volumes_ml(np.rint(ref).astype(np.int64), ref_affine, labels))
+            ref = np.rint(ref).astype(np.int64)
+            volumes[phase] = (label_volumes_ml(pred, affine, labels), label_volumes_ml(ref, ref_affine, labels))
+            # where the RV error lies: the model's RV in slices (the last axis: ACDC's short-axis stack) in which the
+            # reference has none (a basal slice above the valve, an apical one), and the difference in the others
+            rv = {v: k for k, v in labels.items()}[names["rv"]]
+            voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+            empty = ~np.any(ref == rv, axis=(0, 1))
+            beyond[phase] = float((pred[..., empty] == rv).sum()) * voxel_ml
         rows.append({"patient": patient, "group": cfg.get("Group", "?"),
                      "model": indices(volumes["ED"][0], volumes["ES"][0], names),
-                     "reference": indices(volumes["ED"][1], volumes["ES"][1], names)})
+                     "reference": indices(volumes["ED"][1], volumes["ES"][1], names),
+                     "rv_in_slices_without_reference_rv_ml": beyond})
         print(f"{patient} ({rows[-1]['group']}): LV EF {rows[-1]['model']['lv ef']:.1f} (ref "
               f"{rows[-1]['reference']['lv ef']:.1f}), RV EF {rows[-1]['model']['rv ef']:.1f} (ref "
               f"{rows[-1]['reference']['rv ef']:.1f})", flush=True)
@@ -120,12 +128,18 @@ def main() -> None:
                                 "patients": len(rows)}
         print(f"| {title} | {r_.mean():.1f} | {m.mean():.1f} | {d.mean():+.1f} ± {sd:.1f} | "
               f"{d.mean() - 1.96 * sd:+.1f} to {d.mean() + 1.96 * sd:+.1f} | {np.abs(d).mean():.1f} | {r:.3f} |")
-    print("\n| patient | group | LV EF ref / model | RV EF ref / model | RV ESV ref / model (mL) |")
-    print("|---|---|---:|---:|---:|")
+    print("\n| patient | group | LV EF ref / model | RV EF ref / model | RV ESV ref / model (mL) | model's ES RV in "
+          "slices without reference RV (mL) |")
+    print("|---|---|---:|---:|---:|---:|")
     for row in rows:
         m, r_ = row["model"], row["reference"]
         print(f"| {row['patient']} | {row['group']} | {r_['lv ef']:.1f} / {m['lv ef']:.1f} | {r_['rv ef']:.1f} / "
-              f"{m['rv ef']:.1f} | {r_['rv es']:.1f} / {m['rv es']:.1f} |")
+              f"{m['rv ef']:.1f} | {r_['rv es']:.1f} / {m['rv es']:.1f} | "
+              f"{row['rv_in_slices_without_reference_rv_ml']['ES']:.1f} |")
+    extra = np.array([r["rv_in_slices_without_reference_rv_ml"]["ES"] for r in rows])
+    error = np.array([r["model"]["rv es"] - r["reference"]["rv es"] for r in rows])
+    print(f"\nRV ESV: model − reference {error.sum():+.1f} mL over the patients, of which {extra.sum():.1f} mL lie in "
+          "slices where the reference has no right ventricle")
     if args.json:
         with open(args.json, "x", encoding="utf-8") as f:  # never replaces an earlier result
             json.dump({"model": card["id"], "version": card.get("version"), "patients": rows,
