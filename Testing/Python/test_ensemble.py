@@ -78,6 +78,32 @@ def test_an_ensemble_package_round_trip(ensemble: Path, tmp_path: Path) -> None:
     assert len(load_model(again).backbones) == 2
 
 
+def test_new_members_drop_what_the_source_card_measured(tmp_path: Path) -> None:
+    """An ensemble made from a package (``dsdseg export --ensemble-with``) is another model: the source's agreement
+    with reference volumes (which the panel quotes beside every EF) must not travel to it, and its validation Dice says
+    it was the source's. A re-export of the same weights (float16) keeps both."""
+    from DSDSegmentationLib.engine.cards import model_summary, write_checksums
+
+    source = tmp_path / "source"
+    shutil.copytree(HIPPO, source)
+    card = json.loads((source / "model.json").read_text())
+    card["validation"]["clinical_indices"] = {"left ventricle ejection fraction": {"bias": -0.5, "sd": 5.0, "r": 0.97,
+                                                                                  "patients": 10}}
+    (source / "model.json").write_text(json.dumps(card))
+    write_checksums(source, ["model.json", "weights.pt"])
+    same = read_model_card(export_package(source, tmp_path / "same", weights_dtype="float16"))
+    assert same["validation"] == card["validation"]
+    member = _perturbed_checkpoint(tmp_path / "perturbed.pt")
+    new = read_model_card(export_package(source, tmp_path / "new", members=[member]))
+    assert "clinical_indices" not in new["validation"]
+    assert new["validation"]["per_class"] == card["validation"]["per_class"]
+    assert new["validation"]["note"] == (f"measured for hippocampus-dsd {card['version']} alone, not for this "
+                                         "ensemble: re-measure it (package_model.py)")
+    _, tip = model_summary({"title": "t", "card": new, "id": "x"})
+    assert "not for this ensemble" in tip
+    jsonschema.validate(new, json.loads((builtin_models_dir() / "model-card.schema.json").read_text()))
+
+
 def test_an_ensemble_segments_a_real_case(ensemble: Path, tmp_path: Path) -> None:
     """An ensemble of a network with itself gives exactly that network's labels (the loading and averaging path
     changes nothing else); with a perturbed second member the labels stay close to the shipped model's."""

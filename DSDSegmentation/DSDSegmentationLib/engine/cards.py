@@ -206,7 +206,8 @@ def model_summary(model: dict[str, Any]) -> tuple[str, str]:
     dice = [f"{name} {per_class[name]['dice']:.3f}" for name in shown if isinstance(per_class.get(name), dict)
             and per_class[name].get("dice") is not None]
     if dice:
-        lines.append(f"Validation Dice ({validation.get('cases', '?')} held-out cases): " + ", ".join(dice))
+        lines.append(f"Validation Dice ({validation.get('cases', '?')} held-out cases): " + ", ".join(dice)
+                     + (f" ({validation['note']})" if validation.get("note") else ""))
     indices = validation.get("clinical_indices") or {}
     ef = [f"{name[:-len(' ejection fraction')]} {entry['bias']:+.1f} ± {entry['sd']:.1f} points (r = {entry['r']:.2f})"
           for name, entry in sorted(indices.items()) if name.endswith(" ejection fraction")]

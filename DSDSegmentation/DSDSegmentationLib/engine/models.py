@@ -229,6 +229,12 @@ def export_package(source: str | Path, out_dir: str | Path, extra_card: dict[str
             torch.save(state, tmp / name)
         card = {**loaded.card, **(extra_card or {}), "weights": WEIGHTS_FILE, "sha256": sha256_of(tmp / WEIGHTS_FILE),
                 "parameters": sum(p.numel() for p in nets[0].parameters())}
+        if others and "validation" not in (extra_card or {}) and isinstance(card.get("validation"), dict):
+            # new members make another model: what the source's card measured is not this ensemble's. Its Dice stays
+            # for reference, with a note; its agreement with reference volumes (quoted beside every EF) goes
+            card["validation"] = {k: v for k, v in card["validation"].items() if k != "clinical_indices"}
+            card["validation"]["note"] = (f"measured for {card.get('id', loaded.source)} {card.get('version', '')} "
+                                          "alone, not for this ensemble: re-measure it (package_model.py)").replace("  ", " ")
         card.pop("ensemble", None)
         if len(nets) > 1:
             card["ensemble"] = [{"weights": n, "sha256": sha256_of(tmp / n), **r} for n, r in zip(names, records)]
