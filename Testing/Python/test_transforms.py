@@ -242,17 +242,31 @@ def test_a_sequence_registered_by_a_warping_transform_is_resampled_through_it(sc
 
 
 def test_a_deformable_registration_gives_the_model_what_the_views_show(scene, bridge) -> None:
-    """A truly non-linear warp (up to 2 mm): the tumour found with the warped sequence matches the one found without
-    it closely, the first input's grid is kept, and nothing is added to the scene but the result."""
+    """A truly non-linear warp, small as a deformable registration's correction is (the volume's corners fixed, the
+    tumour centre moved by (1.5, -1, 1) mm: under 2 mm everywhere): the tumour found with the warped sequence matches
+    the one found without it (whole tumour Dice > 0.93, core and edema > 0.85; the thin enhancing rim moves most with
+    a sub-voxel shift of the T1c: 0.60 measured, not asserted), and the note names the transform."""
+    import itertools
+
     model, case = _two_sequences(bridge)
     first = bridge.load_volume(case.images[0], "flair")
     second = bridge.load_volume(case.images[1], "t1ce")
     expected = masks(bridge.segment([first, second], model, device="cpu"), first)
-    warp(scene, "nonrigid registration", ((0, 0, 0), (50, 0, 0), (0, 50, 0), (0, 0, 50)),
-         ((0, 0, 0), (52, 1, 0), (0, 50, 2), (1, 0, 50)))
-    second.SetAndObserveTransformNodeID(scene.GetFirstNodeByName("nonrigid registration").GetID())
+    m = vtk.vtkMatrix4x4()
+    first.GetIJKToRASMatrix(m)
+    ijk_to_ras, dims = slicer.util.arrayFromVTKMatrix(m), first.GetImageData().GetDimensions()
+    corners = [(ijk_to_ras @ np.array([*(c * (d - 1) for c, d in zip(cc, dims)), 1.0]))[:3]
+               for cc in itertools.product((0, 1), repeat=3)]
+    centre = (ijk_to_ras @ np.array([*np.argwhere(np.any(np.stack(list(expected.values())), 0)).mean(0)[::-1], 1.0]))[:3]
+    node = warp(scene, "nonrigid registration", [*corners, centre], [*corners, centre + np.array([1.5, -1.0, 1.0])])
+    rng = np.random.default_rng(0)
+    points = [(ijk_to_ras @ np.array([*(rng.uniform(0, d - 1) for d in dims), 1.0]))[:3] for _ in range(500)]
+    assert max(np.linalg.norm(np.array(node.GetTransformToParent().TransformPoint(p)) - p) for p in points) < 2.0
+    second.SetAndObserveTransformNodeID(node.GetID())
     run = bridge.start([first, second], model, device="cpu")
     got = masks(bridge.finish(run), first)
     assert any("'t1ce' was resampled through the non-linear transform 'nonrigid registration'" in n for n in run.notes)
     whole = lambda ms: np.any(np.stack(list(ms.values())), 0)  # noqa: E731
-    assert dice(whole(got), whole(expected)) > 0.9, dice(whole(got), whole(expected))
+    assert dice(whole(got), whole(expected)) > 0.93, dice(whole(got), whole(expected))
+    for name in ("necrotic and non-enhancing tumour core", "peritumoral edema"):
+        assert dice(got[name], expected[name]) > 0.85, (name, dice(got[name], expected[name]))
