@@ -270,3 +270,30 @@ def test_a_deformable_registration_gives_the_model_what_the_views_show(scene, br
     assert dice(whole(got), whole(expected)) > 0.93, dice(whole(got), whole(expected))
     for name in ("necrotic and non-enhancing tumour core", "peritumoral edema"):
         assert dice(got[name], expected[name]) > 0.85, (name, dice(got[name], expected[name]))
+
+
+def test_which_transforms_count_as_warping_between_two_volumes(scene) -> None:
+    """Only the non-linear transforms *between* two volumes make a sequence be resampled: a warp above both (the
+    whole study moved onto an atlas) is shared and leaves their relation a matrix; linear ones never count."""
+    from DSDSegmentationLib.bridge.logic import frame_matrix, warping_transforms
+
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
+    atlas = warp(scene, "to atlas", ((0, 0, 0), (50, 0, 0), (0, 50, 0), (0, 0, 50)),
+                 ((0, 0, 0), (52, 1, 0), (0, 50, 2), (1, 0, 50)))
+    rigid, m = registration(scene, "rigid")
+    assert warping_transforms(a, b) is None and np.allclose(frame_matrix(a, b), np.eye(4))
+    a.SetAndObserveTransformNodeID(atlas.GetID())
+    assert warping_transforms(a, b) == ["to atlas"] and warping_transforms(b, a) == ["to atlas"]
+    b.SetAndObserveTransformNodeID(atlas.GetID())  # both under the same warp: nothing between them
+    assert warping_transforms(a, b) is None
+    rigid.SetAndObserveTransformNodeID(atlas.GetID())  # b under a rigid registration, itself under the shared warp
+    b.SetAndObserveTransformNodeID(rigid.GetID())
+    assert warping_transforms(b, a) is None and np.allclose(frame_matrix(b, a), m)
+    second = warp(scene, "deformable", ((0, 0, 0), (50, 0, 0), (0, 50, 0), (0, 0, 50)),
+                  ((1, 0, 0), (50, 0, 0), (0, 51, 0), (0, 0, 50)))
+    second.SetAndObserveTransformNodeID(atlas.GetID())
+    b.SetAndObserveTransformNodeID(second.GetID())
+    assert warping_transforms(b, a) == ["deformable"]
+    with pytest.raises(InputError, match=r"'b' and 'a' are related by a non-linear \(warping\) transform \(deformable\)"):
+        frame_matrix(b, a)
