@@ -122,3 +122,38 @@ def test_a_constant_nonzero_background_is_preprocessed_like_a_zero_one(brats, fo
     np.testing.assert_allclose(pb.numpy(), pa.numpy(), atol=1e-4)
     np.testing.assert_allclose(sequence_features(shifted), sequence_features(image), atol=1e-6)
     assert check_order(shifted[[0, 3, 2, 1]], four_template, FOUR) is not None  # T1 and T2 swapped: still seen
+
+
+def test_a_sequence_off_against_the_first_gets_a_note(brats, tmp_path: Path) -> None:
+    """The registration check (engine/registration_check.py) on real BraTS 2018 scans: registered cases read well
+    under the warning distance for every further sequence (no note); the T1c with its header moved by 4 mm is found
+    displaced by about 4 mm along that axis, named in a note, and the note reaches the Predictor's notes (so the CLI
+    and the panel's Done message); a model with one input is never checked."""
+    import nibabel as nib
+
+    from DSDSegmentationLib.engine.inference import Predictor
+    from DSDSegmentationLib.engine.registration_check import WARN_MM, displacement_mm, misregistration_notes
+
+    for case in brats[:6]:
+        raw, affine = load_channels(case.images, resample=True)
+        assert misregistration_notes(raw, affine, FOUR) == [], case.id
+        for c in (1, 2, 3):
+            d, edge = displacement_mm(raw[0], raw[c], np.array([2.0, 2.0, 2.0]))
+            assert np.linalg.norm(d) < WARN_MM / 2 and not edge, (case.id, FOUR[c], d)
+    case = brats[0]
+    img = nib.load(case.images[2])
+    moved = img.affine.copy()
+    moved[0, 3] += 4.0 * np.sign(moved[0, 0])  # 2 voxels along the array's first axis
+    t1c = tmp_path / "t1c_moved.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), moved, img.header), t1c)
+    images = [case.images[0], case.images[1], str(t1c), case.images[3]]
+    raw, affine = load_channels(images, resample=True)
+    (note,) = misregistration_notes(raw, affine, FOUR)
+    assert note.startswith("T1c appears displaced against FLAIR by ") and "register them" in note, note
+    d, edge = displacement_mm(raw[0], raw[2], np.array([2.0, 2.0, 2.0]))
+    assert abs(abs(d[0]) - 4.0) < 0.5 and abs(d[1]) < 0.7 and abs(d[2]) < 0.7 and not edge, d
+    two = builtin_models_dir() / "brain-tumour-2seq-dsd"
+    predictor = Predictor(two, device="cpu")
+    predictor.predict([case.images[0], str(t1c)])
+    assert any(n.startswith("T1c appears displaced against FLAIR") for n in predictor.notes), predictor.notes
+    assert misregistration_notes(raw[:1], affine, FOUR[:1]) == []

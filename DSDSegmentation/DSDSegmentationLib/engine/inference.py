@@ -16,6 +16,7 @@ from .errors import Cancelled, InputError
 from .io import load_channels, permute_axes, save_image, save_labelmap
 from .models import LoadedModel, load_model
 from .postprocess import keep_largest_component
+from .registration_check import misregistration_notes
 from .progress import Progress
 from .sequence_check import check_order
 from .training import resolve_device
@@ -200,6 +201,9 @@ class Predictor:
         if order_note:
             self.notes.append(order_note)
             self.progress.log(order_note)
+        for note in misregistration_notes(raw, affine, channels):  # a further sequence off against the first
+            self.notes.append(note)
+            self.progress.log(note)
         input_affine, order = affine, self.model.preset.slice_axis_order(affine)
         if order is not None:  # slices along another axis than the model's slice axis: given to it in its order
             raw, affine = permute_axes(raw, affine, order)
