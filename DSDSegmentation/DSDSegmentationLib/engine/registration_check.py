@@ -35,7 +35,7 @@ def displacement_mm(first: np.ndarray, other: np.ndarray, spacing: np.ndarray) -
     step = np.maximum(1, np.round(2.0 / spacing)).astype(int)  # about 2 mm voxels: enough for a >= 1 mm question
     sl = tuple(slice(None, None, int(s)) for s in step)
     a, b = _edges(first[sl]), _edges(other[sl])
-    if not a.any() or not b.any():
+    if not a.any() or not b.any() or min(a.shape) < 4 * MAX_VOXELS:  # no edges, or too thin to search: no estimate
         return np.zeros(3), False
     corr = np.fft.irfftn(np.fft.rfftn(a) * np.conj(np.fft.rfftn(b)), s=a.shape)  # corr[d] = sum_x a(x + d) b(x)
     r = MAX_VOXELS
