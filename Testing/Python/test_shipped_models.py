@@ -86,7 +86,7 @@ def test_what_a_researcher_sees_before_picking_a_model(tmp_path: Path, capsys) -
     text, tip = model_summary(models["brain-tumour-dsd"])
     card = models["brain-tumour-dsd"]["card"]
     assert text.endswith(f"{card['version']} (non-commercial)")
-    assert "Inputs, in this order: FLAIR, T1, T1c, T2" in tip
+    assert "Inputs, in this order: FLAIR, T1, T1c, T2\nRegister the inputs to each other to within about 1 mm" in tip
     for region in card["preset"]["regions"]:
         assert f"{region} {card['validation']['per_class'][region]['dice']:.3f}" in tip
     assert "ensemble of 2 dynunet (DSD + plain)" in tip and card["licence"]["text"] in tip
@@ -94,7 +94,7 @@ def test_what_a_researcher_sees_before_picking_a_model(tmp_path: Path, capsys) -
     assert "non-commercial" not in text and "Network: basicunet, trained plain (no DSD heads)" in tip
     dice = models["hippocampus-dsd"]["card"]["validation"]["per_class"]["anterior hippocampus"]["dice"]
     assert f"anterior hippocampus {dice:.3f}" in tip and "CC-BY-SA 4.0" in tip
-    assert "Ejection fraction" not in tip
+    assert "Ejection fraction" not in tip and "Register the inputs" not in tip  # one input: nothing to register
     text, tip = model_summary(models["cardiac-dsd"])  # the card's agreement with the reference (bench_cardiac_function)
     assert ("Ejection fraction, model − manual reference (10 held-out patients): left ventricle -0.5 ± 5.0 points "
             "(r = 0.97), right ventricle -6.6 ± 11.4 points (r = 0.59)") in tip, tip

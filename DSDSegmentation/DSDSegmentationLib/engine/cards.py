@@ -191,7 +191,10 @@ def model_summary(model: dict[str, Any]) -> tuple[str, str]:
     preset = card.get("preset") or {}
     lines = [f"{model.get('id', '')} {card.get('version', '')}".strip()]
     if card.get("inputs") or preset.get("channels"):
-        lines.append("Inputs, in this order: " + ", ".join(card.get("inputs") or preset["channels"]))
+        inputs = card.get("inputs") or preset["channels"]
+        lines.append("Inputs, in this order: " + ", ".join(inputs))
+        if len(inputs) > 1:  # measured with bench_misregistration.py; the run's notes warn (registration_check.py)
+            lines.append("Register the inputs to each other to within about 1 mm: the run warns from 1.5 mm")
     labels = [name for value, name in sorted((preset.get("labels") or {}).items(), key=lambda kv: int(kv[0]))
               if str(value) != "0"]
     if labels:
