@@ -81,6 +81,7 @@ def main() -> None:
     cases = {c.id: c for c in list_cases(folder) if c.id in val}
     patients = sorted({cid.split("_")[0] for cid in cases})
     predictor = Predictor(args.model, device="cpu")
+    rv_value = {v: k for k, v in labels.items()}[names["rv"]]
     rows = []
     for patient in patients:
         cfg = info(folder, patient)
@@ -96,11 +97,9 @@ def main() -> None:
             ref = np.rint(ref).astype(np.int64)
             volumes[phase] = (label_volumes_ml(pred, affine, labels), label_volumes_ml(ref, ref_affine, labels))
             # where the RV error lies: the model's RV in slices (the last axis: ACDC's short-axis stack) in which the
-            # reference has none (a basal slice above the valve, an apical one), and the difference in the others
-            rv = {v: k for k, v in labels.items()}[names["rv"]]
-            voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
-            empty = ~np.any(ref == rv, axis=(0, 1))
-            beyond[phase] = float((pred[..., empty] == rv).sum()) * voxel_ml
+            # reference has none (a basal slice above the valve, an apical one)
+            empty = ~np.any(ref == rv_value, axis=(0, 1))
+            beyond[phase] = label_volumes_ml(np.where(empty, pred, 0), affine, {rv_value: names["rv"]})[names["rv"]]
         rows.append({"patient": patient, "group": cfg.get("Group", "?"),
                      "model": indices(volumes["ED"][0], volumes["ES"][0], names),
                      "reference": indices(volumes["ED"][1], volumes["ES"][1], names),

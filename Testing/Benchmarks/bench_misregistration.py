@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from package_model import FOLDERS
 from paired_stats import paired_difference
 
 from DSDSegmentationLib.engine.data import find_shared_data, list_cases
@@ -28,7 +29,6 @@ from DSDSegmentationLib.engine.inference import Predictor
 from DSDSegmentationLib.engine.metrics import evaluate_files
 
 REPO = Path(__file__).resolve().parents[2]
-FOLDERS = {"brain_tumour": "BraTS2018_2mm", "brain_tumour_2seq": "BraTS2018_2mm"}
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     if args.sequence not in channels[1:]:
         raise SystemExit(f"--sequence must be one of the further inputs {channels[1:]} (the first one is the grid)")
     index = channels.index(args.sequence)
-    folder = find_shared_data() / FOLDERS.get(card["task"], card["task"])
+    folder = find_shared_data() / FOLDERS[card["task"]]
     ids = set(card["split"]["val_ids"])
     cases = [c for c in list_cases(folder, channels=channels) if c.id in ids]
     labels = {int(k): v for k, v in card["preset"]["labels"].items()}

@@ -371,11 +371,9 @@ class SegmentationBridge:
         non-linear (warping) one the voxels are resampled onto ``frame``'s grid (:func:`resampled_onto`)."""
         self.check_temp_space(Path(path).parent, [node], outputs=0)
         target = node
-        warped = warping_transforms(node, frame) if frame is not None else None
-        matrix = frame_matrix(node, frame) if frame is not None and warped is None else np.eye(4)
-        if warped is not None:
+        if frame is not None and warping_transforms(node, frame) is not None:
             target = resampled_onto(node, frame)  # a warping registration: sampled through it onto frame's grid
-        elif not np.allclose(matrix, np.eye(4)):
+        elif frame is not None and not np.allclose(matrix := frame_matrix(node, frame), np.eye(4)):
             target = slicer.vtkMRMLScalarVolumeNode()  # outside the scene; shares the image data
             target.SetName(node.GetName())
             target.SetAndObserveImageData(node.GetImageData())

@@ -39,21 +39,18 @@ def displacement_mm(first: np.ndarray, other: np.ndarray, spacing: np.ndarray) -
         return np.zeros(3), False
     corr = np.fft.irfftn(np.fft.rfftn(a) * np.conj(np.fft.rfftn(b)), s=a.shape)  # corr[d] = sum_x a(x + d) b(x)
     r = MAX_VOXELS
-    shifts = np.array(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij")).reshape(3, -1).T
-    scores = np.array([corr[tuple(int(v) % n for v, n in zip(d, corr.shape))] for d in shifts])
-    best = shifts[int(np.argmax(scores))]
-    score = {tuple(d): s for d, s in zip(shifts.tolist(), scores)}
-    out, edge = np.zeros(3), False
+    # the shifts -r..r on each axis as a cube (negative shifts wrap around, as the FFT's correlation does)
+    cube = np.roll(corr, (r, r, r), axis=(0, 1, 2))[: 2 * r + 1, : 2 * r + 1, : 2 * r + 1]
+    peak = np.array(np.unravel_index(int(np.argmax(cube)), cube.shape))
+    out, edge = (peak - r).astype(float), False
     for ax in range(3):
-        if abs(best[ax]) == r:
-            out[ax], edge = float(best[ax]), True
+        if peak[ax] in (0, 2 * r):
+            edge = True
             continue
-        lo, hi = best.copy(), best.copy()
-        lo[ax] -= 1
-        hi[ax] += 1
-        y0, y1, y2 = score[tuple(lo.tolist())], score[tuple(best.tolist())], score[tuple(hi.tolist())]
+        e = np.eye(3, dtype=int)[ax]
+        y0, y1, y2 = cube[tuple(peak - e)], cube[tuple(peak)], cube[tuple(peak + e)]
         den = y0 - 2 * y1 + y2
-        out[ax] = best[ax] + (0.5 * (y0 - y2) / den if den < 0 else 0.0)
+        out[ax] += 0.5 * (y0 - y2) / den if den < 0 else 0.0
     return -out * step * spacing, edge  # the peak is where other, moved back, meets first
 
 
